@@ -98,3 +98,175 @@ def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tenso
                     yield name, torch.empty(info["shape"], dtype=dtype)
                     continue
                 yield name, torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+
+
+# -- adapters in Hugging Face PEFT's layout ------------------------------------------------
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_PEFT_PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The tensors PEFT saves for ``adapter_name``, under PEFT's key names (no adapter name)."""
+    from peft_fast.patch import _matches_modules_to_save, _require_state, lora_layers
+
+    config = _require_state(model).configs[adapter_name]
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            out[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+            out[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+    if config.bias != "none":
+        lora_names = {name for name, _ in lora_layers(model)}
+        for name, param in model.named_parameters():
+            owner = name.removesuffix(".base_layer.bias")
+            if name.endswith(".bias") and (config.bias == "all" or owner in lora_names):
+                out[_PEFT_PREFIX + name] = param
+    for name, module in model.named_modules():
+        if _matches_modules_to_save(name, config.modules_to_save):
+            for param_name, param in module.named_parameters():
+                out[f"{_PEFT_PREFIX}{name}.{param_name}"] = param
+    return {key: value.detach().contiguous().cpu() for key, value in out.items()}
+
+
+def save_adapter(model, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as HF PEFT does.
+
+    Both files are written to temporaries first and renamed into place only when both are
+    complete, so an interrupted save leaves the previous adapter intact.
+    """
+    from safetensors.torch import save as safetensors_bytes
+
+    from peft_fast.patch import _require_state
+
+    state = _require_state(model)
+    adapter_name = adapter_name or state.active[0]
+    if adapter_name not in state.configs:
+        raise ValueError(f"unknown adapter {adapter_name!r}; the model has {list(state.configs)}")
+    directory = Path(directory)
+    config = state.configs[adapter_name]
+    base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config_json = json.dumps(config.to_peft_dict(base_name), indent=2, sort_keys=True, default=str) + "\n"
+    weights = safetensors_bytes(adapter_state_dict(model, adapter_name), metadata={"format": "pt"})
+    with contextlib.ExitStack() as stack:
+        # Both temporaries are complete (and fsynced) before either replaces its target.
+        handles = [stack.enter_context(_staged(directory / name)) for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)]
+        handles[0].write(weights)
+        handles[1].write(config_json.encode())
+    return directory
+
+
+@contextlib.contextmanager
+def _staged(path: Path) -> Iterator:
+    """Like :func:`atomic_write`, but the rename waits until the enclosing ExitStack unwinds."""
+    with atomic_write(path) as handle:
+        yield handle
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json as a dict, tensors) of a PEFT-format adapter directory."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} has no {ADAPTER_CONFIG}")
+    if not weights_path.is_file():
+        pickled = directory / "adapter_model.bin"
+        if pickled.is_file():
+            raise ValueError(f"{pickled} is a pickle; peft_fast loads safetensors adapters only")
+        raise FileNotFoundError(f"{directory} has no {ADAPTER_WEIGHTS}")
+    return json.loads(config_path.read_text()), load_file(weights_path)
+
+
+def load_adapter(model, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False):
+    """Load a PEFT-format LoRA adapter into ``model`` (patching it, or adding an adapter).
+
+    Refuses, before touching the model, an adapter whose config PEFT features we cannot run,
+    whose target modules are absent, or whose tensors disagree with the model's shapes or the
+    config's rank. Returns the model.
+    """
+    from peft_fast.config import LoraConfig
+    from peft_fast.patch import _state, add_adapter, find_targets, patch, set_adapter
+
+    raw_config, tensors = read_adapter(directory)
+    # Fix: with bias="all" PEFT also saves the biases inside its modules_to_save wrappers
+    # (`<module>.modules_to_save.bias`, `<module>.original_module.bias`); the trained values are
+    # under `<module>.bias` as well, so these copies are dropped instead of refusing the file.
+    tensors = {k: v for k, v in tensors.items() if ".modules_to_save." not in k and ".original_module." not in k}
+    config = LoraConfig.from_peft_dict(raw_config)
+    state = _state(model)
+    if state is not None and adapter_name in state.configs:
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    if state is not None:
+        config = config.replace(quantize=next(iter(state.configs.values())).quantize)
+    targets = find_targets(model, config, among_lora_layers=state is not None)
+    expected = _expected_adapter_shapes(model, config, targets, among_lora_layers=state is not None)
+    problems = [f"missing {key}" for key in expected if key not in tensors]
+    problems += [
+        f"{key}: file has {tuple(tensors[key].shape)}, model needs {shape}"
+        for key, shape in expected.items()
+        if key in tensors and shape is not None and tuple(tensors[key].shape) != shape
+    ]
+    unknown = sorted(set(tensors) - set(expected))
+    problems += [f"unexpected {key}" for key in unknown[:5]]
+    if problems:
+        raise ValueError(
+            f"adapter at {directory} does not fit this {type(model).__name__}: "
+            + "; ".join(problems[:8])
+            + ("" if len(problems) <= 8 else f" (+{len(problems) - 8} more)")
+        )
+    if state is None:
+        patch(model, config.replace(init_lora_weights=False), adapter_name)
+    else:
+        add_adapter(model, config.replace(init_lora_weights=False), adapter_name)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            name = key.removeprefix(_PEFT_PREFIX)
+            for part in (".lora_A.", ".lora_B."):
+                name = name.replace(part, f"{part}{adapter_name}.")
+            params[name].copy_(tensor.to(params[name].dtype))
+    set_adapter(model, adapter_name)
+    if not is_trainable:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    return model
+
+
+def _expected_adapter_shapes(model, config, targets, among_lora_layers: bool) -> dict[str, tuple | None]:
+    """PEFT key -> shape for every tensor the adapter must hold (None: shape not checked)."""
+    from peft_fast.patch import _matches_modules_to_save
+
+    shapes: dict[str, tuple | None] = {}
+    for name in targets:
+        module = model.get_submodule(name)
+        if among_lora_layers:
+            module = module.base_layer
+        out_features, in_features = _features(module)
+        rank = config.rank_for(name)
+        shapes[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = (rank, in_features)
+        shapes[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = (out_features, rank)
+    target_set = set(targets)
+    if config.bias != "none":
+        for name, param in model.named_parameters():
+            if not name.endswith(".bias"):
+                continue
+            owner = name.removesuffix(".base_layer.bias").removesuffix(".bias")
+            if config.bias == "all" or owner in target_set:
+                key = name if ".base_layer." in name or owner not in target_set else f"{owner}.base_layer.bias"
+                shapes[_PEFT_PREFIX + key] = tuple(param.shape)
+    for name, module in model.named_modules():
+        if _matches_modules_to_save(name, config.modules_to_save):
+            for param_name, param in module.named_parameters():
+                shapes[f"{_PEFT_PREFIX}{name}.{param_name}"] = tuple(param.shape)
+    return shapes
+
+
+def _features(module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear, NF4Linear or GPT-2 Conv1D."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.out_features, module.in_features
+    weight = module.weight  # Conv1D: [in, out]
+    return weight.shape[1], weight.shape[0]

@@ -93,3 +93,138 @@ class NF4Linear(nn.Module):
                     self._set_weight(weight.to(self.weight_packed.device))
         rest = {k: v for k, v in state_dict.items() if k not in own}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+class LoraLinear(nn.Module):
+    """A frozen base linear (dense ``nn.Linear`` or :class:`NF4Linear`) plus LoRA adapters.
+
+    The module layout is PEFT's (``base_layer``, ``lora_A.<adapter>``, ``lora_B.<adapter>``), so
+    state dicts carry PEFT's names. The first active adapter runs fused with the base matmul in
+    one ``peft_fast::lora_linear`` op; further active adapters (rare) are added with plain torch.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, NF4Linear)):
+            raise TypeError(f"LoraLinear wraps nn.Linear or NF4Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout_p: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+    ) -> None:
+        """Add (or replace) adapter ``adapter_name`` with rank ``r``, initialised as PEFT does."""
+        if r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        factory = {"device": self._base_device(), "dtype": self._base_dtype()}
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)
+        self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
+        self.scaling[adapter_name] = lora_alpha / (r**0.5 if use_rslora else r)
+        self.lora_dropout_p[adapter_name] = float(lora_dropout)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        if not self.active_adapters:
+            self.active_adapters = [adapter_name]
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
+        """PEFT's initialisation: B = 0 so the adapter starts as the identity on the base output."""
+        lora_a, lora_b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if init_lora_weights is False:
+            return  # keep nn.Linear's default (random) initialisation of both: for tests
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(lora_a, a=5**0.5)
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(lora_a, std=1 / self.r[adapter_name])
+        else:
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        nn.init.zeros_(lora_b)
+
+    def _base_device(self) -> torch.device:
+        base = self.base_layer
+        return base.weight_packed.device if isinstance(base, NF4Linear) else base.weight.device
+
+    def _base_dtype(self) -> torch.dtype:
+        base = self.base_layer
+        return base.weight_dtype if isinstance(base, NF4Linear) else base.weight.dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as PEFT's LoRA layers expose it.
+
+        Fix: Hugging Face code reads a wrapped layer's weight directly (T5's feed-forward checks
+        ``self.wo.weight.dtype``), which raised AttributeError on a LoraLinear.
+        """
+        return self.base_layer.weight
+
+    def base_weight(self) -> torch.Tensor | NF4Weight:
+        """The frozen W for the op: a dense tensor or an NF4Weight."""
+        base = self.base_layer
+        return base.nf4 if isinstance(base, NF4Linear) else base.weight
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in self.lora_A]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
+        self.active_adapters = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for table in (self.lora_A, self.lora_B):
+            del table[adapter_name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p):
+            del table[adapter_name]
+        self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from peft_fast.ops import base_linear, lora_linear
+
+        base, bias = self.base_weight(), self.base_layer.bias
+        if isinstance(base, torch.Tensor) and base.dtype != x.dtype:
+            base = base.to(x.dtype)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        active = [] if self.disable_adapters else [a for a in self.active_adapters if a in self.lora_A]
+        if not active:
+            return base_linear(x, base, bias)
+        first, *others = active
+        y = lora_linear(
+            x, base, self.lora_A[first].weight.to(x.dtype), self.lora_B[first].weight.to(x.dtype), bias,
+            scale=self.scaling[first], dropout_p=self.lora_dropout_p[first], training=self.training,
+        )  # fmt: skip
+        for name in others:
+            dropped = nn.functional.dropout(x, self.lora_dropout_p[name], self.training)
+            lora_a, lora_b = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
+            y = y + self.scaling[name] * (dropped @ lora_a.t() @ lora_b.t())
+        return y
+
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W + Σ s·B·A over the active adapters, dense, in ``dtype`` (default: the base's dtype)."""
+        from peft_fast.ops import merge_lora
+
+        merged = self.base_weight()
+        out_dtype = dtype or self._base_dtype()
+        if isinstance(merged, NF4Weight):
+            merged = dequantize_nf4(merged, torch.float32)
+        merged = merged.float()
+        for name in [] if self.disable_adapters else self.active_adapters:
+            merged = merge_lora(merged, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        return merged.to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"adapters={dict(self.r)}, active={self.active_adapters}"

@@ -1,0 +1,810 @@
+"""Triton kernels: the LoRA linear ``Y = X·deq(W)ᵀ + b + s·(drop(X)·Aᵀ)·Bᵀ``, forward and backward.
+
+W is the frozen base weight [N, K], dense (same dtype as X) or an :class:`NF4Weight` that is
+dequantized tile by tile in registers inside the GEMM loops (deq(W) never exists in memory).
+A [r, K] and B [N, r] are the trainable LoRA factors, s the scale, b an optional bias.
+
+Dropout is inverted dropout on the LoRA input only: element (m, k) of X is kept iff
+``tl.rand(seed, m·K + k) >= p`` and kept values are scaled by 1/(1-p). The mask is regenerated
+from the seed wherever it is needed (down-projection, dA, dX) and never stored;
+:func:`dropout_mask` replays it in plain torch (same Philox-4x32-10 stream, bit for bit).
+
+Kernels, in the order the ops use them:
+
+* ``_lora_down_kernel``       H = drop(X)·Aᵀ, a thin GEMM [M, r] with r padded to >= 16.
+* ``_lora_linear_fwd_kernel`` tiled Y GEMM with the NF4 dequant in the K loop and the
+  ``b + s·H·Bᵀ`` epilogue.
+* ``_splitk_partial_kernel`` + ``_splitk_epilogue_kernel``  the small-M (decode, M <= 16) path:
+  split-K GEMV that reads each weight byte once, then a fixed-order (deterministic) reduction of
+  the partial sums with the same epilogue.
+* ``_lora_linear_dx_kernel``  dX = dY·deq(W) + (dH·A) ⊙ mask/(1-p).
+* ``_lora_da_kernel``         dA = dHᵀ·drop(X).
+dH = s·dY·B and dB = s·dYᵀ·H are thin torch matmuls in fp32.
+
+Dropped elements are exactly 0 (``where``, not a multiply by 0), so a NaN that dropout removes
+does not leak into H; the reference does the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from peft_fast.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4, dynamic_map, nf4_code
+
+__all__ = ["dropout_mask", "lora_linear_backward", "lora_linear_forward", "lora_linear_reference"]
+
+# The kernels below are plain JIT functions under the interpreter (decided when this module is
+# imported), so CPU tensors are accepted only then.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SMALL_M_MAX = 16  # rows at or below which the forward takes the split-K GEMV path
+_MAX_SEED = 2**63
+
+# fp32 inputs must not be rounded to TF32 on the tensor cores (the fp32 tolerance is 1e-5).
+_DOT_PRECISION = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "tf32"}
+
+
+# -- autotuning -------------------------------------------------------------------------------
+
+
+def _configs(interpreted: list[triton.Config], gpu: list[triton.Config]) -> list[triton.Config]:
+    # Autotuning under the interpreter would run every config in numpy: take the one small config.
+    return interpreted if _INTERPRET else gpu
+
+
+def _cfg(num_warps: int = 4, num_stages: int = 3, **blocks: int) -> triton.Config:
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+_GEMM_CONFIGS = _configs(
+    [_cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)],
+    [
+        _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
+        _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+    ],
+)
+_LORA_DOWN_CONFIGS = _configs(
+    [_cfg(BLOCK_M=32, BLOCK_K=32, num_stages=1)],
+    [
+        _cfg(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=3),
+        _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+        _cfg(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+        _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    ],
+)
+_DA_CONFIGS = _configs(
+    [_cfg(BLOCK_M=32, BLOCK_K=32, num_stages=1)],
+    [
+        _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+        _cfg(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+        _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
+        _cfg(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4),
+    ],
+)
+_SPLITK_CONFIGS = _configs(
+    [_cfg(BLOCK_N=32, BLOCK_K=32, num_stages=1)],
+    # BLOCK_K <= 64, the usual NF4 blocksize: each tile row then needs a single scale.
+    [
+        _cfg(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=4),
+        _cfg(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+        _cfg(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+        _cfg(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+        _cfg(BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=4),
+    ],
+)
+# Every split-K slice is a multiple of the largest BLOCK_K above, so slices never share a K tile.
+_SPLITK_GRANULE = 32 if _INTERPRET else 64
+_SPLITK_EPILOGUE_BLOCK_N = 32 if _INTERPRET else 64
+# LoRA ranks are handled in chunks of at most this many columns (padded to >= 16 for tl.dot).
+_MAX_BLOCK_R = 32 if _INTERPRET else 64
+
+
+def _m_bucket(m: int) -> int:
+    """Autotuning key for M: its power-of-two bucket, so every batch size does not retune."""
+    return min(triton.next_power_of_2(max(m, 1)), 4096)
+
+
+def _block_r(rank: int) -> int:
+    """Rank chunk for tl.dot: a power of two >= 16 (the MMA minimum), at most _MAX_BLOCK_R."""
+    return min(max(16, triton.next_power_of_2(rank)), _MAX_BLOCK_R)
+
+
+# -- shared device helpers --------------------------------------------------------------------
+
+# The interpreter keeps bf16 tensors as raw uint16 and its tl.dot would multiply those bits.
+_BF16_DOT_IN_FP32 = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a·b with fp32 accumulation (tl.dot; see _BF16_DOT_IN_FP32 for the interpreter)."""
+    if _BF16_DOT_IN_FP32 and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _dropout_keep(seed, rows, cols, K, p):
+    """True where element (row, col) of X survives dropout: rand(seed, row·K + col) >= p.
+
+    ``rows`` is int64 so the Philox offset never wraps; for offsets below 2**32 the stream is
+    the same as with 32-bit offsets.
+    """
+    return tl.rand(seed, rows * K + cols) >= p
+
+
+@triton.jit
+def _nf4_block_scale(
+    block, mask, absmax_ptr, nested_absmax_ptr, offset_ptr, code2_ptr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr
+):
+    """fp32 absmax of quantization block(s) ``block``, rebuilt from double quantization if used."""
+    if DOUBLE_QUANT:
+        q2 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        nested_scale = tl.load(nested_absmax_ptr + block // NESTED, mask=mask, other=0.0)
+        # Two roundings, as bitsandbytes: the launch disables FMA contraction (enable_fp_fusion).
+        return tl.load(code2_ptr + q2, mask=mask, other=0.0) * nested_scale + tl.load(offset_ptr)
+    else:
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_weight_tile(
+    w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
+    rows, cols, k_start, N, K,
+    IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    BLOCKS_IN_ROWS: tl.constexpr, TILE_K: tl.constexpr,
+):  # fmt: skip
+    """W[rows, cols], 0 outside [N, K]; ``rows``/``cols`` are index tiles that broadcast to the
+    tile shape and the tile covers columns [k_start, k_start + TILE_K), k_start a multiple of TILE_K.
+
+    NF4 values are fp32(code[q]) · absmax as in :func:`peft_fast.nf4.dequantize_nf4`; the
+    caller casts them to the activation dtype. Element e = n·K + k of the row-major weight has
+    its code in byte e//2 (high nibble when e is even) and its scale in block e//BLOCKSIZE.
+    Blocks run over the flattened weight, so in general a block spans rows and every element
+    looks its scale up; when BLOCKS_IN_ROWS (K % BLOCKSIZE == 0) and the tile is no wider than a
+    block, each tile row has one scale, loaded once per row.
+    """
+    mask = (rows < N) & (cols < K)
+    elem = rows.to(tl.int64) * K + cols
+    if IS_NF4:
+        byte = tl.load(w_ptr + elem // 2, mask=mask, other=0).to(tl.int32)
+        nibble = tl.where(elem % 2 == 0, byte >> 4, byte & 0xF)
+        value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
+        if BLOCKS_IN_ROWS and TILE_K <= BLOCKSIZE:
+            row_block = (rows.to(tl.int64) * K + k_start) // BLOCKSIZE
+            absmax = _nf4_block_scale(
+                row_block, rows < N, absmax_ptr, nested_absmax_ptr, offset_ptr, code2_ptr, DOUBLE_QUANT, NESTED
+            )
+        else:
+            absmax = _nf4_block_scale(
+                elem // BLOCKSIZE, mask, absmax_ptr, nested_absmax_ptr, offset_ptr, code2_ptr, DOUBLE_QUANT, NESTED
+            )
+        # Masked lanes would hold code[0]·offset under double quantization: zero them.
+        return tl.where(mask, value * absmax, 0.0)
+    else:
+        return tl.load(w_ptr + elem, mask=mask, other=0.0)
+
+
+@triton.jit
+def _grouped_tile(pid, n_rows, n_cols, GROUP: tl.constexpr):
+    """(row, col) tile of program ``pid``: programs sweep GROUP row tiles per column tile, so
+    neighbours in launch order share column (weight) tiles while those are still in L2."""
+    tiles_per_group = GROUP * n_cols
+    first_row = (pid // tiles_per_group) * GROUP
+    rows_in_group = tl.minimum(n_rows - first_row, GROUP)
+    within = pid % tiles_per_group
+    return first_row + within % rows_in_group, within // rows_in_group
+
+
+@triton.jit
+def _add_bias_and_lora_up(
+    acc, offs_m, offs_n, M, N, R, scale, h_ptr, lora_b_ptr, bias_ptr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """acc + b + s·H·Bᵀ for the [BLOCK_M, BLOCK_N] tile at (offs_m, offs_n), in fp32."""
+    lora = tl.zeros_like(acc)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        h_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+        h = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :], mask=h_mask, other=0.0)
+        b_mask = (offs_r[:, None] < R) & (offs_n[None, :] < N)
+        b_t = tl.load(lora_b_ptr + offs_n[None, :].to(tl.int64) * R + offs_r[:, None], mask=b_mask, other=0.0)
+        lora = _dot(h, b_t, lora, DOT_PRECISION)
+    acc += scale * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+# -- kernels ----------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_LORA_DOWN_CONFIGS, key=["m_bucket", "R", "K"])
+@triton.jit
+def _lora_down_kernel(
+    x_ptr, a_ptr, h_ptr, M, K, R, seed, p, inv_keep, m_bucket,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """H[m, j] = Σ_k drop(X)[m, k]·A[j, k], the dropout mask regenerated per X tile."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = offs_m[:, None].to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=x_mask, other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(_dropout_keep(seed, rows, offs_k[None, :], K, p), x, 0.0)
+        a_mask = (offs_k[:, None] < K) & (offs_r[None, :] < R)
+        a_t = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * K + offs_k[:, None], mask=a_mask, other=0.0)
+        acc = _dot(x, a_t, acc, DOT_PRECISION)
+    if HAS_DROPOUT:
+        # 1/(1-p) once on the fp32 sum instead of on every (possibly 16-bit) X element.
+        acc = acc * inv_keep
+    h_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+    tl.store(h_ptr + rows * R + offs_r[None, :], acc.to(h_ptr.dtype.element_ty), mask=h_mask)
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["m_bucket", "N", "K"])
+@triton.jit
+def _lora_linear_fwd_kernel(
+    x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
+    h_ptr, lora_b_ptr, bias_ptr, y_ptr,
+    M, N, K, R, scale, m_bucket,
+    IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    BLOCKS_IN_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """Y tile = X·deq(W)ᵀ (dequantized in registers, one K tile at a time) + b + s·H·Bᵀ."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m[:, None].to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        # W tile transposed to [BLOCK_K, BLOCK_N]: element (k, n) is W[n, k].
+        w_t = _load_weight_tile(
+            w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
+            offs_n[None, :], offs_k[:, None], k0, N, K,
+            IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED, BLOCKS_IN_ROWS, BLOCK_K,
+        )  # fmt: skip
+        # Round the dequantized weight to the activation dtype, as a bf16/fp16 matmul would.
+        acc = _dot(x, w_t.to(x.dtype), acc, DOT_PRECISION)
+    acc = _add_bias_and_lora_up(
+        acc, offs_m, offs_n, M, N, R, scale, h_ptr, lora_b_ptr, bias_ptr, HAS_BIAS, DOT_PRECISION, BLOCK_R
+    )
+    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(y_ptr + rows * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.autotune(configs=_SPLITK_CONFIGS, key=["m_bucket", "N", "K", "k_slice"])
+@triton.jit
+def _splitk_partial_kernel(
+    x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr, partial_ptr,
+    M, N, K, k_slice, m_bucket,
+    IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    BLOCKS_IN_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """partial[s, m, n] = Σ_{k in slice s} X[m, k]·deq(W)[n, k] for all M (<= BLOCK_M) rows.
+
+    Program (n tile, slice s) is the only one to read its weight bytes, so W is read once.
+    """
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = offs_m[:, None].to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = split * k_slice
+    for k0 in range(k_start, tl.minimum(k_start + k_slice, K), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w_t = _load_weight_tile(
+            w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
+            offs_n[None, :], offs_k[:, None], k0, N, K,
+            IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED, BLOCKS_IN_ROWS, BLOCK_K,
+        )  # fmt: skip
+        acc = _dot(x, w_t.to(x.dtype), acc, DOT_PRECISION)
+    out = partial_ptr + split.to(tl.int64) * M * N + rows * N + offs_n[None, :]
+    tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _splitk_epilogue_kernel(
+    partial_ptr, h_ptr, lora_b_ptr, bias_ptr, y_ptr, M, N, R, n_splits, scale,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Y = Σ_s partial[s] (always in the same order, so results are reproducible) + b + s·H·Bᵀ."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m[:, None].to(tl.int64)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    partial_ptrs = partial_ptr + rows * N + offs_n[None, :]
+    for _ in range(0, n_splits):
+        acc += tl.load(partial_ptrs, mask=mask, other=0.0)
+        partial_ptrs += M * N  # M <= 16: no int32 overflow
+    acc = _add_bias_and_lora_up(
+        acc, offs_m, offs_n, M, N, R, scale, h_ptr, lora_b_ptr, bias_ptr, HAS_BIAS, DOT_PRECISION, BLOCK_R
+    )
+    tl.store(y_ptr + rows * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["m_bucket", "N", "K"])
+@triton.jit
+def _lora_linear_dx_kernel(
+    dy_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
+    dh_ptr, a_ptr, dx_ptr,
+    M, N, K, R, seed, p, inv_keep, m_bucket,
+    IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    BLOCKS_IN_ROWS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """dX tile = dY·deq(W) (dequantized in the N loop) + (dH·A) ⊙ mask/(1-p)."""
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = offs_m[:, None].to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(dy_ptr + rows * N + offs_n[None, :], mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        w = _load_weight_tile(
+            w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
+            offs_n[:, None], offs_k[None, :], pid_k * BLOCK_K, N, K,
+            IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED, BLOCKS_IN_ROWS, BLOCK_K,
+        )  # fmt: skip
+        acc = _dot(dy, w.to(dy.dtype), acc, DOT_PRECISION)
+    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        dh = tl.load(dh_ptr + rows * R + offs_r[None, :], mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+        a_mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
+        a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :], mask=a_mask, other=0.0)
+        lora = _dot(dh, a, lora, DOT_PRECISION)
+    if HAS_DROPOUT:
+        lora = tl.where(_dropout_keep(seed, rows, offs_k[None, :], K, p), lora * inv_keep, 0.0)
+    acc += lora
+    dx_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    tl.store(dx_ptr + rows * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+
+
+@triton.autotune(configs=_DA_CONFIGS, key=["m_bucket", "R", "K"])
+@triton.jit
+def _lora_da_kernel(
+    dh_ptr, x_ptr, da_ptr, M, K, R, seed, p, inv_keep, m_bucket,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dA[j, k] = Σ_m dH[m, j]·drop(X)[m, k], the dropout mask regenerated per X tile."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        dh_mask = (offs_r[:, None] < R) & (offs_m[None, :] < M)
+        dh_t = tl.load(dh_ptr + offs_m[None, :].to(tl.int64) * R + offs_r[:, None], mask=dh_mask, other=0.0)
+        rows = offs_m[:, None].to(tl.int64)
+        x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(_dropout_keep(seed, rows, offs_k[None, :], K, p), x, 0.0)
+        acc = _dot(dh_t, x, acc, DOT_PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    da_mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
+    tl.store(da_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :], acc.to(da_ptr.dtype.element_ty), mask=da_mask)
+
+
+# -- launchers --------------------------------------------------------------------------------
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests poison it to prove full coverage)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _base_args(base: torch.Tensor | NF4Weight, placeholder: torch.Tensor) -> tuple[list, dict]:
+    """Pointer arguments and constexprs that describe the base weight to the GEMM kernels.
+
+    A dense base passes ``placeholder`` for the NF4-only pointers; the kernels never read them.
+    """
+    if not isinstance(base, NF4Weight):
+        meta = {
+            "IS_NF4": False,
+            "DOUBLE_QUANT": False,
+            "BLOCKSIZE": 64,
+            "NESTED": NESTED_BLOCKSIZE,
+            "BLOCKS_IN_ROWS": False,
+        }
+        return [base, placeholder, placeholder, placeholder, placeholder, placeholder], meta
+    device = base.device
+    dq = base.double_quant
+    absmax = base.absmax.contiguous()
+    nested_absmax = base.nested_absmax.contiguous() if dq else placeholder
+    offset = base.nested_offset.reshape(1).to(torch.float32) if dq else placeholder
+    pointers = [base.packed.contiguous(), absmax, nested_absmax, offset, nf4_code(device), dynamic_map(device)]
+    meta = {
+        "IS_NF4": True,
+        "DOUBLE_QUANT": dq,
+        "BLOCKSIZE": base.blocksize,
+        "NESTED": NESTED_BLOCKSIZE,
+        "BLOCKS_IN_ROWS": base.shape[1] % base.blocksize == 0,
+    }
+    return pointers, meta
+
+
+def _compile_options(base: torch.Tensor | NF4Weight) -> dict:
+    # No FMA contraction where double-quantized scales are rebuilt: bitsandbytes rounds the
+    # multiply and the add separately, and so does dequantize_nf4.
+    return {"enable_fp_fusion": False} if isinstance(base, NF4Weight) else {}
+
+
+def _lora_down(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    m, k = x.shape
+    rank = lora_a.shape[0]
+    h = _empty((m, rank), x.dtype, x.device)
+    block_r = _block_r(rank)
+    # Grid: one program per (BLOCK_M rows of X, BLOCK_R ranks); r is small, so usually one rank
+    # block and each program streams its X rows once. BLOCK_R >= 16 pads tiny ranks for tl.dot.
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(rank, block_r))
+    _lora_down_kernel[grid](
+        x, lora_a, h, m, k, rank, seed, dropout_p, 1.0 / (1.0 - dropout_p), _m_bucket(m),
+        HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=_DOT_PRECISION[x.dtype], BLOCK_R=block_r,
+    )  # fmt: skip
+    return h
+
+
+def _forward_tiled(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
+    """Y through the tiled GEMM kernel (any M)."""
+    m, k = x.shape
+    n, rank = lora_b.shape
+    y = _empty((m, n), x.dtype, x.device)
+    if n == 0:
+        return y
+    base_ptrs, base_meta = _base_args(base, x)
+    # Grid: one program per [BLOCK_M, BLOCK_N] tile of Y, in GROUP_M-swizzled order for L2 reuse
+    # of W tiles; block sizes are autotuned per (M bucket, N, K).
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    _lora_linear_fwd_kernel[grid](
+        x, *base_ptrs, h, lora_b, x if bias is None else bias, y,
+        m, n, k, rank, scale, _m_bucket(m),
+        **base_meta, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION[x.dtype], BLOCK_R=_block_r(rank),
+        **_compile_options(base),
+    )  # fmt: skip
+    return y
+
+
+@functools.cache
+def _programs_wanted(device: torch.device) -> int:
+    """About two programs per streaming multiprocessor; a few under the interpreter."""
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def _split_k_slice(n: int, k: int, device: torch.device) -> int:
+    """K elements per split: enough (N tile, K slice) programs to fill the GPU about twice."""
+    programs_wanted = _programs_wanted(device)
+    splits = max(1, triton.cdiv(programs_wanted, triton.cdiv(n, 64)))
+    return triton.cdiv(triton.cdiv(k, splits), _SPLITK_GRANULE) * _SPLITK_GRANULE
+
+
+def _forward_small_m(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
+    """Y through the split-K GEMV path (M <= SMALL_M_MAX)."""
+    m, k = x.shape
+    n, rank = lora_b.shape
+    if m > SMALL_M_MAX:
+        raise ValueError(f"the split-K path handles at most {SMALL_M_MAX} rows, got {m}")
+    y = _empty((m, n), x.dtype, x.device)
+    if n == 0:
+        return y
+    k_slice = _split_k_slice(n, max(k, 1), x.device)
+    n_splits = triton.cdiv(max(k, 1), k_slice)
+    # fp32 partial sums per K slice, reduced in a fixed order by the epilogue (deterministic,
+    # and nothing needs zeroing, unlike atomics).
+    partial = _empty((n_splits, m, n), torch.float32, x.device)
+    base_ptrs, base_meta = _base_args(base, x)
+    dot_precision = _DOT_PRECISION[x.dtype]
+    # Grid: (N tiles, K slices); each program owns one [BLOCK_K·slice, BLOCK_N] piece of W and all
+    # M <= 16 rows of X, padded to the 16-row tl.dot minimum.
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), n_splits)
+    _splitk_partial_kernel[grid](
+        x, *base_ptrs, partial, m, n, k, k_slice, _m_bucket(m),
+        **base_meta, DOT_PRECISION=dot_precision, BLOCK_M=SMALL_M_MAX, **_compile_options(base),
+    )  # fmt: skip
+    # Grid: one program per BLOCK_N columns of Y; the work is tiny (M x N sums plus a rank-r
+    # product), so a fixed block size suffices.
+    block_n = _SPLITK_EPILOGUE_BLOCK_N
+    _splitk_epilogue_kernel[(triton.cdiv(n, block_n),)](
+        partial, h, lora_b, x if bias is None else bias, y, m, n, rank, n_splits, scale,
+        HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision, BLOCK_R=_block_r(rank),
+        BLOCK_M=SMALL_M_MAX, BLOCK_N=block_n,
+    )  # fmt: skip
+    return y
+
+
+def _lora_dx(grad_y, base, dh, lora_a, dropout_p: float, seed: int) -> torch.Tensor:
+    m, n = grad_y.shape
+    rank, k = lora_a.shape
+    dx = _empty((m, k), grad_y.dtype, grad_y.device)
+    if k == 0:
+        return dx
+    base_ptrs, base_meta = _base_args(base, grad_y)
+    # Grid: one program per [BLOCK_M, BLOCK_K] tile of dX (the GEMM's N loop is the reduction),
+    # GROUP_M-swizzled; the same autotuned tile set as the forward GEMM.
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
+    _lora_linear_dx_kernel[grid](
+        grad_y, *base_ptrs, dh, lora_a, dx,
+        m, n, k, rank, seed, dropout_p, 1.0 / (1.0 - dropout_p), _m_bucket(m),
+        **base_meta, HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=_DOT_PRECISION[grad_y.dtype],
+        BLOCK_R=_block_r(rank), **_compile_options(base),
+    )  # fmt: skip
+    return dx
+
+
+def _lora_da(dh, x, dropout_p: float, seed: int) -> torch.Tensor:
+    m, k = x.shape
+    rank = dh.shape[1]
+    da = _empty((rank, k), x.dtype, x.device)
+    if k == 0:
+        return da
+    block_r = _block_r(rank)
+    # Grid: one program per [BLOCK_R, BLOCK_K] tile of dA, each reducing over all M rows; dA is
+    # small (r x K) so tiles along K supply the parallelism.
+    grid = lambda meta: (triton.cdiv(rank, block_r), triton.cdiv(k, meta["BLOCK_K"]))
+    _lora_da_kernel[grid](
+        dh, x, da, m, k, rank, seed, dropout_p, 1.0 / (1.0 - dropout_p), _m_bucket(m),
+        HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=_DOT_PRECISION[x.dtype], BLOCK_R=block_r,
+    )  # fmt: skip
+    return da
+
+
+# -- input checks -----------------------------------------------------------------------------
+
+
+def _check_dtype(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of x ({dtype}), got {t.dtype}")
+
+
+def _check_inputs(x, base, lora_a, lora_b, bias, dropout_p, seed) -> None:
+    """Raise ValueError/TypeError naming the first problem with the operands of the op."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if isinstance(base, NF4Weight):
+        base_shape, base_tensors = tuple(base.shape), [base.packed, base.absmax]
+        if base.double_quant:
+            base_tensors += [base.nested_absmax, base.nested_offset]
+    elif isinstance(base, torch.Tensor):
+        base_shape, base_tensors = tuple(base.shape), [base]
+        _check_dtype(base, "base weight", x.dtype)
+    else:
+        raise TypeError(f"base must be a torch.Tensor or an NF4Weight, got {type(base).__name__}")
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        _check_dtype(t, name, x.dtype)
+    if len(base_shape) != 2:
+        raise ValueError(f"base weight must be 2-D [N, K], got shape {base_shape}")
+    n, k = base_shape
+    if x.shape[1] != k:
+        raise ValueError(f"x has K={x.shape[1]} features but the base weight {base_shape} expects K={k}")
+    rank = lora_a.shape[0]
+    if rank == 0:
+        raise ValueError("lora_a has rank 0")
+    if lora_a.shape[1] != k:
+        raise ValueError(f"lora_a {tuple(lora_a.shape)} must be [r, K] with K={k}")
+    if lora_b.shape[1] != rank:
+        raise ValueError(f"lora_b {tuple(lora_b.shape)} must have r={rank} columns, the rank of lora_a")
+    if lora_b.shape[0] != n:
+        raise ValueError(f"lora_b {tuple(lora_b.shape)} must have N={n} rows, the out-features of the base")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dim() != 1 or bias.shape[0] != n:
+            raise ValueError(f"bias must be 1-D with N={n} entries, got shape {tuple(bias.shape)}")
+        _check_dtype(bias, "bias", x.dtype)
+    tensors = [x, *base_tensors, lora_a, lora_b] + ([] if bias is None else [bias])
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"all operands must be on one device, got {sorted(str(d) for d in devices)}")
+    if x.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 at import), got {x.device}")
+    _check_dropout(dropout_p, seed)
+
+
+def _check_dropout(dropout_p, seed) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < _MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+
+
+def _contiguous(t):
+    return t.contiguous() if isinstance(t, torch.Tensor) else t
+
+
+# -- public API -------------------------------------------------------------------------------
+
+
+def lora_linear_forward(
+    x: torch.Tensor,
+    base: torch.Tensor | NF4Weight,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Y = X·deq(W)ᵀ + b + s·H·Bᵀ`` with ``H = drop(X)·Aᵀ``; returns (y [M,N] in x.dtype, h [M,r] in x.dtype).
+
+    Args:
+        x: activations [M, K], fp32, fp16 or bf16.
+        base: frozen weight [N, K], a tensor of x's dtype or an :class:`NF4Weight`.
+        lora_a: [r, K]; lora_b: [N, r]; bias: [N] or None (all of x's dtype).
+        scale: the LoRA scale s.
+        dropout_p: dropout probability on the LoRA input, in [0, 1); 0 disables dropout.
+        seed: Philox seed of the dropout mask (see :func:`dropout_mask`), in [0, 2**63).
+
+    ``h`` is what the backward needs besides x; rows M <= 16 take the split-K GEMV path.
+    """
+    _check_inputs(x, base, lora_a, lora_b, bias, dropout_p, seed)
+    x, base, lora_a, lora_b, bias = map(_contiguous, (x, base, lora_a, lora_b, bias))
+    scale, dropout_p = float(scale), float(dropout_p)
+    m = x.shape[0]
+    n, rank = lora_b.shape
+    if m == 0:
+        return _empty((0, n), x.dtype, x.device), _empty((0, rank), x.dtype, x.device)
+    h = _lora_down(x, lora_a, dropout_p, seed)
+    forward = _forward_small_m if m <= SMALL_M_MAX else _forward_tiled
+    return forward(x, base, h, lora_b, bias, scale), h
+
+
+def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.to(torch.float32) @ b.to(torch.float32)
+
+
+def lora_linear_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    base: torch.Tensor | NF4Weight,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    needs_dx: bool,
+    needs_da: bool,
+    needs_db: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`lora_linear_forward`: (dx [M,K], da [r,K], db [N,r]) in x.dtype, None where not needed.
+
+    ``dH = s·dY·B``; ``dB = s·dYᵀ·H``; ``dA = dHᵀ·drop(X)``; ``dX = dY·deq(W) + (dH·A) ⊙ mask/(1−p)``,
+    the mask regenerated from ``seed`` (pass the forward's seed and ``h``).
+    """
+    _check_inputs(x, base, lora_a, lora_b, None, dropout_p, seed)
+    m, k = x.shape
+    n, rank = lora_b.shape
+    for name, t, shape in (("grad_y", grad_y, (m, n)), ("h", h, (m, rank))):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        _check_dtype(t, name, x.dtype)
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    grad_y, x, h, base, lora_a, lora_b = map(_contiguous, (grad_y, x, h, base, lora_a, lora_b))
+    scale, dropout_p = float(scale), float(dropout_p)
+    if m == 0:  # an empty batch: dx is empty and the weight gradients are sums over nothing
+        dx = _empty((0, k), x.dtype, x.device) if needs_dx else None
+        da = torch.zeros((rank, k), dtype=x.dtype, device=x.device) if needs_da else None
+        db = torch.zeros((n, rank), dtype=x.dtype, device=x.device) if needs_db else None
+        return dx, da, db
+    db = (_matmul_fp32(grad_y.t(), h) * scale).to(x.dtype) if needs_db else None
+    if not (needs_dx or needs_da):
+        return None, None, db
+    dh = (_matmul_fp32(grad_y, lora_b) * scale).to(x.dtype)
+    dx = _lora_dx(grad_y, base, dh, lora_a, dropout_p, seed) if needs_dx else None
+    da = _lora_da(dh, x, dropout_p, seed) if needs_da else None
+    return dx, da, db
+
+
+# Philox-4x32 constants (the same as triton.language.random).
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUNDS = 10
+_U32 = 0xFFFFFFFF
+_UNIFORM_SCALE = 4.6566127342e-10  # tl.rand: int31 -> [0, 1) in fp32
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of the 64-bit product a·b of 32-bit unsigned values held in int64.
+
+    a is split into 16-bit halves so no intermediate leaves the int64 range.
+    """
+    low_part = b * (a & 0xFFFF)
+    high_part = b * (a >> 16)
+    middle = high_part + (low_part >> 16)
+    return middle >> 16, ((middle & 0xFFFF) << 16) | (low_part & 0xFFFF)
+
+
+def _philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.rand(seed, offsets)`` for int64 offsets, bit for bit, in plain torch."""
+    c0, c1 = offsets & _U32, offsets >> 32
+    c2 = torch.zeros_like(offsets)
+    c3 = torch.zeros_like(offsets)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
+    # As int32, negative values map to ~x: a 31-bit integer, scaled into [0, 1) in fp32.
+    as_int31 = torch.where(c0 >= 2**31, _U32 - c0, c0)
+    return as_int31.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def dropout_mask(seed: int, m: int, k: int, p: float, device: torch.device | str) -> torch.Tensor:
+    """bool [m, k], True = kept: the exact mask the kernels use (for tests / seed replay).
+
+    Element (i, j) is kept iff ``tl.rand(seed, i·k + j) >= p`` (p rounded to fp32, as the
+    kernels receive it). Plain torch, so it runs on any device; it allocates a few int64
+    temporaries per element.
+    """
+    _check_dropout(p, seed)
+    offsets = torch.arange(m * k, dtype=torch.int64, device=device)
+    keep = _philox_uniform(seed, offsets) >= torch.tensor(p, dtype=torch.float32, device=device)
+    return keep.reshape(m, k)
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    base: torch.Tensor | NF4Weight,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+) -> torch.Tensor:
+    """Torch reference of :func:`lora_linear_forward`'s y: the same math and roundings, in fp32.
+
+    W is dequantized to x's dtype (as the kernels round each tile), H is rounded to x's dtype
+    (as the kernels store it), everything else is accumulated in fp32 and cast at the end.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    weight = dequantize_nf4(base, x.dtype) if isinstance(base, NF4Weight) else base.to(x.dtype)
+    x32 = x.float()
+    dropped = x32
+    if dropout_p > 0:
+        keep = dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+        dropped = torch.where(keep, x32, 0.0) / (1.0 - dropout_p)
+    h = (dropped @ lora_a.float().t()).to(x.dtype).float()
+    y = x32 @ weight.float().t() + float(scale) * (h @ lora_b.float().t())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

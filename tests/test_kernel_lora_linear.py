@@ -1,0 +1,400 @@
+"""Tests of the fused LoRA linear kernels (peft_fast/kernels/lora_linear.py).
+
+Kernels run under the Triton interpreter on CPU (conftest sets TRITON_INTERPRET=1), or on the
+GPU when there is one. Every result is compared with a float64 evaluation of the formula
+``Y = X·Wᵀ + b + s·(drop(X)·Aᵀ)·Bᵀ`` and of its gradients, by relative Frobenius error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from peft_fast.kernels import lora_linear as kernels
+from peft_fast.kernels.lora_linear import (
+    dropout_mask,
+    lora_linear_backward,
+    lora_linear_forward,
+    lora_linear_reference,
+)
+from peft_fast.nf4 import dequantize_nf4, quantize_nf4
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+DTYPES = list(TOLERANCE)
+BASES = ["dense", "nf4", "nf4_dq"]
+SEED = 1234
+# The GPU when there is one, else CPU tensors under the interpreter (as in conftest.py).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def make_case(m, k, n, rank, dtype=torch.float32, base_kind="dense", bias=True, blocksize=64, scale=0.7):
+    """Random operands on the kernel device, plus W in float64 (what the kernels multiply by).
+
+    Scales are chosen so the base, bias and LoRA terms are all of order one: a comparison that
+    ignored any of them would fail.
+    """
+    dev = KERNEL_DEVICE
+    weight = torch.randn(n, k, device=dev) / math.sqrt(k)
+    if base_kind == "dense":
+        base = weight.to(dtype)
+        w64 = base.double()
+    else:
+        base = quantize_nf4(weight, blocksize=blocksize, double_quant=base_kind == "nf4_dq")
+        w64 = dequantize_nf4(base, torch.float32).double()
+    return {
+        "x": torch.randn(m, k, device=dev).to(dtype),
+        "base": base,
+        "lora_a": (torch.randn(rank, k, device=dev) / math.sqrt(k)).to(dtype),
+        "lora_b": (torch.randn(n, rank, device=dev) / math.sqrt(rank)).to(dtype),
+        "bias": torch.randn(n, device=dev).to(dtype) if bias else None,
+        "scale": scale,
+        "w64": w64,
+    }
+
+
+def forward(case, p=0.0, seed=SEED):
+    return lora_linear_forward(
+        case["x"], case["base"], case["lora_a"], case["lora_b"], case["bias"], case["scale"], p, seed
+    )
+
+
+def backward(case, grad_y, h, p=0.0, seed=SEED, needs=(True, True, True)):
+    return lora_linear_backward(
+        grad_y, case["x"], h, case["base"], case["lora_a"], case["lora_b"], case["scale"], p, seed, *needs
+    )
+
+
+def formula64(case, grad_y, p=0.0, seed=SEED):
+    """y, h, the LoRA term and (dx, da, db), all in float64, with the kernels' dropout mask."""
+    x, a, b = case["x"].double(), case["lora_a"].double(), case["lora_b"].double()
+    s = case["scale"]
+    keep = dropout_mask(seed, x.shape[0], x.shape[1], p, x.device)
+
+    def drop(t):
+        return torch.where(keep, t, 0.0) / (1.0 - p)
+
+    h = drop(x) @ a.t()
+    lora = s * (h @ b.t())
+    y = x @ case["w64"].t() + lora
+    if case["bias"] is not None:
+        y = y + case["bias"].double()
+    dy = grad_y.double()
+    dh = s * (dy @ b)
+    grads = (dy @ case["w64"] + drop(dh @ a), dh.t() @ drop(x), s * (dy.t() @ h))
+    return y, h, lora, grads
+
+
+def rel_err(actual, expected):
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+def assert_close(actual, expected, dtype, what):
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_err(actual, expected)
+    assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3g} > {TOLERANCE[dtype]}"
+
+
+def check_against_formula(case, p=0.0, seed=SEED):
+    dtype = case["x"].dtype
+    m, n = case["x"].shape[0], case["lora_b"].shape[0]
+    y, h = forward(case, p, seed)
+    grad_y = torch.randn(m, n, device=KERNEL_DEVICE).to(dtype)
+    dx, da, db = backward(case, grad_y, h, p, seed)
+    y64, h64, lora64, (dx64, da64, db64) = formula64(case, grad_y, p, seed)
+    # The LoRA path must matter, or a kernel that dropped it would pass.
+    assert lora64.norm() > 0.1 * y64.norm()
+    for actual, expected, what in ((y, y64, "y"), (h, h64, "h"), (dx, dx64, "dx"), (da, da64, "da"), (db, db64, "db")):
+        assert_close(actual, expected, dtype, what)
+
+
+# -- forward and backward against float64 -----------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("base_kind", BASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [3, 17], ids=["split_k", "tiled"])
+def test_dtype_and_base_matrix(m, dtype, base_kind, p):
+    case = make_case(m, 72, 40, 8, dtype, base_kind, bias=True)
+    check_against_formula(case, p)
+
+
+# (K, N, blocksize): K not a multiple of the 32-wide interpreter tiles nor of the NF4 block
+# (blocks then span rows), K a multiple of the block (one scale per tile row), and a block
+# wider than a row.
+SHAPES = [(72, 40, 64), (96, 33, 32), (64, 20, 128)]
+
+
+@pytest.mark.parametrize("base_kind", BASES)
+@pytest.mark.parametrize("k,n,blocksize", SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+def test_fp32_shapes(m, k, n, blocksize, base_kind):
+    case = make_case(m, k, n, 16, torch.float32, base_kind, bias=m != 3, blocksize=blocksize)
+    check_against_formula(case)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rank", [1, 8, 16, 64])
+def test_fp32_ranks(rank, bias, p):
+    case = make_case(64, 96, 33, rank, torch.float32, "nf4_dq", bias=bias, blocksize=32)
+    check_against_formula(case, p)
+
+
+def test_many_tiles_in_both_directions():
+    # More row tiles than GROUP_M and several column tiles: the swizzled tile order must
+    # still cover every tile exactly once.
+    case = make_case(130, 80, 100, 4, torch.float32, "nf4_dq")
+    check_against_formula(case, p=0.1)
+
+
+def test_torch_reference_matches_kernels():
+    for dtype in (torch.float32, torch.bfloat16):
+        case = make_case(20, 72, 40, 8, dtype, "nf4_dq")
+        args = (case["x"], case["base"], case["lora_a"], case["lora_b"], case["bias"], case["scale"], 0.3, SEED)
+        y, _ = lora_linear_forward(*args)
+        expected = lora_linear_reference(*args)
+        assert rel_err(y, expected.double()) <= TOLERANCE[dtype]
+
+
+# -- the small-M (split-K) path ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base_kind", BASES)
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_small_m_path_matches_tiled_path(m, base_kind):
+    case = make_case(m, 72, 40, 8, torch.float32, base_kind)
+    h = kernels._lora_down(case["x"], case["lora_a"], 0.0, SEED)
+    args = (case["x"], case["base"], h, case["lora_b"], case["bias"], case["scale"])
+    small = kernels._forward_small_m(*args)
+    tiled = kernels._forward_tiled(*args)
+    assert rel_err(small, tiled.double()) <= 1e-6
+    # A fixed-order reduction: the same inputs give the same bits.
+    assert torch.equal(small, kernels._forward_small_m(*args))
+
+
+def test_forward_dispatches_on_m(monkeypatch):
+    calls = []
+    for name in ("_forward_small_m", "_forward_tiled"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _name=name, _f=original: calls.append(_name) or _f(*a))
+    for m in (kernels.SMALL_M_MAX, kernels.SMALL_M_MAX + 1):
+        forward(make_case(m, 32, 16, 4))
+    assert calls == ["_forward_small_m", "_forward_tiled"]
+
+
+# -- dropout ----------------------------------------------------------------------------------
+
+
+def test_zero_dropout_is_no_dropout():
+    case = make_case(17, 72, 40, 8, torch.float32, "nf4")
+    grad_y = torch.randn(17, 40, device=KERNEL_DEVICE)
+    y, h = forward(case, 0.0, seed=1)
+    grads = backward(case, grad_y, h, 0.0, seed=1)
+    y2, h2 = forward(case, 0.0, seed=2)
+    grads2 = backward(case, grad_y, h2, 0.0, seed=2)
+    # A tiny p keeps every element (checked) and scales by fp32(1/(1-p)) == 1: the dropout code
+    # path must then give the very same bits as the no-dropout path.
+    tiny = 1e-9
+    assert dropout_mask(3, 17, 72, tiny, KERNEL_DEVICE).all()
+    y3, h3 = forward(case, tiny, seed=3)
+    grads3 = backward(case, grad_y, h3, tiny, seed=3)
+    for other in ((y2, h2, *grads2), (y3, h3, *grads3)):
+        for actual, expected in zip(other, (y, h, *grads), strict=True):
+            assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("seed", [7, 2**40 + 3])
+def test_kernels_use_exactly_dropout_mask(seed):
+    """Identity operands make each kernel output its dropout mask, scaled by 1/(1-p)."""
+    m, k, p = 40, 64, 0.3
+    dev = KERNEL_DEVICE
+    keep = dropout_mask(seed, m, k, p, dev)
+    expected = keep.float() * torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    x = torch.ones(m, k, device=dev)
+    eye = torch.eye(k, device=dev)
+    zero_w = torch.zeros(k, k, device=dev)
+    # H = drop(1)·I ; with dY = I[:m] (B = I, s = 1, so dH = dY): dA[:m] = drop(1).
+    _, h = lora_linear_forward(x, zero_w, eye, eye, None, 1.0, p, seed)
+    assert torch.equal(h, expected)
+    _, da, _ = lora_linear_backward(eye[:m].contiguous(), x, h, zero_w, eye, eye, 1.0, p, seed, False, True, False)
+    assert torch.equal(da[:m], expected)
+    assert torch.equal(da[m:], torch.zeros_like(da[m:]))
+    # dH·A = 1 when only dY[:, 0] and A[0, :] are non-zero: dX = mask/(1-p).
+    a = torch.zeros(k, k, device=dev)
+    a[0] = 1.0
+    grad_y = torch.zeros(m, k, device=dev)
+    grad_y[:, 0] = 1.0
+    dx, _, _ = lora_linear_backward(grad_y, x, h, zero_w, a, eye, 1.0, p, seed, True, False, False)
+    assert torch.equal(dx, expected)
+
+
+@triton.jit
+def _uniform_kernel(out_ptr, seed, first_offset, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.rand(seed, first_offset + offs.to(tl.int64)), mask=offs < n)
+
+
+@pytest.mark.parametrize("seed,first_offset", [(0, 0), (99, 2**32 - 100), (2**35 + 1, 5)])
+def test_torch_philox_is_tl_rand(seed, first_offset):
+    # Includes offsets across 2**32, where the high word of the Philox counter starts to count.
+    n = 300
+    out = torch.empty(n, device=KERNEL_DEVICE)
+    _uniform_kernel[(triton.cdiv(n, 128),)](out, seed, first_offset, n, BLOCK=128)
+    offsets = torch.arange(first_offset, first_offset + n, device=KERNEL_DEVICE)
+    assert torch.equal(kernels._philox_uniform(seed, offsets), out)
+
+
+def test_dropout_mask_statistics_and_seeds():
+    p, m, k = 0.3, 1000, 1000
+    keep = dropout_mask(5, m, k, p, KERNEL_DEVICE)
+    assert keep.dtype == torch.bool and keep.shape == (m, k)
+    sigma = math.sqrt(p * (1 - p) / keep.numel())
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+    # Rows and columns are not degenerate: every row and column keeps about 1-p.
+    assert keep.float().mean(1).sub(1 - p).abs().max() < 0.1
+    assert keep.float().mean(0).sub(1 - p).abs().max() < 0.1
+    assert torch.equal(keep, dropout_mask(5, m, k, p, KERNEL_DEVICE))
+    disagree = (keep != dropout_mask(6, m, k, p, KERNEL_DEVICE)).float().mean().item()
+    assert abs(disagree - 2 * p * (1 - p)) < 0.01
+    assert dropout_mask(5, 3, 4, 0.0, KERNEL_DEVICE).all()
+
+
+# -- every output element is written; NaN and Inf propagate -----------------------------------
+
+
+def test_outputs_are_fully_written(monkeypatch):
+    def poisoned_empty(shape, dtype, device):
+        # Also leave NaNs in the allocator's free memory for the next real allocation.
+        torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernels, "_empty", poisoned_empty)
+    for m, base_kind, p in ((3, "nf4_dq", 0.0), (17, "nf4", 0.3), (64, "dense", 0.3)):
+        case = make_case(m, 72, 40, 8, torch.float32, base_kind)
+        y, h = forward(case, p)
+        grads = backward(case, torch.randn(m, 40, device=KERNEL_DEVICE), h, p)
+        for t in (y, h, *grads):
+            assert not t.isnan().any()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # numpy, under the interpreter
+@pytest.mark.parametrize("base_kind", ["dense", "nf4_dq"])
+@pytest.mark.parametrize("m", [3, 17])
+def test_nan_and_inf_in_x_propagate(m, base_kind):
+    case = make_case(m, 72, 40, 8, torch.float32, base_kind)
+    case["x"][0, 5] = float("nan")
+    case["x"][2, 70] = float("inf")
+    grad_y = torch.randn(m, 40, device=KERNEL_DEVICE)
+    y, h = forward(case)
+    y64, h64, _, _ = formula64(case, grad_y)
+    for actual, expected in ((y, y64), (h, h64)):
+        assert torch.equal(actual.isnan(), expected.isnan())
+        assert torch.equal(actual.isinf(), expected.isinf())
+        assert torch.equal(actual.isposinf(), expected.isposinf())
+        finite = expected.isfinite()
+        assert finite[1].all() and not finite[0].any()
+        assert rel_err(actual[finite], expected[finite]) <= 1e-5
+
+
+# -- layouts, empty batches, flags ------------------------------------------------------------
+
+
+def test_non_contiguous_inputs_are_handled():
+    case = make_case(17, 72, 40, 8, torch.float32, "dense")
+    y, h = forward(case)
+    strided = dict(case)
+    strided["x"] = case["x"].t().contiguous().t()
+    strided["base"] = case["base"].t().contiguous().t()
+    strided["lora_a"] = case["lora_a"].t().contiguous().t()
+    strided["lora_b"] = case["lora_b"].t().contiguous().t()
+    assert not strided["x"].is_contiguous()
+    y2, h2 = forward(strided)
+    assert torch.equal(y, y2) and torch.equal(h, h2)
+    grad_y = torch.randn(17, 40, device=KERNEL_DEVICE)
+    grads = backward(case, grad_y, h)
+    grads2 = backward(strided, grad_y.t().contiguous().t(), h)
+    for a, b in zip(grads, grads2, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_empty_batch():
+    case = make_case(0, 72, 40, 8, torch.float32, "nf4")
+    y, h = forward(case)
+    assert y.shape == (0, 40) and h.shape == (0, 8)
+    dx, da, db = backward(case, torch.empty(0, 40, device=KERNEL_DEVICE), h)
+    assert dx.shape == (0, 72)
+    assert torch.equal(da, torch.zeros(8, 72, device=KERNEL_DEVICE))
+    assert torch.equal(db, torch.zeros(40, 8, device=KERNEL_DEVICE))
+
+
+def test_only_requested_gradients_are_computed():
+    case = make_case(17, 72, 40, 8)
+    _, h = forward(case, 0.2)
+    grad_y = torch.randn(17, 40, device=KERNEL_DEVICE)
+    full = backward(case, grad_y, h, 0.2)
+    for needs in ((True, False, False), (False, True, False), (False, False, True), (False, False, False)):
+        partial = backward(case, grad_y, h, 0.2, needs=needs)
+        for got, want, needed in zip(partial, full, needs, strict=True):
+            assert (got is None) != needed
+            if needed:
+                assert torch.equal(got, want)
+
+
+# -- bad inputs -------------------------------------------------------------------------------
+
+
+def _with(**changes):
+    def mutate(args):
+        args.update({k: (v(args) if callable(v) else v) for k, v in changes.items()})
+
+    return mutate
+
+
+BAD_INPUTS = [
+    ("x_1d", _with(x=lambda a: a["x"][0]), ValueError, "x must be 2-D"),
+    ("x_int", _with(x=lambda a: a["x"].long()), TypeError, "x must be float32"),
+    ("x_k", _with(x=lambda a: a["x"][:, :-1]), ValueError, "K=71"),
+    ("a_k", _with(lora_a=lambda a: a["lora_a"][:, :-1]), ValueError, "lora_a"),
+    ("b_rank", _with(lora_b=lambda a: a["lora_b"][:, :-1]), ValueError, "rank of lora_a"),
+    ("b_rows", _with(lora_b=lambda a: a["lora_b"][:-1]), ValueError, "N=40 rows"),
+    ("bias_len", _with(bias=lambda a: a["bias"][:-1]), ValueError, "bias must be 1-D with N=40"),
+    ("bias_dtype", _with(bias=lambda a: a["bias"].double()), TypeError, "bias must have the dtype"),
+    ("a_dtype", _with(lora_a=lambda a: a["lora_a"].half()), TypeError, "lora_a must have the dtype"),
+    ("base_dtype", _with(base=lambda a: a["base"].half()), TypeError, "base weight must have the dtype"),
+    ("base_type", _with(base="weight"), TypeError, "base must be a torch.Tensor or an NF4Weight"),
+    ("p_one", _with(dropout_p=1.0), ValueError, "dropout_p"),
+    ("p_negative", _with(dropout_p=-0.1), ValueError, "dropout_p"),
+    ("seed_negative", _with(seed=-1), ValueError, "seed"),
+    ("seed_float", _with(seed=1.5), TypeError, "seed"),
+    ("device", _with(bias=lambda a: a["bias"].to("meta")), ValueError, "one device"),
+]
+
+
+@pytest.mark.parametrize("mutate,error,message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_raise_clear_errors(mutate, error, message):
+    case = make_case(4, 72, 40, 8)
+    args = {k: case[k] for k in ("x", "base", "lora_a", "lora_b", "bias", "scale")}
+    args.update(dropout_p=0.1, seed=SEED)
+    mutate(args)
+    with pytest.raises(error, match=message):
+        lora_linear_forward(**args)
+
+
+def test_bad_backward_inputs_raise_clear_errors():
+    case = make_case(4, 72, 40, 8)
+    y, h = forward(case)
+    with pytest.raises(ValueError, match="grad_y must have shape"):
+        backward(case, torch.zeros(4, 41, device=KERNEL_DEVICE), h)
+    with pytest.raises(TypeError, match="h must have the dtype"):
+        backward(case, torch.zeros_like(y), h.double())
+    with pytest.raises(ValueError, match="h must have shape"):
+        backward(case, torch.zeros_like(y), h[:, :-1])
