@@ -1,4 +1,4 @@
-"""The ``peft-fast`` command line: ``train``, ``merge`` and ``info``."""
+"""The ``peft-fast`` command line: ``train``, ``merge``, ``bench`` and ``info``."""
 
 from __future__ import annotations
 
@@ -196,6 +196,17 @@ def _add_train_flags(train: argparse.ArgumentParser) -> None:
     train.add_argument("--config", help="yaml or json file of settings; flags given override it")
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from peft_fast.benchmark import run_benchmarks, write_results
+
+    suites = tuple(args.suites.split(",")) if args.suites else None
+    rows = run_benchmarks(quick=args.quick, suites=suites)
+    paths = write_results(rows, args.out)
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True)
     merge.add_argument("--overwrite", action="store_true")
     merge.set_defaults(func=cmd_merge)
+    bench = sub.add_parser("bench", help="peft_fast vs PEFT + bitsandbytes: kernels, layers, memory, train step")
+    bench.add_argument("--quick", action="store_true", help="one shape, two batch sizes (a few minutes on CPU)")
+    bench.add_argument("--out", type=Path, default=Path("bench/results"), help="where JSON, markdown and PNG go")
+    bench.add_argument("--suites", help="comma-separated: dequantize,lora_linear,saved_bytes,train_step")
+    bench.set_defaults(func=cmd_bench)
     info = sub.add_parser("info", help="versions, backend, device and an NF4 self-check")
     info.add_argument("--seconds", type=float, default=1.0, help="how long the NF4 self-check runs")
     info.set_defaults(func=cmd_info)

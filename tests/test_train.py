@@ -263,3 +263,21 @@ def test_two_process_gloo_ddp_matches_one_process(llama_dir, tmp_path):
         # Gradients are averaged across ranks in another order than one process sums them; Adam
         # turns those last-bit differences into ~1e-5 relative after a few steps.
         assert float((b[key] - a[key]).norm() / a[key].norm()) < 1e-4, key
+
+
+def test_seq2seq_t5_training_lowers_loss(tmp_path):
+    path = tmp_path / "tiny-t5"
+    tokenizer = make_tokenizer(path)
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=3,
+    )  # fmt: skip
+    transformers.T5ForConditionalGeneration(config).save_pretrained(path)
+    data = write_jsonl(tmp_path / "pc.jsonl", "prompt_completion")
+    summary = run_training(lm_args(path, data, tmp_path / "run", eval_data=str(data), max_steps=20, method="lora"))
+    assert summary["task"] == "seq2seq"
+    assert summary["after"]["eval_loss"] < 0.85 * summary["before"]["eval_loss"], summary
+    text_data = write_jsonl(tmp_path / "text.jsonl", "text", count=4)
+    with pytest.raises(ValueError, match="seq2seq models train on prompt/completion records"):
+        run_training(lm_args(path, text_data, tmp_path / "run2"))

@@ -1,0 +1,431 @@
+"""``peft-fast bench``: peft_fast against PEFT + bitsandbytes, side by side, in one run.
+
+Suites: NF4 dequantization (vs bitsandbytes and a plain copy of the same output size), the QLoRA
+linear forward and forward+backward (vs PEFT over bnb ``Linear4bit``, PEFT over a dense Linear and
+the plain matmul), dense-base LoRA (vs PEFT), bytes saved for backward per layer and per model,
+peak memory of streaming quantization, and a whole training step of a Llama-architecture model.
+
+CUDA times come from ``triton.testing.do_bench`` (L2 cleared, median with p20/p80); CPU times from
+``torch.utils.benchmark``. Every row carries op, shapes, dtype, backend, implementation, time,
+TFLOP/s, GB/s and peak memory; the file carries the run's metadata (device, library versions,
+git commit, date). Output: ``<date>-<device>-bench.json`` + ``.md`` + ``.png`` in ``out``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from peft_fast.layers import LoraLinear, NF4Linear
+from peft_fast.nf4 import dequantize_nf4, quantize_nf4
+from peft_fast.ops import backend_name
+
+__all__ = ["run_benchmarks", "run_metadata", "saved_bytes", "time_ms", "write_results"]
+
+GPU_SHAPES = [(4096, 4096), (4096, 11008), (4096, 14336), (14336, 4096)]
+GPU_M = [1, 16, 512, 4096, 16384]
+CPU_SHAPES = [(1024, 1024), (1024, 2816)]
+CPU_M = [1, 16, 256]
+RANK = 16
+
+
+# -- measuring -----------------------------------------------------------------------------
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
+def run_metadata() -> dict:
+    """Device, library versions, git commit and date of this run."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return {
+        "device": device,
+        "backend": backend_name("cuda" if cuda else "cpu"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "bitsandbytes": _version("bitsandbytes"),
+        "peft_fast": _version("peft_fast"),
+        "git_commit": commit,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def time_ms(fn: Callable[[], object], device: str, min_run_time: float = 0.2) -> dict[str, float]:
+    """Median, p20 and p80 of ``fn``'s run time in milliseconds."""
+    if device == "cuda":
+        import triton.testing
+
+        p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": p50, "ms_p20": p20, "ms_p80": p80}
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm-up
+    measurement = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    times = sorted(measurement.times)
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3
+    return {"ms": measurement.median * 1e3, "ms_p20": pick(0.2), "ms_p80": pick(0.8)}
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str) -> int | None:
+    """Peak GPU memory allocated while ``fn`` runs; None on CPU (saved bytes are reported there)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def saved_bytes(run: Callable[[], object], module: torch.nn.Module) -> int:
+    """Bytes of distinct storages saved for backward by ``run``, parameters and buffers excluded."""
+    own = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(storages.values())
+
+
+# -- what is measured -------------------------------------------------------------------------
+
+
+def _our_layer(dense: torch.nn.Linear, quantized: bool, dropout: float = 0.0) -> torch.nn.Module:
+    base = NF4Linear(quantize_nf4(dense.weight.detach(), 64, True)) if quantized else dense
+    layer = LoraLinear(base)
+    layer.update_layer("default", r=RANK, lora_alpha=32, lora_dropout=dropout, init_lora_weights=False)
+    return layer.to(dense.weight.dtype)
+
+
+def _peft_layer(dense: torch.nn.Linear, quantized: bool, dropout: float = 0.0) -> torch.nn.Module:
+    import peft
+
+    holder = torch.nn.Module()
+    if quantized:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False, compute_dtype=dense.weight.dtype,
+                                  compress_statistics=True, quant_type="nf4")  # fmt: skip
+        layer.load_state_dict(dense.state_dict())
+        holder.proj = layer.to(dense.weight.device)
+    else:
+        holder.proj = dense
+    config = peft.LoraConfig(r=RANK, lora_alpha=32, lora_dropout=dropout, target_modules=["proj"],
+                             init_lora_weights=False)  # fmt: skip
+    return peft.get_peft_model(holder, config).base_model.model.proj.to(dense.weight.dtype)
+
+
+def _implementations(dense: torch.nn.Linear) -> dict[str, torch.nn.Module]:
+    impls = {"peft_fast qlora": _our_layer(dense, True), "peft_fast lora": _our_layer(dense, False)}
+    try:
+        impls["peft+bnb qlora"] = _peft_layer(dense, True)
+    except Exception as exc:
+        print(f"skipping PEFT + bitsandbytes: {exc}", file=sys.stderr)
+    impls["peft lora"] = _peft_layer(dense, False)
+    return impls
+
+
+def bench_dequantize(shapes, device: str, dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for k, n in shapes:
+        weight = torch.randn(n, k, device=device, dtype=dtype)
+        nf4 = quantize_nf4(weight, 64, True)
+        out_bytes = n * k * weight.element_size()
+        impls: dict[str, Callable[[], object]] = {"copy (bandwidth ceiling)": lambda w=weight: w.clone()}
+        if device == "cuda":
+            from peft_fast.kernels.nf4_dequant import dequantize_nf4_triton
+
+            impls["peft_fast triton"] = lambda q=nf4: dequantize_nf4_triton(q, dtype)
+        else:
+            impls["peft_fast torch"] = lambda q=nf4: dequantize_nf4(q, dtype)
+        try:
+            import bitsandbytes.functional as bnb_f
+
+            packed, state = bnb_f.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+            impls["bitsandbytes"] = lambda p=packed, s=state: bnb_f.dequantize_4bit(p, s)
+        except Exception as exc:
+            print(f"skipping bitsandbytes dequantize: {exc}", file=sys.stderr)
+        for name, fn in impls.items():
+            timing = time_ms(fn, device)
+            moved = out_bytes * (2 if name.startswith("copy") else 1) + nf4.nbytes * (not name.startswith("copy"))
+            rows.append({"op": "nf4_dequantize", "impl": name, "M": None, "K": k, "N": n, "dtype": _name(dtype),
+                         **timing, "gb_per_s": moved / timing["ms"] / 1e6})  # fmt: skip
+    return rows
+
+
+def bench_lora_linear(shapes, ms, device: str, dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for k, n in shapes:
+        dense = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+        impls = _implementations(dense)
+        for m in ms:
+            x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+            grad = torch.randn(m, n, device=device, dtype=dtype)
+            flops = 2 * m * n * k + 2 * m * RANK * (n + k)
+            weight = dense.weight.detach()
+            calls = [("matmul alone", "fwd", lambda x=x, w=weight: x.detach() @ w.t(), flops)]
+            for name, module in impls.items():
+                calls.append((name, "fwd", lambda mod=module, x=x: mod(x), flops))
+                calls.append((name, "fwd+bwd", lambda mod=module, x=x, g=grad: mod(x).backward(g), 3 * flops))
+            for name, phase, fn, phase_flops in calls:
+                timing = time_ms(fn, device)
+                rows.append({"op": "lora_linear", "impl": name, "phase": phase, "M": m, "K": k, "N": n, "r": RANK,
+                             "dtype": _name(dtype), **timing, "tflops": phase_flops / timing["ms"] / 1e9,
+                             "peak_mem_bytes": peak_memory_bytes(fn, device)})  # fmt: skip
+    return rows
+
+
+def bench_saved_bytes(device: str) -> list[dict]:
+    """Per layer (q, k, v over one X, dropout 0.1) and per model (tiny Llama, all-linear, bf16)."""
+    rows = []
+    hidden, tokens = 512, 256
+    x = torch.randn(tokens, hidden, device=device, requires_grad=True)
+    denses = [torch.nn.Linear(hidden, hidden, bias=False, device=device) for _ in range(3)]
+    for name, build in (("peft_fast qlora", _our_layer), ("peft+bnb qlora", _peft_layer)):
+        try:
+            layers = torch.nn.ModuleList([build(d, True, dropout=0.1).train() for d in denses])
+        except Exception as exc:
+            print(f"skipping {name}: {exc}", file=sys.stderr)
+            continue
+        total = saved_bytes(lambda layers=layers: [layer(x) for layer in layers], layers)
+        rows.append({"op": "saved_for_backward", "impl": name, "scope": "q,k,v layers sharing X", "M": tokens,
+                     "K": hidden, "N": hidden, "r": RANK, "dtype": "float32", "bytes": total})  # fmt: skip
+    for name, count in _model_saved_bytes(device).items():
+        rows.append({"op": "saved_for_backward", "impl": name, "scope": "tiny Llama, all-linear, dropout 0.05",
+                     "dtype": "bfloat16", "r": RANK, "bytes": count})  # fmt: skip
+    return rows
+
+
+def tiny_llama_config(hidden: int = 256, layers: int = 2):
+    import transformers
+
+    return transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                    num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
+                                    max_position_embeddings=512, attention_dropout=0.0)  # fmt: skip
+
+
+def _model_saved_bytes(device: str) -> dict[str, int]:
+    """Bytes saved for backward by a whole patched tiny Llama: ours vs PEFT + bitsandbytes."""
+    import tempfile
+
+    import transformers
+
+    import peft_fast
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (2, 128), device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        transformers.LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(tmp)
+        ours = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to(device)
+        config = {"r": RANK, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+        peft_fast.patch(ours, peft_fast.LoraConfig(**config, quantize="nf4")).train()
+        result = {"peft_fast qlora": saved_bytes(lambda: ours(ids).logits, ours)}
+        try:
+            import peft
+
+            quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                    bnb_4bit_use_double_quant=True,
+                                                    bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+            theirs = transformers.AutoModelForCausalLM.from_pretrained(
+                tmp, quantization_config=quant, dtype=torch.bfloat16, device_map=device
+            )
+            theirs = peft.get_peft_model(theirs, peft.LoraConfig(**config)).train()
+            result["peft+bnb qlora"] = saved_bytes(lambda: theirs(ids).logits, theirs)
+        except Exception as exc:
+            print(f"skipping PEFT + bitsandbytes model: {exc}", file=sys.stderr)
+    return result
+
+
+def bench_train_step(device: str, quick: bool) -> list[dict]:
+    """One forward + backward + AdamW step of a Llama-architecture model, tokens/s and memory."""
+    import transformers
+
+    import peft_fast
+
+    rows = []
+    if device == "cuda":
+        setups = [("1B", dict(hidden=2048, layers=16, inter=8192), 2048, 1),
+                  ("8B-slice", dict(hidden=4096, layers=4, inter=14336), 2048, 1)]  # fmt: skip
+    else:
+        setups = [("tiny", dict(hidden=256, layers=2, inter=512), 128, 2)]
+    if quick:
+        setups = setups[:1]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    for label, size, seq, batch in setups:
+        config = transformers.LlamaConfig(hidden_size=size["hidden"], intermediate_size=size["inter"],
+                                          num_hidden_layers=size["layers"], num_attention_heads=16 if device == "cuda"
+                                          else 4, vocab_size=32000 if device == "cuda" else 512,
+                                          max_position_embeddings=seq)  # fmt: skip
+        ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+        for name in ("peft_fast qlora", "peft+bnb qlora"):
+            torch.manual_seed(0)
+            model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+            lora = {"r": RANK, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+            try:
+                if name.startswith("peft_fast"):
+                    peft_fast.patch(model, peft_fast.LoraConfig(**lora, quantize="nf4"))
+                else:
+                    model = _peft_bnb_model(model, lora, dtype)
+            except Exception as exc:
+                print(f"skipping {name} train step: {exc}", file=sys.stderr)
+                continue
+            model.train()
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+            def step(model=model, optimizer=optimizer, ids=ids):
+                model(ids, labels=ids).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            timing = time_ms(step, device, min_run_time=0.5)
+            rows.append({"op": "train_step", "impl": name, "model": label, "M": batch * seq, "dtype": _name(dtype),
+                         **timing, "tokens_per_s": batch * seq / timing["ms"] * 1e3,
+                         "peak_mem_bytes": peak_memory_bytes(step, device)})  # fmt: skip
+            del model, optimizer
+    return rows
+
+
+def _peft_bnb_model(model, lora: dict, dtype: torch.dtype):
+    """PEFT over bitsandbytes 4-bit: the same random model saved and reloaded with load_in_4bit."""
+    import tempfile
+
+    import peft
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        quant = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        device = next(model.parameters()).device
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=quant, dtype=dtype, device_map=str(device)
+        )
+    return peft.get_peft_model(reloaded, peft.LoraConfig(**lora))
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# -- running and writing ------------------------------------------------------------------------
+
+
+def run_benchmarks(quick: bool = False, suites: tuple[str, ...] | None = None) -> list[dict]:
+    """Every suite (or those named) on the GPU if there is one, else on the CPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shapes, ms = (GPU_SHAPES, GPU_M) if device == "cuda" else (CPU_SHAPES, CPU_M)
+    if quick:
+        shapes, ms = shapes[:1], [ms[0], ms[-1]]
+    chosen = suites or ("dequantize", "lora_linear", "saved_bytes", "train_step")
+    rows: list[dict] = []
+    for suite in chosen:
+        print(f"[bench] {suite} on {device} ...", flush=True)
+        if suite == "dequantize":
+            rows += bench_dequantize(shapes, device, dtype)
+        elif suite == "lora_linear":
+            rows += bench_lora_linear(shapes, ms, device, dtype)
+        elif suite == "saved_bytes":
+            rows += bench_saved_bytes(device)
+        elif suite == "train_step":
+            rows += bench_train_step(device, quick)
+        else:
+            raise ValueError(f"unknown suite {suite!r}")
+    return rows
+
+
+def write_results(rows: list[dict], out_dir: str | Path, name: str = "bench") -> dict[str, Path]:
+    """JSON (rows + metadata), a markdown table and a PNG plot; returns their paths."""
+    meta = run_metadata()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = "".join(c if c.isalnum() else "-" for c in meta["device"].split("(")[0].strip()).strip("-").lower()
+    stem = out_dir / f"{meta['date'][:10]}-{tag}-{name}"
+    paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md"), "png": stem.with_suffix(".png")}
+    paths["json"].write_text(json.dumps({"metadata": meta, "rows": rows}, indent=1) + "\n")
+    paths["md"].write_text(markdown_table(rows, meta))
+    plot(rows, meta, paths["png"])
+    return paths
+
+
+def markdown_table(rows: list[dict], meta: dict) -> str:
+    lines = [f"# peft_fast benchmarks — {meta['device']}", ""]
+    lines.append(", ".join(f"{k} {v}" for k, v in meta.items() if k != "device"))
+    for op in dict.fromkeys(r["op"] for r in rows):
+        subset = [r for r in rows if r["op"] == op]
+        columns = [c for c in dict.fromkeys(k for r in subset for k in r) if c != "op"]
+        lines += ["", f"## {op}", "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+        for row in subset:
+            cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], meta: dict, path: Path) -> None:
+    """Speed-up of peft_fast over PEFT + bnb vs M per shape, and saved-bytes bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    linear = [r for r in rows if r["op"] == "lora_linear"]
+    for k, n, phase in dict.fromkeys((r["K"], r["N"], r["phase"]) for r in linear):
+        ours = {
+            r["M"]: r["ms"]
+            for r in linear
+            if (r["K"], r["N"], r["phase"], r["impl"]) == (k, n, phase, "peft_fast qlora")
+        }
+        theirs = {
+            r["M"]: r["ms"]
+            for r in linear
+            if (r["K"], r["N"], r["phase"], r["impl"]) == (k, n, phase, "peft+bnb qlora")
+        }
+        common = sorted(set(ours) & set(theirs))
+        if common:
+            speed.plot(common, [theirs[m] / ours[m] for m in common], marker="o", label=f"K={k} N={n} {phase}")
+    speed.axhline(1.0, color="grey", linewidth=0.8)
+    speed.set_xscale("log")
+    speed.set_xlabel("M (tokens)")
+    speed.set_ylabel("speed-up vs PEFT + bitsandbytes")
+    speed.set_title("QLoRA linear")
+    if speed.lines[1:]:
+        speed.legend(fontsize=7)
+    saved = [r for r in rows if r["op"] == "saved_for_backward"]
+    labels = [f"{r['impl']}\n{r['scope'][:18]}" for r in saved]
+    memory.bar(range(len(saved)), [r["bytes"] / 2**20 for r in saved], color=["C0" if "fast" in r["impl"] else "C1"
+                                                                               for r in saved])  # fmt: skip
+    memory.set_xticks(range(len(saved)), labels, fontsize=6)
+    memory.set_ylabel("MiB saved for backward")
+    memory.set_title("activation memory")
+    fig.suptitle(f"{meta['device']} — {meta['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
