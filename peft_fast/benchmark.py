@@ -371,7 +371,11 @@ def write_results(rows: list[dict], out_dir: str | Path, name: str = "bench") ->
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md"), "png": stem.with_suffix(".png")}
     paths["json"].write_text(json.dumps({"metadata": meta, "rows": rows}, indent=1) + "\n")
     paths["md"].write_text(markdown_table(rows, meta))
-    plot(rows, meta, paths["png"])
+    try:
+        plot(rows, meta, paths["png"])
+    except ImportError:  # matplotlib is a bench/test extra; the numbers matter more than the picture
+        print("matplotlib is not installed: no PNG plot written", file=sys.stderr)
+        del paths["png"]
     return paths
 
 

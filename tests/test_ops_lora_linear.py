@@ -12,6 +12,7 @@ import itertools
 import pytest
 import torch
 
+from peft_fast.benchmark import saved_bytes
 from peft_fast.layers import LoraLinear, NF4Linear
 from peft_fast.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from peft_fast.ops import backend_name, base_linear, dropout_mask, lora_linear, merge_lora
@@ -247,22 +248,6 @@ def test_merge_dense_and_requantized():
 # -- memory -------------------------------------------------------------------------------
 
 
-def saved_activation_bytes(run, parameters) -> int:
-    """Bytes of distinct storages saved for backward, not counting parameters and buffers."""
-    param_storages = {p.untyped_storage().data_ptr() for p in parameters}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return sum(storages.values())
-
-
 def test_saved_memory_three_qlora_layers_vs_peft_bitsandbytes(monkeypatch):
     """q, k, v over one X, NF4 base, dropout 0.1: we save X + 3·H; PEFT + bnb saves far more."""
     bnb = pytest.importorskip("bitsandbytes")
@@ -277,8 +262,7 @@ def test_saved_memory_three_qlora_layers_vs_peft_bitsandbytes(monkeypatch):
         layer = LoraLinear(NF4Linear(quantize_nf4(dense.weight.detach(), 64, True)))
         layer.update_layer("default", r=r, lora_alpha=32, lora_dropout=0.1, init_lora_weights=False)
         ours.append(layer.train())
-    params = [t for layer in ours for t in [*layer.parameters(), *layer.buffers()]]
-    our_bytes = saved_activation_bytes(lambda: [layer(x) for layer in ours], params)
+    our_bytes = saved_bytes(lambda: [layer(x) for layer in ours], torch.nn.ModuleList(ours))
     h_bytes = tokens * r * 4
     x_bytes = tokens * hidden * 4
     assert our_bytes <= x_bytes + 3 * h_bytes + 1024, our_bytes
@@ -296,8 +280,7 @@ def test_saved_memory_three_qlora_layers_vs_peft_bitsandbytes(monkeypatch):
     qkv = qkv.to("cpu")
     config = peft.LoraConfig(r=r, lora_alpha=32, lora_dropout=0.1, target_modules=["q", "k", "v"])
     peft_model = peft.get_peft_model(qkv, config).train()
-    peft_params = [*peft_model.parameters(), *peft_model.buffers()]
-    theirs = saved_activation_bytes(lambda: [getattr(peft_model.base_model.model, n)(x) for n in "qkv"], peft_params)
+    theirs = saved_bytes(lambda: [getattr(peft_model.base_model.model, n)(x) for n in "qkv"], peft_model)
     print(f"bytes saved for backward: peft_fast {our_bytes}, PEFT + bitsandbytes {theirs}")
     assert our_bytes <= 0.6 * theirs
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One device-tool call for a session that has a GPU (issue "GPU proof"): the CUDA test suite and
+# the full benchmark, everything written under $OUT. Run from the repository root on the device:
+#
+#   here, once:  echo /.whl/ >> .git/info/exclude
+#                python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#                  --implementation cp --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+#                (plus matplotlib and its pure-python deps if the image lacks them)
+#   device:      run(command="bash scripts/gpu_session.sh", carry=[".whl"])
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python3 - > "$OUT/versions.txt" 2>&1 <<'PY'
+import torch, triton, transformers
+print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())
+for m in ("peft", "bitsandbytes"):
+    try:
+        print(m, __import__(m).__version__)
+    except Exception as e:
+        print(m, "missing", e)
+PY
+PYTHONUNBUFFERED=1 timeout 330 python3 -m pytest -q -x -p no:cacheprovider tests \
+  --ignore=tests/test_train.py 2>&1 | tee "$OUT/pytest-cuda.log" | tail -30
+PYTHONUNBUFFERED=1 timeout 240 python3 -m peft_fast.cli bench --out "$OUT" 2>&1 | tail -80 > "$OUT/bench.log"
+tail -60 "$OUT/bench.log"
