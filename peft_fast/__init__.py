@@ -2,7 +2,10 @@
 
 __version__ = "0.1.0"
 
-from peft_fast.config import LoraConfig
+from peft_fast.adapter_ops import bottleneck_adapter, ia3_linear
+from peft_fast.adapters import BottleneckAdapter, load_adapters, patch_adapters, save_adapters, unpatch_adapters
+from peft_fast.config import AdapterConfig, IA3Config, LoraConfig
+from peft_fast.ia3 import IA3Linear, load_ia3, merge_ia3, patch_ia3, save_ia3, unpatch_ia3
 from peft_fast.io import load_adapter, save_adapter
 from peft_fast.layers import LoraLinear, NF4Linear
 from peft_fast.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
@@ -17,27 +20,60 @@ from peft_fast.patch import (
     trainable_parameters,
     unpatch,
 )
+from peft_fast.prompt_methods import (
+    AdaptionPromptConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    load_prompt_adapter,
+    patch_prompt,
+    save_prompt_adapter,
+    unpatch_prompt,
+)
 from peft_fast.quantize import quantize_model
 
 __all__ = [
+    "AdapterConfig",
+    "AdaptionPromptConfig",
+    "BottleneckAdapter",
+    "IA3Config",
+    "IA3Linear",
     "LoraConfig",
     "LoraLinear",
     "NF4Linear",
     "NF4Weight",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "__version__",
     "add_adapter",
+    "bottleneck_adapter",
     "dequantize_nf4",
     "disable_adapters",
+    "ia3_linear",
     "load_adapter",
+    "load_adapters",
+    "load_ia3",
+    "load_prompt_adapter",
     "lora_linear",
     "merge",
+    "merge_ia3",
     "merge_lora",
     "patch",
+    "patch_adapters",
+    "patch_ia3",
+    "patch_prompt",
     "print_trainable_parameters",
     "quantize_model",
     "quantize_nf4",
     "save_adapter",
+    "save_adapters",
+    "save_ia3",
+    "save_prompt_adapter",
     "set_adapter",
     "trainable_parameters",
     "unpatch",
+    "unpatch_adapters",
+    "unpatch_ia3",
+    "unpatch_prompt",
 ]

@@ -174,7 +174,8 @@ def _add_train_flags(train: argparse.ArgumentParser) -> None:
     flag("--model", help="Hugging Face checkpoint directory (default: the embedded MiniLM demo)")
     flag("--data", help="jsonl with text, prompt/completion or messages records")
     flag("--eval-data", dest="eval_data", help="held-out jsonl in the same format")
-    flag("--method", choices=["lora", "qlora"], help="lora, or qlora (NF4 base; default)")
+    flag("--method", choices=["lora", "qlora", "adapter", "ia3"],
+         help="lora, qlora (NF4 base; default), adapter (bottleneck; --r is its width) or ia3")  # fmt: skip
     flag("--r", type=int, help="LoRA rank")
     flag("--alpha", type=float, help="LoRA alpha (scale = alpha / r)")
     flag("--dropout", type=float, help="LoRA dropout")

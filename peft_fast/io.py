@@ -138,8 +138,10 @@ def save_adapter(model, directory: str | os.PathLike, adapter_name: str | None =
     """
     from safetensors.torch import save as safetensors_bytes
 
-    from peft_fast.patch import _require_state
+    from peft_fast.patch import _require_state, _state
 
+    if _state(model) is None:
+        return _save_other_method(model, directory, adapter_name)
     state = _require_state(model)
     adapter_name = adapter_name or state.active[0]
     if adapter_name not in state.configs:
@@ -181,7 +183,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
 
 
 def load_adapter(model, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False):
-    """Load a PEFT-format LoRA adapter into ``model`` (patching it, or adding an adapter).
+    """Load a PEFT-format adapter into ``model`` (patching it, or adding an adapter).
+
+    LoRA is handled here; (IA)³, prompt-method and bottleneck-adapter directories go to their
+    own loaders (chosen by adapter_config.json).
 
     Refuses, before touching the model, an adapter whose config PEFT features we cannot run,
     whose target modules are absent, or whose tensors disagree with the model's shapes or the
@@ -190,6 +195,9 @@ def load_adapter(model, directory: str | os.PathLike, adapter_name: str = "defau
     from peft_fast.config import LoraConfig
     from peft_fast.patch import _state, add_adapter, find_targets, patch, set_adapter
 
+    other = _load_other_method(model, directory, adapter_name, is_trainable)
+    if other is not None:
+        return other
     raw_config, tensors = read_adapter(directory)
     # Fix: with bias="all" PEFT also saves the biases inside its modules_to_save wrappers
     # (`<module>.modules_to_save.bias`, `<module>.original_module.bias`); the trained values are
@@ -270,3 +278,45 @@ def _features(module) -> tuple[int, int]:
         return module.out_features, module.in_features
     weight = module.weight  # Conv1D: [in, out]
     return weight.shape[1], weight.shape[0]
+
+
+_PROMPT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "ADAPTION_PROMPT")
+
+
+def _save_other_method(model, directory, adapter_name: str | None) -> Path:
+    """save_adapter for models patched with (IA)³, bottleneck adapters or a prompt method."""
+    from peft_fast.adapters import _state as adapter_state
+    from peft_fast.adapters import save_adapters
+    from peft_fast.ia3 import ia3_layers, save_ia3
+    from peft_fast.prompt_methods import _state as prompt_state
+    from peft_fast.prompt_methods import save_prompt_adapter
+
+    if next(ia3_layers(model), None) is not None:
+        return save_ia3(model, directory)
+    if adapter_state(model) is not None:
+        return save_adapters(model, directory, adapter_name)
+    if prompt_state(model) is not None:
+        return save_prompt_adapter(model, directory)
+    raise ValueError("this model carries no peft_fast adapter (call peft_fast.patch first)")
+
+
+def _load_other_method(model, directory, adapter_name: str, is_trainable: bool):
+    """load_adapter for non-LoRA adapter directories; None when the directory holds a LoRA adapter."""
+    config_path = Path(directory) / ADAPTER_CONFIG
+    if not config_path.is_file():
+        return None
+    document = json.loads(config_path.read_text())
+    peft_type = document.get("peft_type")
+    if peft_type == "IA3":
+        from peft_fast.ia3 import load_ia3
+
+        return load_ia3(model, directory, adapter_name, is_trainable)
+    if peft_type in _PROMPT_TYPES:
+        from peft_fast.prompt_methods import load_prompt_adapter
+
+        return load_prompt_adapter(model, directory, adapter_name, is_trainable)
+    if peft_type is None and "hidden_size" in document and "config" in document:
+        from peft_fast.adapters import load_adapters
+
+        return load_adapters(model, directory, adapter_name, is_trainable)
+    return None

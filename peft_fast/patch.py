@@ -187,7 +187,7 @@ def patch(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -
     ``config`` says). Returns the same model object.
     """
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a peft_fast.LoraConfig, got {type(config).__name__}")
+        return _patch_other_method(model, config, adapter_name)
     state = _state(model)
     if state is not None:
         raise ValueError(
@@ -225,6 +225,28 @@ def patch(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -
     _mark_trainable(model, config, adapter_name)
     setattr(model, _STATE_ATTR, state)
     return model
+
+
+def _patch_other_method(model: nn.Module, config, adapter_name: str) -> nn.Module:
+    """Route a non-LoRA config to its method: bottleneck adapters, (IA)³ or a prompt method."""
+    from peft_fast.adapters import patch_adapters
+    from peft_fast.config import AdapterConfig, IA3Config
+    from peft_fast.ia3 import patch_ia3
+    from peft_fast.prompt_methods import (
+        AdaptionPromptConfig,
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptTuningConfig,
+        patch_prompt,
+    )
+
+    if isinstance(config, AdapterConfig):
+        return patch_adapters(model, config, adapter_name)
+    if isinstance(config, IA3Config):
+        return patch_ia3(model, config, adapter_name)
+    if isinstance(config, (PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, AdaptionPromptConfig)):
+        return patch_prompt(model, config, adapter_name)
+    raise TypeError(f"config must be a peft_fast config (LoraConfig, IA3Config, ...), got {type(config).__name__}")
 
 
 def _check_modules_to_save(model: nn.Module, config: LoraConfig) -> None:

@@ -34,6 +34,7 @@ from peft_fast.patch import patch
 __all__ = ["TrainArgs", "UsageError", "run_training"]
 
 RUN_MARKER = "peft_fast_run.json"  # marks an output directory as ours
+METHODS = ("lora", "qlora", "adapter", "ia3")
 CHECKPOINT = "checkpoint"
 
 
@@ -114,8 +115,8 @@ def _check_output_dir(args: TrainArgs) -> Path:
 def _check_args(args: TrainArgs) -> None:
     if args.r <= 0:
         raise UsageError(f"--r must be a positive integer, got {args.r}")
-    if args.method not in ("lora", "qlora"):
-        raise UsageError(f"--method {args.method!r} is not available yet; choose lora or qlora")
+    if args.method not in METHODS:
+        raise UsageError(f"--method {args.method!r} is unknown; choose one of {', '.join(METHODS)}")
     for name in ("batch_size", "grad_accum", "seq_len"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -212,12 +213,8 @@ def _build(args: TrainArgs, rank: int):
             train = data_mod.pack(train, args.seq_len)
     if not train:
         raise UsageError("no training examples left after tokenisation (is --seq-len too small?)")
-    torch.manual_seed(args.seed)  # the LoRA initialisation depends on the seed only
-    head = [n for n in ("classifier", "score") if hasattr(model, n)] if task == "classification" else None
-    lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                      target_modules=args.target_modules, modules_to_save=head or None,
-                      quantize="nf4" if args.method == "qlora" else None)  # fmt: skip
-    patch(model, lora)
+    torch.manual_seed(args.seed)  # the adapter's initialisation depends on the seed only
+    _apply_method(model, args, task)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -225,17 +222,60 @@ def _build(args: TrainArgs, rank: int):
     return model, tokenizer, train, evaluation, task, labels
 
 
+def _apply_method(model, args: TrainArgs, task: str) -> None:
+    """Patch ``model`` for ``args.method``: LoRA / QLoRA, bottleneck adapters or (IA)³."""
+    if args.method in ("lora", "qlora"):
+        head = [n for n in ("classifier", "score") if hasattr(model, n)] if task == "classification" else None
+        config = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                            target_modules=args.target_modules, modules_to_save=head or None,
+                            quantize="nf4" if args.method == "qlora" else None)  # fmt: skip
+        patch(model, config)
+        return
+    if task == "classification":
+        raise UsageError(f"--method {args.method} trains language models; classification data uses lora or qlora")
+    if args.method == "adapter":
+        from peft_fast.adapters import patch_adapters
+        from peft_fast.config import AdapterConfig
+
+        patch_adapters(model, AdapterConfig(bottleneck_size=args.r, dropout=args.dropout))
+    else:
+        from peft_fast.config import IA3Config
+        from peft_fast.ia3 import patch_ia3
+
+        targets = None if args.target_modules == "all-linear" else args.target_modules
+        patch_ia3(model, IA3Config(target_modules=targets))
+
+
+def _save_method_adapter(model, out: Path, method: str) -> None:
+    """The final adapter in the method's format: PEFT's for LoRA and (IA)³, ours for bottlenecks."""
+    if method == "adapter":
+        from peft_fast.adapters import save_adapters
+
+        save_adapters(model, out)
+    elif method == "ia3":
+        from peft_fast.ia3 import save_ia3
+
+        save_ia3(model, out)
+    else:
+        save_adapter(model, out)
+
+
 # -- checkpoints -----------------------------------------------------------------------------
 
 
 def _save_checkpoint(out: Path, model, optimizer, scheduler, step: int, micro_step: int) -> None:
-    """Write <out>/checkpoint atomically: into a temporary directory, then swapped in."""
+    """Write <out>/checkpoint atomically: into a temporary directory, then swapped in.
+
+    It holds every trainable tensor by name (whatever the method), the optimizer and scheduler
+    state, the RNG states and the data position; safetensors and JSON only.
+    """
     from safetensors.torch import save_file
 
     staging = out / f".{CHECKPOINT}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    save_adapter(model, staging)
-    tensors = {"rng.torch": torch.get_rng_state()}
+    staging.mkdir(parents=True)
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     opt_state = optimizer.state_dict()
@@ -265,19 +305,14 @@ def _load_checkpoint(out: Path, model, optimizer, scheduler) -> tuple[int, int]:
 
     from safetensors.torch import load_file
 
-    from peft_fast.io import read_adapter
-
     directory = out / CHECKPOINT
-    _, adapter = read_adapter(directory)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, tensor in adapter.items():
-            name = key.removeprefix("base_model.model.")
-            for part in (".lora_A.", ".lora_B."):
-                name = name.replace(part, f"{part}default.")
-            params[name].copy_(tensor)
     tensors = load_file(directory / "trainer_state.safetensors")
     state = json.loads((directory / "trainer_state.json").read_text())
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            if key.startswith("param."):
+                params[key.removeprefix("param.")].copy_(tensor)
     opt_state: dict = {"state": {}, "param_groups": state["param_groups"]}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -433,7 +468,7 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
     summary = {"steps": step, "task": task, "output": str(out), "before": before, "labels": labels}
     if rank == 0:
         _save_checkpoint(out, model, optimizer, scheduler, step, micro_step)
-        save_adapter(model, out)
+        _save_method_adapter(model, out, args.method)
         if task == "lm" or task == "seq2seq":
             tokenizer.save_pretrained(out)
         summary["after"] = evaluate(model, evaluation, task, pad_id)

@@ -281,3 +281,16 @@ def test_seq2seq_t5_training_lowers_loss(tmp_path):
     text_data = write_jsonl(tmp_path / "text.jsonl", "text", count=4)
     with pytest.raises(ValueError, match="seq2seq models train on prompt/completion records"):
         run_training(lm_args(path, text_data, tmp_path / "run2"))
+
+
+@pytest.mark.parametrize("method", ["adapter", "ia3"])
+def test_other_methods_train_and_save(llama_dir, tmp_path, method):
+    data = write_jsonl(tmp_path / "text.jsonl", "text")
+    out = tmp_path / method
+    summary = run_training(lm_args(llama_dir, data, out, eval_data=str(data), method=method, max_steps=20, lr=3e-2))
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"] - 0.01, summary  # (IA)³ learns slowly
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved.get("peft_type", saved.get("adapter_type", "")) != "LORA"
+    with pytest.raises(Interrupted):
+        run_training(lm_args(llama_dir, data, tmp_path / "r", method=method, max_steps=4), interrupt_at_step=2)
+    run_training(lm_args(llama_dir, data, tmp_path / "r", method=method, max_steps=4, resume=True))

@@ -1,0 +1,367 @@
+"""(IA)³ in Hugging Face models: IA3Linear layers, patching, merging, PEFT-format save and load.
+
+(IA)³ learns one vector per target layer that rescales the layer's output (attention k / v) or,
+for ``feedforward_modules``, its input (the FFN's down-projection). ``patch_ia3`` replaces each
+target Linear (or GPT-2 Conv1D, or NF4Linear) with an :class:`IA3Linear`, whose forward is one
+``peft_fast::ia3_linear`` op: the GEMM with the scale fused in, over a dense or NF4 weight. The
+module layout is PEFT's (``base_layer``, ``ia3_l.<adapter>`` with PEFT's [out, 1] / [1, in]
+shapes), so adapter files carry PEFT's key names (``base_model.model.<path>.ia3_l``) and load
+in PEFT 0.21, and PEFT's files load here.
+
+(IA)³ and LoRA mix on different modules: patch LoRA first (its ``patch`` freezes every other
+parameter, (IA)³ vectors included), then (IA)³ on modules LoRA left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peft_fast.adapters import PEFT_FAST_STATE_ATTRS, prepare_host_model
+from peft_fast.config import IA3Config
+from peft_fast.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_write, read_adapter
+from peft_fast.layers import LoraLinear, NF4Linear
+from peft_fast.nf4 import NF4Weight, dequantize_nf4
+from peft_fast.patch import _as_linear, _matches, _restore_base, _set_submodule, output_head_names
+from peft_fast.quantize import is_quantizable_linear
+
+__all__ = [
+    "IA3Linear",
+    "find_ia3_targets",
+    "ia3_layers",
+    "ia3_state_dict",
+    "load_ia3",
+    "merge_ia3",
+    "patch_ia3",
+    "save_ia3",
+    "unpatch_ia3",
+]
+
+_STATE_ATTR = "peft_fast_ia3_state"
+_PEFT_PREFIX = "base_model.model."
+
+
+class IA3Linear(nn.Module):
+    """A frozen base linear (``nn.Linear`` or :class:`NF4Linear`) with (IA)³ vectors, laid out as PEFT's.
+
+    ``ia3_l[<adapter>]`` is [out_features, 1] (output scaling) or [1, in_features] when
+    ``is_feedforward`` (input scaling). Active adapters' vectors multiply, as in PEFT.
+    """
+
+    def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, NF4Linear)):
+            raise TypeError(f"IA3Linear wraps nn.Linear or NF4Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.is_feedforward = is_feedforward
+        self.ia3_l = nn.ParameterDict()
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+
+    def update_layer(self, adapter_name: str, init_ia3_weights: bool = True) -> None:
+        """Add adapter ``adapter_name``: ones (the identity), or PEFT's randn with ``init_ia3_weights=False``."""
+        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        base = self.base_layer
+        dtype = base.weight_dtype if isinstance(base, NF4Linear) else base.weight.dtype
+        device = base.weight_packed.device if isinstance(base, NF4Linear) else base.weight.device
+        vector = torch.ones(shape) if init_ia3_weights else torch.randn(shape)
+        self.ia3_l[adapter_name] = nn.Parameter(vector.to(device=device, dtype=dtype))
+        if not self.active_adapters:
+            self.active_adapters = [adapter_name]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, which Hugging Face code reads (T5's FFN checks ``wo.weight.dtype``)."""
+        return self.base_layer.weight
+
+    def base_weight(self) -> torch.Tensor | NF4Weight:
+        base = self.base_layer
+        return base.nf4 if isinstance(base, NF4Linear) else base.weight
+
+    def scale_vector(self) -> torch.Tensor | None:
+        """The product of the active adapters' vectors, flat (None when no adapter is active)."""
+        active = [] if self.disable_adapters else [a for a in self.active_adapters if a in self.ia3_l]
+        if not active:
+            return None
+        scale = self.ia3_l[active[0]].flatten()
+        for name in active[1:]:
+            scale = scale * self.ia3_l[name].flatten()
+        return scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from peft_fast.adapter_ops import ia3_linear
+        from peft_fast.ops import base_linear
+
+        base, bias = self.base_weight(), self.base_layer.bias
+        if isinstance(base, torch.Tensor) and base.dtype != x.dtype:
+            base = base.to(x.dtype)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        scale = self.scale_vector()
+        if scale is None:
+            return base_linear(x, base, bias)
+        return ia3_linear(x, base, scale, bias, scale_input=self.is_feedforward)
+
+    def merged_weight_and_bias(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W', b'): diag(l)·W and l ⊙ b for output scaling, W·diag(l) and b for input scaling.
+
+        Computed in fp32 from the (dequantized) base; W' in ``dtype`` (default: the base's dtype).
+        """
+        base = self.base_weight()
+        out_dtype = dtype or (base.dtype if isinstance(base, torch.Tensor) else self.base_layer.weight_dtype)
+        weight = dequantize_nf4(base, torch.float32) if isinstance(base, NF4Weight) else base.float()
+        bias = self.base_layer.bias
+        scale = self.scale_vector()
+        if scale is not None:
+            scale = scale.detach().float()
+            if self.is_feedforward:
+                weight = weight * scale[None, :]
+            else:
+                weight = weight * scale[:, None]
+                bias = None if bias is None else (bias.float() * scale).to(bias.dtype)
+        return weight.to(out_dtype), None if bias is None else bias.detach().clone()
+
+    def extra_repr(self) -> str:
+        kind = "input (feed-forward)" if self.is_feedforward else "output"
+        return f"scales={kind}, adapters={list(self.ia3_l)}, active={self.active_adapters}"
+
+
+@dataclass
+class IA3State:
+    """What ``patch_ia3`` did, kept on the model as ``model.peft_fast_ia3_state``."""
+
+    config: IA3Config  # with the targets resolved
+    adapter_name: str
+    conv1d_names: set[str] = field(default_factory=set)  # GPT-2 Conv1D layers turned into Linear
+
+
+def _state(model: nn.Module) -> IA3State:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("this model has no (IA)³ adapter (call peft_fast.patch_ia3 first)")
+    return state
+
+
+def ia3_layers(model: nn.Module) -> Iterator[tuple[str, IA3Linear]]:
+    """(name, layer) for every IA3Linear of the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, IA3Linear):
+            yield name, module
+
+
+def _is_feedforward(name: str, feedforward_modules: list[str] | str | None) -> bool:
+    """PEFT's rule: a regex over the full name, or a list entry the name ends with (no dot needed)."""
+    if feedforward_modules is None:
+        return False
+    if isinstance(feedforward_modules, str):
+        return re.fullmatch(feedforward_modules, name) is not None
+    return any(name.endswith(entry) for entry in feedforward_modules)
+
+
+def _is_base_linear(module: nn.Module) -> bool:
+    return is_quantizable_linear(module) or isinstance(module, NF4Linear)
+
+
+def find_ia3_targets(model: nn.Module, config: IA3Config) -> list[tuple[str, bool]]:
+    """(name, is_feedforward) of every module ``config`` targets; config's targets must be resolved.
+
+    Raises, naming close module names, when nothing matches; and when a target is already a LoRA
+    or (IA)³ layer or is not a Linear / Conv1D.
+    """
+    heads = output_head_names(model)
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, (LoraLinear, IA3Linear))]
+    found, refused = [], []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(w + ".") for w in wrappers):
+            continue
+        if config.target_modules == "all-linear":
+            chosen = _is_base_linear(module) and name not in heads
+        else:
+            chosen = _matches(name, config.target_modules)
+        if not chosen or _matches(name, config.exclude_modules):
+            continue
+        if isinstance(module, (LoraLinear, IA3Linear)):
+            method = "LoRA" if isinstance(module, LoraLinear) else "(IA)³"
+            refused.append(f"{name} (already a {method} layer; (IA)³ and LoRA must target different modules)")
+        elif not _is_base_linear(module):
+            refused.append(f"{name} ({type(module).__name__}, not a Linear / Conv1D)")
+        else:
+            found.append((name, _is_feedforward(name, config.feedforward_modules)))
+    if refused:
+        raise ValueError("cannot add (IA)³ to: " + "; ".join(refused[:8]))
+    if not found:
+        leaf_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_base_linear(m)})
+        wanted = config.target_modules if isinstance(config.target_modules, list) else [str(config.target_modules)]
+        close = sorted({c for w in wanted for c in difflib.get_close_matches(w, leaf_names, n=5, cutoff=0.3)})
+        raise ValueError(
+            f"target_modules {config.target_modules!r} matches no module of {type(model).__name__}. "
+            f"Close names: {close or leaf_names[:12]}"
+        )
+    return found
+
+
+def _resolved(model: nn.Module, config: IA3Config) -> IA3Config:
+    return config.for_model_type(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def patch_ia3(model: nn.Module, config: IA3Config, adapter_name: str = "default") -> nn.Module:
+    """Give ``model`` an (IA)³ adapter, in place: every target becomes an :class:`IA3Linear`.
+
+    Targets default to PEFT's for the model type. With ``config.quantize="nf4"`` the Linear layers
+    (but the output head) are stored in NF4 first. Other parameters are frozen unless another
+    peft_fast method patched the model first. Everything is checked before the model is touched.
+    """
+    if not isinstance(config, IA3Config):
+        raise TypeError(f"config must be a peft_fast.IA3Config, got {type(config).__name__}")
+    if getattr(model, _STATE_ATTR, None) is not None:
+        raise ValueError(f"the model already has the (IA)³ adapter {_state(model).adapter_name!r}")
+    config = _resolved(model, config)
+    targets = find_ia3_targets(model, config)
+    state = IA3State(config=config, adapter_name=adapter_name)
+    # Note GPT-2 Conv1D layers before NF4 quantization turns them into NF4Linear, for unpatch / merge.
+    state.conv1d_names = {
+        n for n, m in model.named_modules() if is_quantizable_linear(m) and not isinstance(m, nn.Linear)
+    }
+    prepare_host_model(model, config.quantize, config.blocksize, config.double_quant)
+    for name, is_feedforward in targets:
+        layer = IA3Linear(_as_linear(model.get_submodule(name)), is_feedforward)
+        layer.update_layer(adapter_name, config.init_ia3_weights)
+        _set_submodule(model, name, layer)
+    setattr(model, _STATE_ATTR, state)
+    return model
+
+
+def unpatch_ia3(model: nn.Module) -> nn.Module:
+    """Remove the (IA)³ adapter and put the base layers back (NF4 bases stay NF4Linear)."""
+    state = _state(model)
+    for name, layer in list(ia3_layers(model)):
+        _set_submodule(model, name, _restore_base(layer, name in state.conv1d_names, None, None))
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def _plain_layer(weight: torch.Tensor, bias: torch.Tensor | None, as_conv1d: bool) -> nn.Module:
+    """A frozen nn.Linear (weight [out, in]) or GPT-2 Conv1D (stored [in, out]) holding ``weight``."""
+    if as_conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(weight.shape[0], weight.shape[1]).to(device=weight.device, dtype=weight.dtype)
+        layer.weight = nn.Parameter(weight.t().contiguous())
+        layer.bias = nn.Parameter(bias.clone() if bias is not None else torch.zeros_like(weight[:, 0]))
+    else:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                          dtype=weight.dtype)  # fmt: skip
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+    return layer.requires_grad_(False)
+
+
+def merge_ia3(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Fold the (IA)³ vectors into the base weights (and output-scaled biases), in place.
+
+    NF4 bases are dequantized to ``dtype`` (default: the weight's original dtype). When no other
+    peft_fast method remains on the model, every other NF4 layer is dequantized too, so the result
+    is a plain Hugging Face model.
+    """
+    state = _state(model)
+    for name, layer in list(ia3_layers(model)):
+        weight, bias = layer.merged_weight_and_bias(dtype)
+        _set_submodule(model, name, _plain_layer(weight, bias, name in state.conv1d_names))
+    delattr(model, _STATE_ATTR)
+    if not any(hasattr(model, attr) for attr in PEFT_FAST_STATE_ATTRS):
+        for name, module in list(model.named_modules()):
+            if isinstance(module, NF4Linear):
+                bias = None if module.bias is None else module.bias.detach()
+                plain = _plain_layer(module.dequantized_weight(dtype), bias, name in state.conv1d_names)
+                _set_submodule(model, name, plain)
+    return model
+
+
+# -- files in PEFT's layout -----------------------------------------------------------------------
+
+
+def ia3_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors PEFT saves for the (IA)³ adapter, under PEFT's key names (no adapter name)."""
+    adapter = _state(model).adapter_name
+    return {
+        f"{_PEFT_PREFIX}{name}.ia3_l": layer.ia3_l[adapter].detach().contiguous().cpu()
+        for name, layer in ia3_layers(model)
+    }
+
+
+def save_ia3(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT 0.21 does for (IA)³.
+
+    Both files are written to temporaries and renamed into place only once both are complete.
+    """
+    from safetensors.torch import save as safetensors_bytes
+
+    state = _state(model)
+    model_config = getattr(model, "config", None)
+    config_dict = state.config.to_peft_dict(getattr(model_config, "_name_or_path", None) or None)
+    # PEFT sets fan_in_fan_out when it wraps a Conv1D (GPT-2), and writes the config as it left it.
+    config_dict["fan_in_fan_out"] = any(name in state.conv1d_names for name, _ in ia3_layers(model))
+    weights = safetensors_bytes(ia3_state_dict(model), metadata={"format": "pt"})
+    directory = Path(directory)
+    with contextlib.ExitStack() as stack:
+        weights_file = stack.enter_context(atomic_write(directory / ADAPTER_WEIGHTS))
+        config_file = stack.enter_context(atomic_write(directory / ADAPTER_CONFIG))
+        weights_file.write(weights)
+        config_file.write((json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode())
+    return directory
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear, NF4Linear or GPT-2 Conv1D (weight [in, out])."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.out_features, module.in_features
+    return module.weight.shape[1], module.weight.shape[0]
+
+
+def load_ia3(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+) -> nn.Module:
+    """Load an (IA)³ adapter saved by PEFT (or by :func:`save_ia3`) into ``model``.
+
+    Refuses, before touching the model, a config we cannot run, targets the model lacks, and
+    tensors that are missing, unexpected or of the wrong shape. Returns the model.
+    """
+    raw_config, tensors = read_adapter(directory)
+    config = _resolved(model, IA3Config.from_peft_dict(raw_config))
+    if getattr(model, _STATE_ATTR, None) is not None:
+        raise ValueError(f"the model already has the (IA)³ adapter {_state(model).adapter_name!r}")
+    expected = {}
+    for name, is_feedforward in find_ia3_targets(model, config):
+        out_features, in_features = _features(model.get_submodule(name))
+        expected[f"{_PEFT_PREFIX}{name}.ia3_l"] = (1, in_features) if is_feedforward else (out_features, 1)
+    problems = [f"missing {key}" for key in expected if key not in tensors]
+    problems += [
+        f"{key}: file has {tuple(tensors[key].shape)}, model needs {shape}"
+        for key, shape in expected.items()
+        if key in tensors and tuple(tensors[key].shape) != shape
+    ]
+    problems += [f"unexpected {key}" for key in sorted(set(tensors) - set(expected))[:5]]
+    if problems:
+        raise ValueError(
+            f"(IA)³ adapter at {directory} does not fit this {type(model).__name__}: {'; '.join(problems[:8])}"
+            + ("" if len(problems) <= 8 else f" (+{len(problems) - 8} more)")
+        )
+    patch_ia3(model, config, adapter_name)
+    with torch.no_grad():
+        for name, layer in ia3_layers(model):
+            vector = layer.ia3_l[adapter_name]
+            vector.copy_(tensors[f"{_PEFT_PREFIX}{name}.ia3_l"].to(vector.dtype))
+            vector.requires_grad_(is_trainable)
+    return model

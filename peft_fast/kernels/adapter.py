@@ -1,0 +1,659 @@
+"""Triton kernels: the bottleneck adapter ``Y = R + s·drop(act(LN?(X)·Wdᵀ + bd)·Wuᵀ + bu)``, forward and backward.
+
+X [M, D] is the adapter's input and R [M, D] the tensor its output is added to: X itself for a
+serial (Houlsby / Pfeiffer) adapter, the host sublayer's output for a parallel one. Wd [B, D],
+bd [B] project down to the bottleneck width B; Wu [D, B], bu [D] project back up. LN is an
+optional LayerNorm (γ, β, eps) on X; act is relu, gelu (erf form) or swish (z·σ(z)); s a scalar.
+Dropout is inverted dropout on the up-projection's output (where AdapterHub applies it): element
+(m, d) is kept iff ``tl.rand(seed, m·D + d) >= p``, the Philox stream of the LoRA kernels, so
+:func:`peft_fast.kernels.lora_linear.dropout_mask` replays it.
+
+Forward, two kernels:
+
+* ``_adapter_down_kernel``  Z = LN?(X)·Wdᵀ + bd [M, B]. With LN, each program first computes the
+  mean and 1/std of its rows (fp32, stored for backward) and normalises X tiles in registers.
+* ``_adapter_up_kernel``    Y = R + s·drop(act(Z)·Wuᵀ + bu). act is applied to Z tiles as they are
+  loaded (the GEMM's prologue), so act(Z) never exists in memory; bias, scale, dropout and the
+  residual add are the epilogue.
+
+Saved for backward: X, Z (the pre-activation), mean and 1/std, the seed; never act(Z), LN(X),
+the up-projection's output or a dropout mask. With G = s·drop(dY) (the mask regenerated as dY
+tiles load):
+
+* ``_adapter_dz_kernel``    dZ = (G·Wu) ⊙ act'(Z)
+* ``_adapter_dup_kernel``   dWu = Gᵀ·act(Z) and dbu = Σ_m G
+* ``_adapter_ddown_kernel`` dWd = dZᵀ·LN?(X) and dbd = Σ_m dZ
+* ``_adapter_dx_kernel``    dX = LN-backward(dZ·Wd) (+ dY when R is X). The LayerNorm backward needs
+  two sums over each whole row, so with LN a program owns BLOCK_M complete rows: one sweep over D
+  for the sums, one for dX, recomputing the thin dZ·Wd tiles (B-deep) rather than storing them.
+  dγ and dβ come out as per-row-block partial sums, reduced in a fixed order by torch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from peft_fast.kernels.lora_linear import (
+    _DOT_PRECISION,
+    _INTERPRET,
+    _SUPPORTED_DTYPES,
+    _block_r,
+    _cfg,
+    _configs,
+    _dot,
+    _dropout_keep,
+    _grouped_tile,
+    _m_bucket,
+    dropout_mask,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "AdapterGradients",
+    "bottleneck_adapter_backward",
+    "bottleneck_adapter_forward",
+    "bottleneck_adapter_reference",
+]
+
+# Activation codes passed to the kernels as a constexpr.
+ACTIVATIONS = {"relu": 0, "gelu": 1, "swish": 2}
+_MAX_SEED = 2**63
+
+# Kernels that own row blocks (and B or D column blocks) and reduce over D or B.
+_ROW_CONFIGS = _configs(
+    [_cfg(BLOCK_M=32, BLOCK_K=32, num_stages=1)],
+    [
+        _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+        _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
+        _cfg(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+        _cfg(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4),
+    ],
+)
+# The up-projection: [BLOCK_M, BLOCK_N] tiles of Y, reducing over B.
+_UP_CONFIGS = _configs(
+    [_cfg(BLOCK_M=32, BLOCK_N=32, GROUP_M=2, num_stages=1)],
+    [
+        _cfg(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3),
+        _cfg(BLOCK_M=128, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4),
+        _cfg(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4),
+        _cfg(BLOCK_M=64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4),
+    ],
+)
+# dX: fixed tiles, not autotuned, because with LN the kernel writes one row of partial dγ / dβ sums
+# per BLOCK_M rows; configs with different BLOCK_M would leave stale rows behind in autotuning.
+_DX_LAUNCH = (
+    {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+    if _INTERPRET
+    else {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+)
+# Weight gradients: tiles of dW, reducing over M.
+_WEIGHT_GRAD_CONFIGS = _configs(
+    [_cfg(BLOCK_M=32, BLOCK_K=32, num_stages=1)],
+    [
+        _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+        _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
+        _cfg(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    ],
+)
+
+
+# -- device helpers ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr):
+    """act(z) for fp32 z: relu (NaN stays NaN, as torch.relu), gelu (erf form), swish = z·σ(z)."""
+    if ACTIVATION == 0:
+        return tl.where(z < 0.0, 0.0, z)
+    elif ACTIVATION == 1:
+        return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    else:
+        return z * tl.sigmoid(z)
+
+
+@triton.jit
+def _activation_grad(z, ACTIVATION: tl.constexpr):
+    """act'(z) for fp32 z (relu' is 0 at 0, as torch's)."""
+    if ACTIVATION == 0:
+        return tl.where(z > 0.0, 1.0, 0.0)
+    elif ACTIVATION == 1:
+        # Φ(z) + z·φ(z)
+        return 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    else:
+        sig = tl.sigmoid(z)
+        return sig * (1.0 + z * (1.0 - sig))
+
+
+@triton.jit
+def _in_first_block(offs, n, block_id):
+    """offs < n in block 0, all false in the others: one writer for a value every block computes.
+
+    (Arithmetic rather than ``& (block_id == 0)``: the interpreter rejects scalar-bool masks.)
+    """
+    return offs + block_id * n < n
+
+
+@triton.jit
+def _row_stats(x_ptr, rows, row_mask, D, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(mean, 1/std) in fp32 of the X rows ``rows``: two sweeps (mean, then the centred squares),
+    as torch does, not E[x²] − mean², which cancels badly for rows with a large mean."""
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)[None, :]
+        acc += tl.load(x_ptr + rows * D + cols, mask=row_mask & (cols < D), other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=1) / D
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)[None, :]
+        mask = row_mask & (cols < D)
+        x = tl.load(x_ptr + rows * D + cols, mask=mask, other=0.0).to(tl.float32)
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        acc += centred * centred
+    return mean, 1.0 / tl.sqrt(tl.sum(acc, axis=1) / D + eps)
+
+
+@triton.jit
+def _normalized(x, mean, rstd, ln_w_ptr, ln_b_ptr, offs_k, D):
+    """γ·(x − mean)·rstd + β for an X tile (fp32; 0 in columns past D)."""
+    gamma = tl.load(ln_w_ptr + offs_k, mask=offs_k < D, other=0.0).to(tl.float32)
+    beta = tl.load(ln_b_ptr + offs_k, mask=offs_k < D, other=0.0).to(tl.float32)
+    return (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+
+
+@triton.jit
+def _dz_times_wd(
+    dz_ptr, wd_ptr, rows, row_mask, offs_k, D, B,
+    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The [BLOCK_M, BLOCK_K] tile of dZ·Wd at (rows, offs_k), in fp32: the gradient of LN?(X)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        dz = tl.load(dz_ptr + rows * B + offs_b[None, :], mask=row_mask & (offs_b[None, :] < B), other=0.0)
+        wd_mask = (offs_b[:, None] < B) & (offs_k[None, :] < D)
+        wd = tl.load(wd_ptr + offs_b[:, None].to(tl.int64) * D + offs_k[None, :], mask=wd_mask, other=0.0)
+        acc = _dot(dz, wd, acc, DOT_PRECISION)
+    return acc
+
+
+# -- forward kernels --------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_ROW_CONFIGS, key=["m_bucket", "D", "B"])
+@triton.jit
+def _adapter_down_kernel(
+    x_ptr, ln_w_ptr, ln_b_ptr, wd_ptr, bd_ptr, z_ptr, mean_ptr, rstd_ptr,
+    M, D, B, eps, m_bucket,
+    HAS_LN: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Z[m, j] = Σ_k LN?(X)[m, k]·Wd[j, k] + bd[j]."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = offs_m[:, None].to(tl.int64)
+    row_mask = offs_m[:, None] < M
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if HAS_LN:
+        mean, rstd = _row_stats(x_ptr, rows, row_mask, D, eps, BLOCK_M, BLOCK_K)
+        # Every column block computes the statistics; the first one stores them.
+        tl.store(mean_ptr + offs_m, mean, mask=_in_first_block(offs_m, M, tl.program_id(1)))
+        tl.store(rstd_ptr + offs_m, rstd, mask=_in_first_block(offs_m, M, tl.program_id(1)))
+    acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows * D + offs_k[None, :], mask=row_mask & (offs_k[None, :] < D), other=0.0)
+        if HAS_LN:
+            # Rounded to X's dtype, as a LayerNorm module's output feeding the projection would be.
+            x = _normalized(x, mean, rstd, ln_w_ptr, ln_b_ptr, offs_k, D).to(x.dtype)
+        wd_mask = (offs_k[:, None] < D) & (offs_b[None, :] < B)
+        wd_t = tl.load(wd_ptr + offs_b[None, :].to(tl.int64) * D + offs_k[:, None], mask=wd_mask, other=0.0)
+        acc = _dot(x, wd_t, acc, DOT_PRECISION)
+    acc += tl.load(bd_ptr + offs_b, mask=offs_b < B, other=0.0).to(tl.float32)[None, :]
+    z_mask = row_mask & (offs_b[None, :] < B)
+    tl.store(z_ptr + rows * B + offs_b[None, :], acc.to(z_ptr.dtype.element_ty), mask=z_mask)
+
+
+@triton.autotune(configs=_UP_CONFIGS, key=["m_bucket", "D", "B"])
+@triton.jit
+def _adapter_up_kernel(
+    z_ptr, wu_ptr, bu_ptr, r_ptr, y_ptr,
+    M, D, B, scale, seed, p, inv_keep, m_bucket,
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """Y tile = R + s·drop(act(Z)·Wuᵀ + bu), act applied to Z tiles in registers."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m[:, None].to(tl.int64)
+    row_mask = offs_m[:, None] < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        z = tl.load(z_ptr + rows * B + offs_b[None, :], mask=row_mask & (offs_b[None, :] < B), other=0.0)
+        # act(0) = 0 for every activation, so padded lanes add nothing.
+        a = _activation(z.to(tl.float32), ACTIVATION).to(z.dtype)
+        wu_mask = (offs_b[:, None] < B) & (offs_n[None, :] < D)
+        wu_t = tl.load(wu_ptr + offs_n[None, :].to(tl.int64) * B + offs_b[:, None], mask=wu_mask, other=0.0)
+        acc = _dot(a, wu_t, acc, DOT_PRECISION)
+    acc += tl.load(bu_ptr + offs_n, mask=offs_n < D, other=0.0).to(tl.float32)[None, :]
+    acc = acc * scale
+    if HAS_DROPOUT:
+        acc = tl.where(_dropout_keep(seed, rows, offs_n[None, :], D, p), acc * inv_keep, 0.0)
+    mask = row_mask & (offs_n[None, :] < D)
+    acc += tl.load(r_ptr + rows * D + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows * D + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# -- backward kernels -------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_ROW_CONFIGS, key=["m_bucket", "D", "B"])
+@triton.jit
+def _adapter_dz_kernel(
+    dy_ptr, wu_ptr, z_ptr, dz_ptr,
+    M, D, B, grad_scale, seed, p, m_bucket,
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dZ = (s·drop(dY)·Wu) ⊙ act'(Z); grad_scale = s/(1−p) is applied once, to the fp32 sum."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = offs_m[:, None].to(tl.int64)
+    row_mask = offs_m[:, None] < M
+    acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_K):
+        offs_n = n0 + tl.arange(0, BLOCK_K)
+        dy = tl.load(dy_ptr + rows * D + offs_n[None, :], mask=row_mask & (offs_n[None, :] < D), other=0.0)
+        if HAS_DROPOUT:
+            dy = tl.where(_dropout_keep(seed, rows, offs_n[None, :], D, p), dy, 0.0)
+        wu_mask = (offs_n[:, None] < D) & (offs_b[None, :] < B)
+        wu = tl.load(wu_ptr + offs_n[:, None].to(tl.int64) * B + offs_b[None, :], mask=wu_mask, other=0.0)
+        acc = _dot(dy, wu, acc, DOT_PRECISION)
+    z_mask = row_mask & (offs_b[None, :] < B)
+    z = tl.load(z_ptr + rows * B + offs_b[None, :], mask=z_mask, other=0.0).to(tl.float32)
+    dz = acc * grad_scale * _activation_grad(z, ACTIVATION)
+    tl.store(dz_ptr + rows * B + offs_b[None, :], dz.to(dz_ptr.dtype.element_ty), mask=z_mask)
+
+
+@triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["m_bucket", "D", "B"])
+@triton.jit
+def _adapter_dup_kernel(
+    dy_ptr, z_ptr, dwu_ptr, dbu_ptr,
+    M, D, B, grad_scale, seed, p, m_bucket,
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dWu[n, j] = Σ_m G[m, n]·act(Z)[m, j] and dbu[n] = Σ_m G[m, n], G = s·drop(dY).
+
+    BLOCK_K tiles D (the rows of Wu). The first column block also stores dbu.
+    """
+    offs_n = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    acc = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        rows_t = offs_m[None, :].to(tl.int64)
+        dy_mask = (offs_m[None, :] < M) & (offs_n[:, None] < D)
+        dy_t = tl.load(dy_ptr + rows_t * D + offs_n[:, None], mask=dy_mask, other=0.0)
+        if HAS_DROPOUT:
+            dy_t = tl.where(_dropout_keep(seed, rows_t, offs_n[:, None], D, p), dy_t, 0.0)
+        z_mask = (offs_m[:, None] < M) & (offs_b[None, :] < B)
+        z = tl.load(z_ptr + offs_m[:, None].to(tl.int64) * B + offs_b[None, :], mask=z_mask, other=0.0)
+        a = _activation(z.to(tl.float32), ACTIVATION).to(z.dtype)
+        acc = _dot(dy_t, a, acc, DOT_PRECISION)
+        bias_acc += tl.sum(dy_t.to(tl.float32), axis=1)
+    w_mask = (offs_n[:, None] < D) & (offs_b[None, :] < B)
+    dwu = (acc * grad_scale).to(dwu_ptr.dtype.element_ty)
+    tl.store(dwu_ptr + offs_n[:, None].to(tl.int64) * B + offs_b[None, :], dwu, mask=w_mask)
+    dbu = (bias_acc * grad_scale).to(dbu_ptr.dtype.element_ty)
+    tl.store(dbu_ptr + offs_n, dbu, mask=_in_first_block(offs_n, D, tl.program_id(1)))
+
+
+@triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["m_bucket", "D", "B"])
+@triton.jit
+def _adapter_ddown_kernel(
+    dz_ptr, x_ptr, ln_w_ptr, ln_b_ptr, mean_ptr, rstd_ptr, dwd_ptr, dbd_ptr,
+    M, D, B, m_bucket,
+    HAS_LN: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dWd[j, k] = Σ_m dZ[m, j]·LN?(X)[m, k] and dbd[j] = Σ_m dZ[m, j]; LN(X) rebuilt from the saved
+    statistics. The first column block also stores dbd."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        dz_mask = (offs_b[:, None] < B) & (offs_m[None, :] < M)
+        dz_t = tl.load(dz_ptr + offs_m[None, :].to(tl.int64) * B + offs_b[:, None], mask=dz_mask, other=0.0)
+        rows = offs_m[:, None].to(tl.int64)
+        x = tl.load(x_ptr + rows * D + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < D), other=0.0)
+        if HAS_LN:
+            mean = tl.load(mean_ptr + offs_m, mask=offs_m < M, other=0.0)
+            rstd = tl.load(rstd_ptr + offs_m, mask=offs_m < M, other=0.0)
+            x = _normalized(x, mean, rstd, ln_w_ptr, ln_b_ptr, offs_k, D).to(x.dtype)
+        acc = _dot(dz_t, x, acc, DOT_PRECISION)
+        bias_acc += tl.sum(dz_t.to(tl.float32), axis=1)
+    w_mask = (offs_b[:, None] < B) & (offs_k[None, :] < D)
+    dwd = acc.to(dwd_ptr.dtype.element_ty)
+    tl.store(dwd_ptr + offs_b[:, None].to(tl.int64) * D + offs_k[None, :], dwd, mask=w_mask)
+    tl.store(dbd_ptr + offs_b, bias_acc.to(dbd_ptr.dtype.element_ty), mask=_in_first_block(offs_b, B, tl.program_id(1)))
+
+
+@triton.jit
+def _adapter_dx_kernel(
+    dz_ptr, wd_ptr, dy_ptr, x_ptr, ln_w_ptr, mean_ptr, rstd_ptr, dx_ptr, dgamma_ptr, dbeta_ptr,
+    M, D, B,
+    HAS_LN: tl.constexpr, ADD_GRAD_Y: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dX = LN-backward(dZ·Wd) (+ dY for a serial adapter, whose residual is X itself).
+
+    Without LN, program (i, j) writes one [BLOCK_M, BLOCK_K] tile. With LN, program (i, 0) owns
+    BLOCK_M whole rows: x̂ = (x − mean)·rstd, g = (dZ·Wd)·γ,
+    dX = rstd·(g − mean_k(g) − x̂·mean_k(g·x̂)); it also writes row block i's partial sums of
+    dγ = Σ_m (dZ·Wd)·x̂ and dβ = Σ_m dZ·Wd into row i of the [row blocks, D] buffers.
+    """
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m[:, None].to(tl.int64)
+    row_mask = offs_m[:, None] < M
+    if HAS_LN:
+        mean = tl.load(mean_ptr + offs_m, mask=offs_m < M, other=0.0)
+        rstd = tl.load(rstd_ptr + offs_m, mask=offs_m < M, other=0.0)
+        mean_g = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        mean_gx = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = row_mask & (offs_k[None, :] < D)
+            g = _dz_times_wd(dz_ptr, wd_ptr, rows, row_mask, offs_k, D, B, DOT_PRECISION, BLOCK_B, BLOCK_M, BLOCK_K)
+            g = g * tl.load(ln_w_ptr + offs_k, mask=offs_k < D, other=0.0).to(tl.float32)[None, :]
+            x = tl.load(x_ptr + rows * D + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            mean_g += tl.sum(g, axis=1)
+            mean_gx += tl.sum(g * x_hat, axis=1)
+        mean_g = mean_g / D
+        mean_gx = mean_gx / D
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = row_mask & (offs_k[None, :] < D)
+            dxn = _dz_times_wd(dz_ptr, wd_ptr, rows, row_mask, offs_k, D, B, DOT_PRECISION, BLOCK_B, BLOCK_M, BLOCK_K)
+            x = tl.load(x_ptr + rows * D + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            gamma = tl.load(ln_w_ptr + offs_k, mask=offs_k < D, other=0.0).to(tl.float32)
+            dx = (dxn * gamma[None, :] - mean_g[:, None] - x_hat * mean_gx[:, None]) * rstd[:, None]
+            if ADD_GRAD_Y:
+                dx += tl.load(dy_ptr + rows * D + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + rows * D + offs_k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            partial = pid_m.to(tl.int64) * D + offs_k
+            tl.store(dgamma_ptr + partial, tl.sum(dxn * x_hat, axis=0), mask=offs_k < D)
+            tl.store(dbeta_ptr + partial, tl.sum(dxn, axis=0), mask=offs_k < D)
+    else:
+        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = row_mask & (offs_k[None, :] < D)
+        dx = _dz_times_wd(dz_ptr, wd_ptr, rows, row_mask, offs_k, D, B, DOT_PRECISION, BLOCK_B, BLOCK_M, BLOCK_K)
+        if ADD_GRAD_Y:
+            dx += tl.load(dy_ptr + rows * D + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + rows * D + offs_k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# -- launchers --------------------------------------------------------------------------------
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests poison it to prove full coverage)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check_tensor(t, name: str, shape: tuple[int, ...], x: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _check_operands(x, down_weight, ln_weight, ln_bias, activation, p, seed, others) -> tuple[int, int]:
+    """(D, B); raises ValueError/TypeError naming the first problem. ``others``: (name, tensor, shape)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor [M, D], got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 at import), got {x.device}")
+    d = x.shape[1]
+    if not isinstance(down_weight, torch.Tensor) or down_weight.dim() != 2 or down_weight.shape[0] == 0:
+        raise ValueError(f"down_weight must be a 2-D tensor [B, {d}] with B >= 1")
+    b = down_weight.shape[0]
+    if b > d:
+        raise ValueError(f"the bottleneck ({b}) is larger than the hidden size ({d})")
+    if (ln_weight is None) != (ln_bias is None):
+        raise ValueError("give both ln_weight and ln_bias, or neither")
+    expected = [("down_weight", down_weight, (b, d)), *others]
+    if ln_weight is not None:
+        expected += [("ln_weight", ln_weight, (d,)), ("ln_bias", ln_bias, (d,))]
+    for name, t, shape in expected:
+        _check_tensor(t, name, shape, x)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; valid choices: {', '.join(ACTIVATIONS)}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {p!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return d, b
+
+
+def bottleneck_adapter_forward(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    ln_eps: float,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    scale: float,
+    activation: str,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Y = R + s·drop(act(LN?(X)·Wdᵀ + bd)·Wuᵀ + bu)``; R = X when ``residual`` is None.
+
+    Args:
+        x: adapter input [M, D] (fp32, fp16 or bf16); residual: [M, D] or None.
+        ln_weight, ln_bias: LayerNorm on x (both [D]) or both None; ln_eps its epsilon.
+        down_weight [B, D], down_bias [B], up_weight [D, B], up_bias [D]: the projections (x's dtype).
+        scale: s. activation: "relu", "gelu" or "swish".
+        dropout_p, seed: dropout on the up-projection's output (see :func:`dropout_mask`).
+
+    Returns (y [M, D], z [M, B] the pre-activation, mean [M], rstd [M]); mean and rstd are fp32,
+    empty without LayerNorm. z, mean and rstd are what the backward needs besides x.
+    """
+    m, d, b = x.shape[0], x.shape[-1], down_weight.shape[0]
+    others = [("down_bias", down_bias, (b,)), ("up_weight", up_weight, (d, b)), ("up_bias", up_bias, (d,))]
+    if residual is not None:
+        others.append(("residual", residual, (m, d)))
+    _check_operands(x, down_weight, ln_weight, ln_bias, activation, dropout_p, seed, others)
+    x, residual, ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias = (
+        None if t is None else t.contiguous()
+        for t in (x, residual, ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias)
+    )
+    has_ln = ln_weight is not None
+    z = _empty((m, b), x.dtype, x.device)
+    y = _empty((m, d), x.dtype, x.device)
+    stats_rows = m if has_ln else 0
+    mean = _empty((stats_rows,), torch.float32, x.device)
+    rstd = _empty((stats_rows,), torch.float32, x.device)
+    if m == 0:
+        return y, z, mean, rstd
+    dot_precision = _DOT_PRECISION[x.dtype]
+    block_b = _block_r(b)
+    # Grid: (row blocks, bottleneck blocks); B is small, so usually one bottleneck block and each
+    # program streams its X rows once (three times with LN: two statistics sweeps, one GEMM sweep).
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(b, block_b))
+    _adapter_down_kernel[grid](
+        x, ln_weight if has_ln else x, ln_bias if has_ln else x, down_weight, down_bias, z,
+        mean if has_ln else x, rstd if has_ln else x, m, d, b, float(ln_eps), _m_bucket(m),
+        HAS_LN=has_ln, DOT_PRECISION=dot_precision, BLOCK_B=block_b,
+    )  # fmt: skip
+    p = float(dropout_p)
+    # Grid: one program per [BLOCK_M, BLOCK_N] tile of Y, GROUP_M-swizzled so neighbours share Wu
+    # tiles; each reduces over the B-wide bottleneck.
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_N"]),)
+    _adapter_up_kernel[grid](
+        z, up_weight, up_bias, x if residual is None else residual, y,
+        m, d, b, float(scale), seed, p, 1.0 / (1.0 - p), _m_bucket(m),
+        ACTIVATION=ACTIVATIONS[activation], HAS_DROPOUT=p > 0, DOT_PRECISION=dot_precision, BLOCK_B=block_b,
+    )  # fmt: skip
+    return y, z, mean, rstd
+
+
+class AdapterGradients(NamedTuple):
+    """Gradients of :func:`bottleneck_adapter_forward`'s inputs (None where not requested)."""
+
+    x: torch.Tensor | None
+    ln_weight: torch.Tensor | None
+    ln_bias: torch.Tensor | None
+    down_weight: torch.Tensor | None
+    down_bias: torch.Tensor | None
+    up_weight: torch.Tensor | None
+    up_bias: torch.Tensor | None
+
+
+def bottleneck_adapter_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    scale: float,
+    activation: str,
+    dropout_p: float,
+    seed: int,
+    residual_is_x: bool,
+    needs_dx: bool,
+    needs_dln: bool,
+    needs_ddown: bool,
+    needs_dup: bool,
+) -> AdapterGradients:
+    """Gradients of :func:`bottleneck_adapter_forward` from its saved z, mean, rstd and seed.
+
+    ``residual_is_x`` adds dY to dX (a serial adapter); the residual's own gradient, when it is a
+    separate tensor, is dY itself and is not computed here. ``needs_dln`` asks for both LayerNorm
+    parameters, ``needs_ddown`` / ``needs_dup`` for a projection's weight and bias.
+    """
+    m, d, b = x.shape[0], x.shape[-1], down_weight.shape[0]
+    others = [("up_weight", up_weight, (d, b)), ("grad_y", grad_y, (m, d)), ("z", z, (m, b))]
+    _check_operands(x, down_weight, ln_weight, ln_bias, activation, dropout_p, seed, others)
+    has_ln = ln_weight is not None
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if has_ln and (t.shape != (m,) or t.dtype != torch.float32):
+            raise ValueError(f"{name} must be float32 [{m}] (from the forward), got {t.dtype} {tuple(t.shape)}")
+    grad_y, x, z, down_weight, up_weight = (t.contiguous() for t in (grad_y, x, z, down_weight, up_weight))
+    needs_dln = needs_dln and has_ln
+    zeros = lambda *shape: torch.zeros(shape, dtype=x.dtype, device=x.device)
+    if m == 0:  # weight gradients are sums over no rows
+        return AdapterGradients(
+            _empty((0, d), x.dtype, x.device) if needs_dx else None,
+            zeros(d) if needs_dln else None, zeros(d) if needs_dln else None,
+            zeros(b, d) if needs_ddown else None, zeros(b) if needs_ddown else None,
+            zeros(d, b) if needs_dup else None, zeros(d) if needs_dup else None,
+        )  # fmt: skip
+    p = float(dropout_p)
+    grad_scale = float(scale) / (1.0 - p)
+    dot_precision = _DOT_PRECISION[x.dtype]
+    block_b = _block_r(b)
+    act = ACTIVATIONS[activation]
+    dwu = dbu = dwd = dbd = dx = dgamma = dbeta = None
+    if needs_dup:
+        dwu, dbu = _empty((d, b), x.dtype, x.device), _empty((d,), x.dtype, x.device)
+        # Grid: (D blocks, bottleneck blocks); dWu is small (D x B), each program reduces over all rows.
+        grid = lambda meta: (triton.cdiv(d, meta["BLOCK_K"]), triton.cdiv(b, block_b))
+        _adapter_dup_kernel[grid](
+            grad_y, z, dwu, dbu, m, d, b, grad_scale, seed, p, _m_bucket(m),
+            ACTIVATION=act, HAS_DROPOUT=p > 0, DOT_PRECISION=dot_precision, BLOCK_B=block_b,
+        )  # fmt: skip
+    if needs_dx or needs_dln or needs_ddown:
+        dz = _empty((m, b), x.dtype, x.device)
+        # Grid: (row blocks, bottleneck blocks), each program reducing over D.
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(b, block_b))
+        _adapter_dz_kernel[grid](
+            grad_y, up_weight, z, dz, m, d, b, grad_scale, seed, p, _m_bucket(m),
+            ACTIVATION=act, HAS_DROPOUT=p > 0, DOT_PRECISION=dot_precision, BLOCK_B=block_b,
+        )  # fmt: skip
+        stats = (mean, rstd) if has_ln else (x, x)
+        ln_params = (ln_weight.contiguous(), ln_bias.contiguous()) if has_ln else (x, x)
+        if needs_ddown:
+            dwd, dbd = _empty((b, d), x.dtype, x.device), _empty((b,), x.dtype, x.device)
+            # Grid: (bottleneck blocks, D blocks), each program reducing over all rows.
+            grid = lambda meta: (triton.cdiv(b, block_b), triton.cdiv(d, meta["BLOCK_K"]))
+            _adapter_ddown_kernel[grid](
+                dz, x, *ln_params, *stats, dwd, dbd, m, d, b, _m_bucket(m),
+                HAS_LN=has_ln, DOT_PRECISION=dot_precision, BLOCK_B=block_b,
+            )  # fmt: skip
+        if needs_dx or needs_dln:
+            dx = _empty((m, d), x.dtype, x.device)
+            row_blocks = triton.cdiv(m, _DX_LAUNCH["BLOCK_M"])
+            dgamma_part = _empty((row_blocks if has_ln else 0, d), torch.float32, x.device)
+            dbeta_part = _empty((row_blocks if has_ln else 0, d), torch.float32, x.device)
+            # Grid: with LN, one program per row block (it owns whole rows); without, one per
+            # [BLOCK_M, BLOCK_K] tile of dX.
+            grid = (row_blocks, 1 if has_ln else triton.cdiv(d, _DX_LAUNCH["BLOCK_K"]))
+            _adapter_dx_kernel[grid](
+                dz, down_weight, grad_y, x, ln_params[0], *stats, dx,
+                dgamma_part if has_ln else x, dbeta_part if has_ln else x, m, d, b,
+                HAS_LN=has_ln, ADD_GRAD_Y=residual_is_x, DOT_PRECISION=dot_precision, BLOCK_B=block_b, **_DX_LAUNCH,
+            )  # fmt: skip
+            if needs_dln:
+                dgamma, dbeta = dgamma_part.sum(0).to(x.dtype), dbeta_part.sum(0).to(x.dtype)
+    return AdapterGradients(dx if needs_dx else None, dgamma, dbeta, dwd, dbd, dwu, dbu)
+
+
+def bottleneck_adapter_reference(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    ln_eps: float,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    scale: float,
+    activation: str,
+    dropout_p: float,
+    seed: int,
+) -> torch.Tensor:
+    """Torch reference of :func:`bottleneck_adapter_forward`'s y: the same math and roundings.
+
+    LN(X) and Z are rounded to x's dtype (as the kernels round them before their GEMMs and store
+    Z), act(Z) too; sums are fp32 and y is cast once at the end.
+    """
+    x32 = x.float()
+    h = x32
+    if ln_weight is not None:
+        h = torch.nn.functional.layer_norm(x32, (x.shape[1],), ln_weight.float(), ln_bias.float(), ln_eps)
+        h = h.to(x.dtype).float()
+    z = (h @ down_weight.float().t() + down_bias.float()).to(x.dtype).float()
+    act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "swish": torch.nn.functional.silu}[activation]
+    u = (act(z).to(x.dtype).float() @ up_weight.float().t() + up_bias.float()) * float(scale)
+    if dropout_p > 0:
+        keep = dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+        u = torch.where(keep, u / (1.0 - dropout_p), 0.0)
+    return (u + (x32 if residual is None else residual.float())).to(x.dtype)
