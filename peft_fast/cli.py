@@ -174,8 +174,12 @@ def _add_train_flags(train: argparse.ArgumentParser) -> None:
     flag("--model", help="Hugging Face checkpoint directory (default: the embedded MiniLM demo)")
     flag("--data", help="jsonl with text, prompt/completion or messages records")
     flag("--eval-data", dest="eval_data", help="held-out jsonl in the same format")
-    flag("--method", choices=["lora", "qlora", "adapter", "ia3"],
-         help="lora, qlora (NF4 base; default), adapter (bottleneck; --r is its width) or ia3")  # fmt: skip
+    flag(
+        "--method",
+        choices=["lora", "qlora", "adapter", "ia3", "prompt-tuning", "prefix-tuning", "p-tuning", "llama-adapter"],
+        help="qlora (NF4 base; default), lora, adapter (bottleneck; --r is its width), ia3, or a prompt method",
+    )
+    flag("--num-virtual-tokens", dest="num_virtual_tokens", type=int, help="prompt methods: virtual tokens")
     flag("--r", type=int, help="LoRA rank")
     flag("--alpha", type=float, help="LoRA alpha (scale = alpha / r)")
     flag("--dropout", type=float, help="LoRA dropout")

@@ -34,7 +34,7 @@ from peft_fast.patch import patch
 __all__ = ["TrainArgs", "UsageError", "run_training"]
 
 RUN_MARKER = "peft_fast_run.json"  # marks an output directory as ours
-METHODS = ("lora", "qlora", "adapter", "ia3")
+METHODS = ("lora", "qlora", "adapter", "ia3", "prompt-tuning", "prefix-tuning", "p-tuning", "llama-adapter")
 CHECKPOINT = "checkpoint"
 
 
@@ -73,6 +73,7 @@ class TrainArgs:
     eval_every: int | None = None
     save_every: int | None = None
     warmup_ratio: float = 0.05
+    num_virtual_tokens: int = 20  # prompt methods: virtual tokens (LLaMA-Adapter: prompt length)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -233,31 +234,27 @@ def _apply_method(model, args: TrainArgs, task: str) -> None:
         return
     if task == "classification":
         raise UsageError(f"--method {args.method} trains language models; classification data uses lora or qlora")
-    if args.method == "adapter":
-        from peft_fast.adapters import patch_adapters
-        from peft_fast.config import AdapterConfig
+    from peft_fast import prompt_methods as prompts
+    from peft_fast.config import AdapterConfig, IA3Config
 
-        patch_adapters(model, AdapterConfig(bottleneck_size=args.r, dropout=args.dropout))
-    else:
-        from peft_fast.config import IA3Config
-        from peft_fast.ia3 import patch_ia3
+    tokens = args.num_virtual_tokens
+    config = {
+        "adapter": lambda: AdapterConfig(bottleneck_size=args.r, dropout=args.dropout),
+        "ia3": lambda: IA3Config(target_modules=None if args.target_modules == "all-linear" else args.target_modules),
+        "prompt-tuning": lambda: prompts.PromptTuningConfig(num_virtual_tokens=tokens),
+        "prefix-tuning": lambda: prompts.PrefixTuningConfig(num_virtual_tokens=tokens),
+        "p-tuning": lambda: prompts.PromptEncoderConfig(num_virtual_tokens=tokens),
+        "llama-adapter": lambda: prompts.AdaptionPromptConfig(adapter_len=tokens),
+    }[args.method]()
+    try:
+        patch(model, config)
+    except (ValueError, TypeError) as exc:  # e.g. prefix tuning on a model without a supported cache
+        raise UsageError(f"--method {args.method}: {exc}") from None
 
-        targets = None if args.target_modules == "all-linear" else args.target_modules
-        patch_ia3(model, IA3Config(target_modules=targets))
 
-
-def _save_method_adapter(model, out: Path, method: str) -> None:
-    """The final adapter in the method's format: PEFT's for LoRA and (IA)³, ours for bottlenecks."""
-    if method == "adapter":
-        from peft_fast.adapters import save_adapters
-
-        save_adapters(model, out)
-    elif method == "ia3":
-        from peft_fast.ia3 import save_ia3
-
-        save_ia3(model, out)
-    else:
-        save_adapter(model, out)
+def _save_method_adapter(model, out: Path) -> None:
+    """The final adapter in the method's format (save_adapter routes by what the model carries)."""
+    save_adapter(model, out)
 
 
 # -- checkpoints -----------------------------------------------------------------------------
@@ -468,7 +465,7 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
     summary = {"steps": step, "task": task, "output": str(out), "before": before, "labels": labels}
     if rank == 0:
         _save_checkpoint(out, model, optimizer, scheduler, step, micro_step)
-        _save_method_adapter(model, out, args.method)
+        _save_method_adapter(model, out)
         if task == "lm" or task == "seq2seq":
             tokenizer.save_pretrained(out)
         summary["after"] = evaluate(model, evaluation, task, pad_id)
