@@ -263,52 +263,67 @@ def _model_saved_bytes(device: str) -> dict[str, int]:
 
 
 def bench_train_step(device: str, quick: bool) -> list[dict]:
-    """One forward + backward + AdamW step of a Llama-architecture model, tokens/s and memory."""
+    """One forward + backward + AdamW step of a Llama-architecture model: tokens/s and memory.
+
+    On CUDA: "1B" and "8B-slice" at seq 2048, batch 1 and 4, gradient checkpointing off and on.
+    """
+    rows = []
+    if device == "cuda":
+        setups = [("1B", dict(hidden=2048, layers=16, inter=8192), 2048),
+                  ("8B-slice", dict(hidden=4096, layers=4, inter=14336), 2048)]  # fmt: skip
+        batches, checkpointing = (1, 4), (False, True)
+    else:
+        setups, batches, checkpointing = [("tiny", dict(hidden=256, layers=2, inter=512), 128)], (2,), (False, True)
+    if quick:
+        setups, batches, checkpointing = setups[:1], batches[:1], (False,)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    for label, size, seq in setups:
+        for batch in batches:
+            for gc in checkpointing:
+                for name in ("peft_fast qlora", "peft+bnb qlora"):
+                    row = _train_step_row(name, label, size, seq, batch, gc, device, dtype)
+                    if row is not None:
+                        rows.append(row)
+    return rows
+
+
+def _train_step_row(name, label, size, seq, batch, gc, device, dtype) -> dict | None:
     import transformers
 
     import peft_fast
 
-    rows = []
-    if device == "cuda":
-        setups = [("1B", dict(hidden=2048, layers=16, inter=8192), 2048, 1),
-                  ("8B-slice", dict(hidden=4096, layers=4, inter=14336), 2048, 1)]  # fmt: skip
-    else:
-        setups = [("tiny", dict(hidden=256, layers=2, inter=512), 128, 2)]
-    if quick:
-        setups = setups[:1]
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    for label, size, seq, batch in setups:
-        config = transformers.LlamaConfig(hidden_size=size["hidden"], intermediate_size=size["inter"],
-                                          num_hidden_layers=size["layers"], num_attention_heads=16 if device == "cuda"
-                                          else 4, vocab_size=32000 if device == "cuda" else 512,
-                                          max_position_embeddings=seq)  # fmt: skip
-        ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
-        for name in ("peft_fast qlora", "peft+bnb qlora"):
-            torch.manual_seed(0)
-            model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
-            lora = {"r": RANK, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
-            try:
-                if name.startswith("peft_fast"):
-                    peft_fast.patch(model, peft_fast.LoraConfig(**lora, quantize="nf4"))
-                else:
-                    model = _peft_bnb_model(model, lora, dtype)
-            except Exception as exc:
-                print(f"skipping {name} train step: {exc}", file=sys.stderr)
-                continue
-            model.train()
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    config = transformers.LlamaConfig(
+        hidden_size=size["hidden"], intermediate_size=size["inter"], num_hidden_layers=size["layers"],
+        num_attention_heads=16 if device == "cuda" else 4, vocab_size=32000 if device == "cuda" else 512,
+        max_position_embeddings=seq,
+    )  # fmt: skip
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    lora = {"r": RANK, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+    try:
+        if name.startswith("peft_fast"):
+            peft_fast.patch(model, peft_fast.LoraConfig(**lora, quantize="nf4"))
+        else:
+            model = _peft_bnb_model(model, lora, dtype)
+    except Exception as exc:
+        print(f"skipping {name} train step: {exc}", file=sys.stderr)
+        return None
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-            def step(model=model, optimizer=optimizer, ids=ids):
-                model(ids, labels=ids).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+    def step():
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-            timing = time_ms(step, device, min_run_time=0.5)
-            rows.append({"op": "train_step", "impl": name, "model": label, "M": batch * seq, "dtype": _name(dtype),
-                         **timing, "tokens_per_s": batch * seq / timing["ms"] * 1e3,
-                         "peak_mem_bytes": peak_memory_bytes(step, device)})  # fmt: skip
-            del model, optimizer
-    return rows
+    timing = time_ms(step, device, min_run_time=0.5)
+    return {"op": "train_step", "impl": name, "model": label, "batch": batch, "seq": seq, "grad_ckpt": gc,
+            "M": batch * seq, "dtype": _name(dtype), **timing, "tokens_per_s": batch * seq / timing["ms"] * 1e3,
+            "peak_mem_bytes": peak_memory_bytes(step, device)}  # fmt: skip
 
 
 def _peft_bnb_model(model, lora: dict, dtype: torch.dtype):
@@ -330,6 +345,80 @@ def _peft_bnb_model(model, lora: dict, dtype: torch.dtype):
     return peft.get_peft_model(reloaded, peft.LoraConfig(**lora))
 
 
+_LOAD_PROBE = """
+import json, sys
+from pathlib import Path
+import torch
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+path, loader = Path(sys.argv[1]), sys.argv[2]
+from peft_fast.quantize import _build_empty_model, quantize_model
+_build_empty_model(path)  # warm-up: import the modeling code before measuring (set-up, not data)
+if loader == "bitsandbytes":
+    import transformers
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+baseline = status("VmRSS")
+if loader == "bitsandbytes":
+    transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu",
+                                                      dtype=torch.float32)
+else:
+    quantize_model(path, progress=False)
+print(json.dumps({"peak": status("VmHWM") - baseline}))
+"""
+
+
+def quantize_peak_rss(path: str | Path, loader: str = "peft_fast") -> int:
+    """Peak RSS (bytes over the baseline) of loading a checkpoint in 4-bit, in a fresh process.
+
+    ``loader``: ``peft_fast`` (streaming :func:`quantize_model`) or ``bitsandbytes``
+    (transformers' ``load_in_4bit``). Linux only (reads /proc).
+    """
+    result = subprocess.run([sys.executable, "-c", _LOAD_PROBE, str(path), loader], capture_output=True, text=True,
+                            timeout=900, check=True)  # fmt: skip
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak"]
+
+
+def bench_quantize_memory(quick: bool) -> list[dict]:
+    """Peak RSS of turning an fp32 Llama checkpoint into a 4-bit model: ours vs transformers + bnb."""
+    import tempfile
+
+    import transformers
+
+    if not Path("/proc/self/clear_refs").exists():
+        return []
+    layers = 2 if quick else 12
+    config = transformers.LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=layers,
+                                      num_attention_heads=12, num_key_value_heads=12, vocab_size=8000,
+                                      tie_word_embeddings=False)  # fmt: skip
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(config)
+        model = model.to_empty(device="cpu")
+        for param in model.parameters():
+            param.data.normal_(0, 0.02)
+        params = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(tmp)
+        del model
+        for loader in ("peft_fast", "bitsandbytes"):
+            try:
+                peak = quantize_peak_rss(tmp, loader)
+            except subprocess.CalledProcessError as exc:
+                print(f"skipping {loader} load: {exc.stderr[-300:]}", file=sys.stderr)
+                continue
+            rows.append({"op": "quantize_peak_rss", "impl": "peft_fast quantize_model" if loader == "peft_fast"
+                         else "transformers+bnb load_in_4bit", "params": params, "fp32_bytes": 4 * params,
+                         "bytes": peak})  # fmt: skip
+    return rows
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -344,7 +433,7 @@ def run_benchmarks(quick: bool = False, suites: tuple[str, ...] | None = None) -
     shapes, ms = (GPU_SHAPES, GPU_M) if device == "cuda" else (CPU_SHAPES, CPU_M)
     if quick:
         shapes, ms = shapes[:1], [ms[0], ms[-1]]
-    chosen = suites or ("dequantize", "lora_linear", "saved_bytes", "train_step")
+    chosen = suites or ("dequantize", "lora_linear", "saved_bytes", "train_step", "quantize_memory")
     rows: list[dict] = []
     for suite in chosen:
         print(f"[bench] {suite} on {device} ...", flush=True)
@@ -356,6 +445,8 @@ def run_benchmarks(quick: bool = False, suites: tuple[str, ...] | None = None) -
             rows += bench_saved_bytes(device)
         elif suite == "train_step":
             rows += bench_train_step(device, quick)
+        elif suite == "quantize_memory":
+            rows += bench_quantize_memory(quick)
         else:
             raise ValueError(f"unknown suite {suite!r}")
     return rows

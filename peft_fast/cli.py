@@ -227,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="peft_fast vs PEFT + bitsandbytes: kernels, layers, memory, train step")
     bench.add_argument("--quick", action="store_true", help="one shape, two batch sizes (a few minutes on CPU)")
     bench.add_argument("--out", type=Path, default=Path("bench/results"), help="where JSON, markdown and PNG go")
-    bench.add_argument("--suites", help="comma-separated: dequantize,lora_linear,saved_bytes,train_step")
+    bench.add_argument(
+        "--suites", help="comma-separated: dequantize,lora_linear,saved_bytes,train_step,quantize_memory"
+    )
     bench.set_defaults(func=cmd_bench)
     info = sub.add_parser("info", help="versions, backend, device and an NF4 self-check")
     info.add_argument("--seconds", type=float, default=1.0, help="how long the NF4 self-check runs")

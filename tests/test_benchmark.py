@@ -25,7 +25,7 @@ def test_bench_writes_json_markdown_and_png_with_both_stacks(tmp_path, monkeypat
     for key in ("device", "backend", "torch", "triton", "transformers", "peft", "bitsandbytes", "git_commit", "date"):
         assert key in meta, key
     ops = {row["op"] for row in data["rows"]}
-    assert ops == {"nf4_dequantize", "lora_linear", "saved_for_backward", "train_step"}
+    assert ops == {"nf4_dequantize", "lora_linear", "saved_for_backward", "train_step", "quantize_peak_rss"}
     for row in data["rows"]:
         assert {"op", "impl"} <= set(row)
         if row["op"] in ("nf4_dequantize", "lora_linear", "train_step"):
