@@ -416,16 +416,21 @@ def dequantize_nf4(nf4: NF4Weight, dtype: torch.dtype | None = None) -> torch.Te
     if dtype != torch.float64:  # float64 serves float64 references and gradcheck
         _check_float_dtype(dtype, "dtype")
     numel, blocksize = nf4.numel, nf4.blocksize
-    # One table lookup per byte gives both of its codes (5x faster than shifting and gathering).
-    values = _byte_pair_lut(nf4.device).index_select(0, nf4.packed.reshape(-1).int()).reshape(-1)[:numel]
-    return _scale_blocks(values, nf4.absmax_fp32(), blocksize).to(dtype).reshape(nf4.shape)
+    packed = nf4.packed.reshape(-1)
+    # One table lookup per byte gives both of its codes (5x faster than shifting and gathering),
+    # written straight into the buffer that is then scaled in place: one large allocation, not
+    # three (on a CPU each fresh large buffer costs its page faults).
+    values = torch.empty(2 * packed.numel(), dtype=torch.float32, device=nf4.device)
+    torch.index_select(_byte_pair_lut(nf4.device), 0, packed.int(), out=values.view(-1, 2))
+    values = _scale_blocks(values[:numel], nf4.absmax_fp32(), blocksize, in_place=True)
+    return values.to(dtype).reshape(nf4.shape)
 
 
-def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int, in_place: bool = False) -> torch.Tensor:
     """``values[i] · scales[i // blocksize]`` in fp32, broadcasting instead of repeating scales."""
     n = values.numel()
     full = n - n % blocksize
-    out = torch.empty_like(values)
+    out = values if in_place else torch.empty_like(values)
     torch.mul(values[:full].view(-1, blocksize), scales[: full // blocksize, None], out=out[:full].view(-1, blocksize))
     if full < n:
         torch.mul(values[full:], scales[-1], out=out[full:])
