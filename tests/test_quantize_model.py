@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import transformers
@@ -161,43 +156,6 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
 
 
-MEMORY_PROBE = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    from peft_fast import NF4Linear, quantize_model
-
-    def status(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError(field)
-
-    # Warm-up: the first model built imports its modeling code (~100 MB of Python modules);
-    # that is set-up, not data, and is paid before the measurement starts.
-    from peft_fast.quantize import _build_empty_model
-    from pathlib import Path
-    _build_empty_model(Path(sys.argv[1]))
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-    baseline = status("VmRSS")
-    model = quantize_model(sys.argv[1], progress=False)
-    peak = status("VmHWM")
-    final = 0
-    largest_fp32 = 0
-    for module in model.modules():
-        if isinstance(module, NF4Linear):
-            final += module.nf4.nbytes
-            largest_fp32 = max(largest_fp32, module.in_features * module.out_features * 4)
-    seen = set()
-    for tensor in model.parameters():  # embeddings, norms, the head: kept in full precision
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            final += tensor.numel() * tensor.element_size()
-    print(json.dumps({"peak": peak - baseline, "final": final, "largest_fp32": largest_fp32}))
-    """
-)
-
-
 @pytest.mark.slow
 def test_streaming_quantization_peak_memory(tmp_path):
     """~100M parameters in fp32 (~400 MB on disk): peak stays near 4-bit model + one layer."""
@@ -216,10 +174,16 @@ def test_streaming_quantization_peak_memory(tmp_path):
     model.save_pretrained(tmp_path)
     del model
 
-    probe = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, str(tmp_path)], capture_output=True, text=True, timeout=600, check=True
-    )
-    result = json.loads(probe.stdout.strip().splitlines()[-1])
+    from peft_fast.benchmark import quantize_peak_rss
+
+    peak = quantize_peak_rss(tmp_path)  # a fresh process: its peak RSS over the post-import baseline
+    model = quantize_model(tmp_path, progress=False)
+    result = {"peak": peak, "final": 0, "largest_fp32": 0}
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            result["final"] += module.nf4.nbytes
+            result["largest_fp32"] = max(result["largest_fp32"], module.in_features * module.out_features * 4)
+    result["final"] += sum(p.numel() * p.element_size() for p in model.parameters())  # kept in full precision
     margin = 64 * 2**20  # interpreter, allocator and transformers' own set-up
     bound = 1.3 * (result["final"] + result["largest_fp32"]) + margin
     full_precision = n_params * 4
