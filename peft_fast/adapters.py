@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from peft_fast.config import AdapterConfig
-from peft_fast.io import atomic_write
+from peft_fast.io import atomic_write, check_adapter_tensors
 from peft_fast.layers import NF4Linear
 
 __all__ = [
@@ -515,18 +515,7 @@ def load_adapters(
         raise ValueError(f"the adapter at {directory} is for hidden size {document['hidden_size']}, not {hidden}")
     tensors = load_file(weights_path)
     expected = _expected_shapes(model, config, saved_name)
-    problems = [f"missing {key}" for key in expected if key not in tensors]
-    problems += [
-        f"{key}: file has {tuple(tensors[key].shape)}, model needs {shape}"
-        for key, shape in expected.items()
-        if key in tensors and tuple(tensors[key].shape) != shape
-    ]
-    problems += [f"unexpected {key}" for key in sorted(set(tensors) - set(expected))[:5]]
-    if problems:
-        raise ValueError(
-            f"adapter at {directory} does not fit this {type(model).__name__}: {'; '.join(problems[:8])}"
-            + ("" if len(problems) <= 8 else f" (+{len(problems) - 8} more)")
-        )
+    check_adapter_tensors(tensors, expected, f"adapter at {directory}", model)
     patch_adapters(model, config, adapter_name)
     params = dict(model.named_parameters())
     with torch.no_grad():

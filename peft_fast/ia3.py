@@ -28,7 +28,7 @@ from torch import nn
 
 from peft_fast.adapters import PEFT_FAST_STATE_ATTRS, prepare_host_model
 from peft_fast.config import IA3Config
-from peft_fast.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_write, read_adapter
+from peft_fast.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_write, check_adapter_tensors, read_adapter
 from peft_fast.layers import LoraLinear, NF4Linear
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 from peft_fast.patch import _as_linear, _matches, _restore_base, _set_submodule, output_head_names
@@ -346,18 +346,7 @@ def load_ia3(
     for name, is_feedforward in find_ia3_targets(model, config):
         out_features, in_features = _features(model.get_submodule(name))
         expected[f"{_PEFT_PREFIX}{name}.ia3_l"] = (1, in_features) if is_feedforward else (out_features, 1)
-    problems = [f"missing {key}" for key in expected if key not in tensors]
-    problems += [
-        f"{key}: file has {tuple(tensors[key].shape)}, model needs {shape}"
-        for key, shape in expected.items()
-        if key in tensors and tuple(tensors[key].shape) != shape
-    ]
-    problems += [f"unexpected {key}" for key in sorted(set(tensors) - set(expected))[:5]]
-    if problems:
-        raise ValueError(
-            f"(IA)³ adapter at {directory} does not fit this {type(model).__name__}: {'; '.join(problems[:8])}"
-            + ("" if len(problems) <= 8 else f" (+{len(problems) - 8} more)")
-        )
+    check_adapter_tensors(tensors, expected, f"(IA)³ adapter at {directory}", model)
     patch_ia3(model, config, adapter_name)
     with torch.no_grad():
         for name, layer in ia3_layers(model):

@@ -211,20 +211,7 @@ def load_adapter(model, directory: str | os.PathLike, adapter_name: str = "defau
         config = config.replace(quantize=next(iter(state.configs.values())).quantize)
     targets = find_targets(model, config, among_lora_layers=state is not None)
     expected = _expected_adapter_shapes(model, config, targets, among_lora_layers=state is not None)
-    problems = [f"missing {key}" for key in expected if key not in tensors]
-    problems += [
-        f"{key}: file has {tuple(tensors[key].shape)}, model needs {shape}"
-        for key, shape in expected.items()
-        if key in tensors and shape is not None and tuple(tensors[key].shape) != shape
-    ]
-    unknown = sorted(set(tensors) - set(expected))
-    problems += [f"unexpected {key}" for key in unknown[:5]]
-    if problems:
-        raise ValueError(
-            f"adapter at {directory} does not fit this {type(model).__name__}: "
-            + "; ".join(problems[:8])
-            + ("" if len(problems) <= 8 else f" (+{len(problems) - 8} more)")
-        )
+    check_adapter_tensors(tensors, expected, f"adapter at {directory}", model)
     if state is None:
         patch(model, config.replace(init_lora_weights=False), adapter_name)
     else:
@@ -241,6 +228,25 @@ def load_adapter(model, directory: str | os.PathLike, adapter_name: str = "defau
         for param in model.parameters():
             param.requires_grad_(False)
     return model
+
+
+def check_adapter_tensors(tensors: dict, expected: dict, what: str, model) -> None:
+    """Refuse an adapter file that does not fit the model: missing, mis-shaped or unexpected tensors.
+
+    ``expected`` maps key -> shape (None: any shape); the error lists the first problems.
+    """
+    problems = [f"missing {key}" for key in expected if key not in tensors]
+    problems += [
+        f"{key}: file has {tuple(tensors[key].shape)}, model needs {shape}"
+        for key, shape in expected.items()
+        if key in tensors and shape is not None and tuple(tensors[key].shape) != tuple(shape)
+    ]
+    problems += [f"unexpected {key}" for key in sorted(set(tensors) - set(expected))[:5]]
+    if problems:
+        raise ValueError(
+            f"{what} does not fit this {type(model).__name__}: {'; '.join(problems[:8])}"
+            + ("" if len(problems) <= 8 else f" (+{len(problems) - 8} more)")
+        )
 
 
 def _expected_adapter_shapes(model, config, targets, among_lora_layers: bool) -> dict[str, tuple | None]:
