@@ -374,6 +374,26 @@ print(json.dumps({"peak": status("VmHWM") - baseline}))
 """
 
 
+def write_random_llama_checkpoint(path: str | Path, layers: int = 12) -> int:
+    """Save a random fp32 Llama (hidden 768, ~8M parameters per layer, ~97M at 12 layers) to ``path``.
+
+    Built on the meta device and materialised once, so writing it costs one model's memory.
+    Returns the parameter count.
+    """
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=layers,
+                                      num_attention_heads=12, num_key_value_heads=12, vocab_size=8000,
+                                      tie_word_embeddings=False, architectures=["LlamaForCausalLM"])  # fmt: skip
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu")
+    for param in model.parameters():
+        param.data.normal_(0, 0.02)
+    model.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
 def quantize_peak_rss(path: str | Path, loader: str = "peft_fast") -> int:
     """Peak RSS (bytes over the baseline) of loading a checkpoint in 4-bit, in a fresh process.
 
@@ -389,24 +409,11 @@ def bench_quantize_memory(quick: bool) -> list[dict]:
     """Peak RSS of turning an fp32 Llama checkpoint into a 4-bit model: ours vs transformers + bnb."""
     import tempfile
 
-    import transformers
-
     if not Path("/proc/self/clear_refs").exists():
         return []
-    layers = 2 if quick else 12
-    config = transformers.LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=layers,
-                                      num_attention_heads=12, num_key_value_heads=12, vocab_size=8000,
-                                      tie_word_embeddings=False)  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        with torch.device("meta"):
-            model = transformers.LlamaForCausalLM(config)
-        model = model.to_empty(device="cpu")
-        for param in model.parameters():
-            param.data.normal_(0, 0.02)
-        params = sum(p.numel() for p in model.parameters())
-        model.save_pretrained(tmp)
-        del model
+        params = write_random_llama_checkpoint(tmp, layers=2 if quick else 12)
         for loader in ("peft_fast", "bitsandbytes"):
             try:
                 peak = quantize_peak_rss(tmp, loader)

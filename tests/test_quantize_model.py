@@ -159,22 +159,11 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 @pytest.mark.slow
 def test_streaming_quantization_peak_memory(tmp_path):
     """~100M parameters in fp32 (~400 MB on disk): peak stays near 4-bit model + one layer."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-        num_key_value_heads=12, vocab_size=8000, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
-    )  # fmt: skip
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu")
-    for param in model.parameters():
-        param.data.normal_(0, 0.02)
-    n_params = sum(p.numel() for p in model.parameters())
-    assert 90e6 < n_params < 110e6
-    model.save_pretrained(tmp_path)
-    del model
+    from peft_fast.benchmark import quantize_peak_rss, write_random_llama_checkpoint
 
-    from peft_fast.benchmark import quantize_peak_rss
+    torch.manual_seed(0)
+    n_params = write_random_llama_checkpoint(tmp_path, layers=12)
+    assert 90e6 < n_params < 110e6
 
     peak = quantize_peak_rss(tmp_path)  # a fresh process: its peak RSS over the post-import baseline
     model = quantize_model(tmp_path, progress=False)
