@@ -252,11 +252,6 @@ def _apply_method(model, args: TrainArgs, task: str) -> None:
         raise UsageError(f"--method {args.method}: {exc}") from None
 
 
-def _save_method_adapter(model, out: Path) -> None:
-    """The final adapter in the method's format (save_adapter routes by what the model carries)."""
-    save_adapter(model, out)
-
-
 # -- checkpoints -----------------------------------------------------------------------------
 
 
@@ -465,8 +460,8 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
     summary = {"steps": step, "task": task, "output": str(out), "before": before, "labels": labels}
     if rank == 0:
         _save_checkpoint(out, model, optimizer, scheduler, step, micro_step)
-        _save_method_adapter(model, out)
-        if task == "lm" or task == "seq2seq":
+        save_adapter(model, out)  # routes to the method's format by what the model carries
+        if task in ("lm", "seq2seq"):
             tokenizer.save_pretrained(out)
         summary["after"] = evaluate(model, evaluation, task, pad_id)
         if summary["after"]:
