@@ -15,6 +15,9 @@ constexprs mirror the launchers in each kernel module.
 
 Usage:  python scripts/check_sm90_compile.py [--full] [--jobs N] [--filter SUBSTRING]
 
+NF4 kernels in fp16/bf16, and the standalone dequantization in every dtype, must also compile
+to PTX without any contracted multiply-add (see ``contraction_check_applies``).
+
 Exit code 1 if any compile fails, except configs whose shared memory exceeds the H100's 227 KB
 per block: those are reported as SKIP, because on a GPU the autotuner prunes them at launch.
 """
@@ -320,6 +323,19 @@ def all_jobs(full: bool) -> list[Job]:
 # -- compiling --------------------------------------------------------------------------------
 
 
+def contraction_check_applies(job: Job) -> bool:
+    """Whether the job's PTX must hold no fused multiply-add (``fma.rn.f32``).
+
+    NF4 launches pass ``enable_fp_fusion=False`` so that the dequantization rounds the multiply
+    and the add separately, as bitsandbytes does; a contracted multiply-add changes the last bit
+    of the double-quantized absmax. fp32 GEMMs are exempt: their IEEE ``tl.dot`` is itself
+    lowered to FMA instructions, which the option does not (and should not) touch.
+    """
+    return job.options.get("enable_fp_fusion") is False and (
+        job.dtype != "fp32" or job.kernel is nf4_dequant._nf4_dequant_kernel
+    )
+
+
 def compile_job(job: Job) -> tuple[int | None, float, str | None]:
     """(shared memory bytes, seconds, None) or (None, seconds, first line of the error)."""
     consts = dict(job.consts)
@@ -344,6 +360,10 @@ def compile_job(job: Job) -> tuple[int | None, float, str | None]:
         # CompilationError messages start with source context; the cause is on the last line.
         message = lines[-1] if lines else ""
         return None, time.perf_counter() - start, f"{type(exc).__name__}: {message}"[:200]
+    if contraction_check_applies(job):
+        fused = compiled.asm["ptx"].count("fma.rn.f32")
+        if fused:
+            return None, time.perf_counter() - start, f"{fused} fma.rn.f32 in PTX despite enable_fp_fusion=False"
     return compiled.metadata.shared, time.perf_counter() - start, None
 
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU image runs Triton 3.6 while CI installs the newest Triton: the kernels must work on both.
+# For each version this compiles every kernel for sm_90 (PTX + ptxas, no GPU needed) and, for
+# Triton 3.6, also runs the kernel tests under the interpreter (the main test run covers the
+# newest). Run from the repository root; used by .ci/run after README's test command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# 1. The newest Triton, in the venv the main test run built.
+.venv/bin/python scripts/check_sm90_compile.py --jobs "$(nproc)"
+
+# 2. Triton 3.6 (the GPU image's), in a venv of its own. NumPy < 2.4: Triton 3.6's interpreter
+# converts one-element arrays to Python ints, which NumPy 2.4 turned into an error (GPU runs do
+# not use the interpreter, so this pin concerns the tests only).
+rm -rf .venv-triton36
+python3 -m venv .venv-triton36
+.venv-triton36/bin/pip install --quiet torch==2.13.0
+.venv-triton36/bin/pip install --quiet -e ".[test]" "triton==3.6.0" "numpy<2.4"
+.venv-triton36/bin/python -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__"
+.venv-triton36/bin/python scripts/check_sm90_compile.py --jobs "$(nproc)"
+.venv-triton36/bin/python -m pytest -q -p no:cacheprovider tests/test_nf4.py tests/test_kernel_lora_linear.py \
+    tests/test_kernel_adapter.py tests/test_kernel_ia3.py tests/test_ops_lora_linear.py tests/test_adapters.py \
+    tests/test_ia3.py
