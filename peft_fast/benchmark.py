@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
+from peft_fast.io import atomic_write
 from peft_fast.layers import LoraLinear, NF4Linear
 from peft_fast.nf4 import dequantize_nf4, quantize_nf4
 from peft_fast.ops import backend_name
 
-__all__ = ["run_benchmarks", "run_metadata", "saved_bytes", "time_ms", "write_results"]
+__all__ = ["run_benchmarks", "run_metadata", "saved_bytes", "target_checks", "time_ms", "write_results"]
 
 GPU_SHAPES = [(4096, 4096), (4096, 11008), (4096, 14336), (14336, 4096)]
 GPU_M = [1, 16, 512, 4096, 16384]
@@ -113,6 +114,39 @@ def saved_bytes(run: Callable[[], object], module: torch.nn.Module) -> int:
     return sum(storages.values())
 
 
+def timed_row(
+    op: str,
+    impl: str,
+    timing: dict[str, float],
+    *,
+    dtype: torch.dtype,
+    device: str,
+    flops: float = 0.0,
+    bytes_moved: float = 0.0,
+    peak_mem_bytes: int | None = None,
+    **fields,
+) -> dict:
+    """One timed result with the fields every timed row carries (None where a figure does not apply).
+
+    ``backend`` says which code ran: ours through :func:`peft_fast.ops.backend_name`, the others by
+    their library. ``tflops`` and ``gb_per_s`` are achieved rates from ``flops`` and ``bytes_moved``.
+    """
+    ms = timing["ms"]
+    return {
+        "op": op, "impl": impl, "backend": _backend_of(impl, device), **fields, "dtype": _name(dtype), **timing,
+        "tflops": flops / ms / 1e9 if flops else None, "gb_per_s": bytes_moved / ms / 1e6 if bytes_moved else None,
+        "peak_mem_bytes": peak_mem_bytes,
+    }  # fmt: skip
+
+
+def _backend_of(impl: str, device: str) -> str:
+    if impl.startswith("peft_fast"):
+        return backend_name(device)
+    if "bnb" in impl or impl.startswith("bitsandbytes"):
+        return f"bitsandbytes {_version('bitsandbytes')}"
+    return f"torch {torch.__version__}"
+
+
 # -- what is measured -------------------------------------------------------------------------
 
 
@@ -127,15 +161,9 @@ def _peft_layer(dense: torch.nn.Linear, quantized: bool, dropout: float = 0.0) -
     import peft
 
     holder = torch.nn.Module()
-    if quantized:
-        import bitsandbytes as bnb
-
-        layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False, compute_dtype=dense.weight.dtype,
-                                  compress_statistics=True, quant_type="nf4")  # fmt: skip
-        layer.load_state_dict(dense.state_dict())
-        holder.proj = layer.to(dense.weight.device)
-    else:
-        holder.proj = dense
+    holder.proj = _bnb_linear4bit(dense) if quantized else dense
+    if holder.proj is None:
+        raise RuntimeError("bitsandbytes is not usable here")
     config = peft.LoraConfig(r=RANK, lora_alpha=32, lora_dropout=dropout, target_modules=["proj"],
                              init_lora_weights=False)  # fmt: skip
     return peft.get_peft_model(holder, config).base_model.model.proj.to(dense.weight.dtype)
@@ -172,33 +200,81 @@ def bench_dequantize(shapes, device: str, dtype: torch.dtype) -> list[dict]:
         except Exception as exc:
             print(f"skipping bitsandbytes dequantize: {exc}", file=sys.stderr)
         for name, fn in impls.items():
-            timing = time_ms(fn, device)
+            # A copy reads and writes the output size; a dequantization reads the 4-bit codes + scales.
             moved = out_bytes * (2 if name.startswith("copy") else 1) + nf4.nbytes * (not name.startswith("copy"))
-            rows.append({"op": "nf4_dequantize", "impl": name, "M": None, "K": k, "N": n, "dtype": _name(dtype),
-                         **timing, "gb_per_s": moved / timing["ms"] / 1e6})  # fmt: skip
+            timing, peak = time_ms(fn, device), peak_memory_bytes(fn, device)
+            rows.append(timed_row("nf4_dequantize", name, timing, dtype=dtype, device=device, bytes_moved=moved,
+                                  peak_mem_bytes=peak, M=None, K=k, N=n))  # fmt: skip
     return rows
 
 
 def bench_lora_linear(shapes, ms, device: str, dtype: torch.dtype) -> list[dict]:
+    """Forward and forward+backward of each implementation, and the no-grad 4-bit inference path.
+
+    Phase "infer" (no autograd, inputs without grad) compares our QLoRA layer with bitsandbytes'
+    own 4-bit inference (``Linear4bit`` alone, which takes its GEMV kernel at M = 1).
+    """
     rows = []
     for k, n in shapes:
         dense = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
         impls = _implementations(dense)
+        inference = {"peft_fast qlora": impls["peft_fast qlora"]}
+        bnb_4bit = _bnb_linear4bit(dense)
+        if bnb_4bit is not None:
+            inference["bnb 4bit inference"] = bnb_4bit.eval()
+        weight = dense.weight.detach()
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
             grad = torch.randn(m, n, device=device, dtype=dtype)
             flops = 2 * m * n * k + 2 * m * RANK * (n + k)
-            weight = dense.weight.detach()
-            calls = [("matmul alone", "fwd", lambda x=x, w=weight: x.detach() @ w.t(), flops)]
+            calls = [("matmul alone", "fwd", lambda x=x, w=weight: x.detach() @ w.t(), 2 * m * n * k, weight.nbytes)]
             for name, module in impls.items():
-                calls.append((name, "fwd", lambda mod=module, x=x: mod(x), flops))
-                calls.append((name, "fwd+bwd", lambda mod=module, x=x, g=grad: mod(x).backward(g), 3 * flops))
-            for name, phase, fn, phase_flops in calls:
-                timing = time_ms(fn, device)
-                rows.append({"op": "lora_linear", "impl": name, "phase": phase, "M": m, "K": k, "N": n, "r": RANK,
-                             "dtype": _name(dtype), **timing, "tflops": phase_flops / timing["ms"] / 1e9,
-                             "peak_mem_bytes": peak_memory_bytes(fn, device)})  # fmt: skip
+                w_bytes = _weight_bytes(module)
+                calls.append((name, "fwd", lambda mod=module, x=x: mod(x), flops, w_bytes))
+                calls.append((name, "fwd+bwd", lambda mod=module, x=x, g=grad: mod(x).backward(g), 3 * flops, w_bytes))
+            x_infer = x.detach()
+            for name, module in inference.items():
+                infer = lambda mod=module, x=x_infer: _no_grad_call(mod, x)
+                calls.append((name, "infer", infer, flops if name.startswith("peft_fast") else 2 * m * n * k,
+                              _weight_bytes(module)))  # fmt: skip
+            for name, phase, fn, phase_flops, w_bytes in calls:
+                # Bytes, the least any implementation moves: the stored weight (4-bit codes + scales, or
+                # dense) read once per GEMM, X read and Y written (fwd+bwd: two GEMMs, and dY, dX, X again).
+                backward = phase == "fwd+bwd"
+                moved = w_bytes * (1 + backward) + (m * k + m * n) * x.element_size() * (1 + 2 * backward)
+                timing, peak = time_ms(fn, device), peak_memory_bytes(fn, device)
+                shape = {"phase": phase, "M": m, "K": k, "N": n, "r": RANK}
+                rows.append(timed_row("lora_linear", name, timing, dtype=dtype, device=device, flops=phase_flops,
+                                      bytes_moved=moved, peak_mem_bytes=peak, **shape))  # fmt: skip
     return rows
+
+
+def _no_grad_call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module(x)
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's frozen base weight as stored (packed codes + scales for 4-bit)."""
+    frozen = [t for t in [*module.parameters(), *module.buffers()] if not t.requires_grad]
+    # bitsandbytes keeps the scales in the weight's quant_state, not in parameters or buffers.
+    states = [t.quant_state for t in frozen if getattr(t, "quant_state", None) is not None]
+    frozen += [s.absmax for s in states] + [s.state2.absmax for s in states if s.nested]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in frozen}.values())
+
+
+def _bnb_linear4bit(dense: torch.nn.Linear) -> torch.nn.Module | None:
+    """bitsandbytes' own 4-bit layer (NF4, double quantization) of ``dense``, or None without bnb."""
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False, compute_dtype=dense.weight.dtype,
+                                  compress_statistics=True, quant_type="nf4")  # fmt: skip
+        layer.load_state_dict(dense.state_dict())
+        return layer.to(dense.weight.device)
+    except Exception as exc:
+        print(f"skipping bitsandbytes 4-bit inference: {exc}", file=sys.stderr)
+        return None
 
 
 def bench_saved_bytes(device: str) -> list[dict]:
@@ -321,9 +397,12 @@ def _train_step_row(name, label, size, seq, batch, gc, device, dtype) -> dict | 
         optimizer.zero_grad(set_to_none=True)
 
     timing = time_ms(step, device, min_run_time=0.5)
-    return {"op": "train_step", "impl": name, "model": label, "batch": batch, "seq": seq, "grad_ckpt": gc,
-            "M": batch * seq, "dtype": _name(dtype), **timing, "tokens_per_s": batch * seq / timing["ms"] * 1e3,
-            "peak_mem_bytes": peak_memory_bytes(step, device)}  # fmt: skip
+    # Model FLOPs of forward + backward: 6 per parameter per token (the usual training estimate).
+    flops = 6 * sum(p.numel() for p in model.parameters()) * batch * seq
+    row = timed_row("train_step", name, timing, dtype=dtype, device=device, flops=flops,
+                    peak_mem_bytes=peak_memory_bytes(step, device), model=label, batch=batch, seq=seq, grad_ckpt=gc,
+                    M=batch * seq)  # fmt: skip
+    return {**row, "tokens_per_s": batch * seq / timing["ms"] * 1e3}
 
 
 def _peft_bnb_model(model, lora: dict, dtype: torch.dtype):
@@ -459,6 +538,65 @@ def run_benchmarks(quick: bool = False, suites: tuple[str, ...] | None = None) -
     return rows
 
 
+# The H100 goals of the benchmark issue (bf16, r=16), each a ratio between rows of one run:
+# (name, comparison, goal). A check reports the worst case over the rows it covers.
+TARGETS = (
+    ("NF4 dequantize GB/s / bf16 copy GB/s", ">=", 0.85),
+    ("QLoRA fwd time / bf16 GEMM time (M >= 512)", "<=", 1.15),
+    ("QLoRA fwd speed-up vs PEFT + bnb (M >= 512)", ">=", 1.3),
+    ("QLoRA fwd+bwd speed-up vs PEFT + bnb (M >= 512)", ">=", 1.5),
+    ("M = 1 speed-up vs bnb 4-bit inference", ">=", 1.5),
+    ("train step speed-up vs PEFT + bnb", ">=", 1.5),
+    ("train step peak memory / PEFT + bnb", "<=", 0.75),
+)
+_LARGE_M = 512
+_WHERE = ("K", "N", "M", "model", "batch", "grad_ckpt")  # the fields that identify one case
+
+
+def target_checks(rows: list[dict]) -> list[dict]:
+    """Each goal of :data:`TARGETS`: the measured worst-case ratio, where it occurred and whether it is met.
+
+    ``measured`` is None (and ``met`` None) when the run holds no rows for that ratio, e.g. a CPU
+    run has no M >= 512 and no Triton dequantization.
+    """
+
+    def where(row: dict) -> tuple:
+        return tuple(row.get(f) for f in _WHERE)
+
+    def pick(op: str, impl: str, phase: str | None = None, large_m: bool = False, m: int | None = None) -> dict:
+        return {
+            where(r): r for r in rows
+            if r["op"] == op and r["impl"].startswith(impl) and (phase is None or r.get("phase") == phase)
+            and (not large_m or r["M"] >= _LARGE_M) and (m is None or r["M"] == m)
+        }  # fmt: skip
+
+    def ratios(num: dict, den: dict, field: str) -> list[tuple[float, tuple]]:
+        return [(num[k][field] / den[k][field], k) for k in num.keys() & den.keys()
+                if num[k][field] is not None and den[k][field]]  # fmt: skip
+
+    linear = lambda impl, phase, **kw: pick("lora_linear", impl, phase, **kw)
+    measured = [
+        ratios(pick("nf4_dequantize", "peft_fast"), pick("nf4_dequantize", "copy"), "gb_per_s"),
+        ratios(linear("peft_fast qlora", "fwd", large_m=True), linear("matmul alone", "fwd", large_m=True), "ms"),
+        ratios(linear("peft+bnb qlora", "fwd", large_m=True), linear("peft_fast qlora", "fwd", large_m=True), "ms"),
+        ratios(
+            linear("peft+bnb qlora", "fwd+bwd", large_m=True), linear("peft_fast qlora", "fwd+bwd", large_m=True), "ms"
+        ),
+        ratios(linear("bnb 4bit inference", "infer", m=1), linear("peft_fast qlora", "infer", m=1), "ms"),
+        ratios(pick("train_step", "peft+bnb"), pick("train_step", "peft_fast"), "ms"),
+        ratios(pick("train_step", "peft_fast"), pick("train_step", "peft+bnb"), "peak_mem_bytes"),
+    ]
+    checks = []
+    for (name, comparison, goal), values in zip(TARGETS, measured, strict=True):
+        worst = (min if comparison == ">=" else max)(values, default=None)
+        value = None if worst is None else worst[0]
+        met = None if value is None else (value >= goal if comparison == ">=" else value <= goal)
+        at = {} if worst is None else dict(zip(_WHERE, worst[1], strict=True))
+        checks.append({"target": name, "goal": f"{comparison} {goal}", "measured": value, "met": met,
+                       "cases": len(values), "worst_at": {k: v for k, v in at.items() if v is not None}})  # fmt: skip
+    return checks
+
+
 def write_results(rows: list[dict], out_dir: str | Path, name: str = "bench") -> dict[str, Path]:
     """JSON (rows + metadata), a markdown table and a PNG plot; returns their paths."""
     meta = run_metadata()
@@ -467,8 +605,11 @@ def write_results(rows: list[dict], out_dir: str | Path, name: str = "bench") ->
     tag = "".join(c if c.isalnum() else "-" for c in meta["device"].split("(")[0].strip()).strip("-").lower()
     stem = out_dir / f"{meta['date'][:10]}-{tag}-{name}"
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md"), "png": stem.with_suffix(".png")}
-    paths["json"].write_text(json.dumps({"metadata": meta, "rows": rows}, indent=1) + "\n")
-    paths["md"].write_text(markdown_table(rows, meta))
+    targets = target_checks(rows)
+    with atomic_write(paths["json"], "w") as handle:
+        handle.write(json.dumps({"metadata": meta, "targets": targets, "rows": rows}, indent=1) + "\n")
+    with atomic_write(paths["md"], "w") as handle:
+        handle.write(markdown_table(rows, meta, targets))
     try:
         plot(rows, meta, paths["png"])
     except ImportError:  # matplotlib is a bench/test extra; the numbers matter more than the picture
@@ -477,9 +618,19 @@ def write_results(rows: list[dict], out_dir: str | Path, name: str = "bench") ->
     return paths
 
 
-def markdown_table(rows: list[dict], meta: dict) -> str:
+def markdown_table(rows: list[dict], meta: dict, targets: list[dict] | None = None) -> str:
     lines = [f"# peft_fast benchmarks — {meta['device']}", ""]
     lines.append(", ".join(f"{k} {v}" for k, v in meta.items() if k != "device"))
+    if targets:
+        lines += ["", "## targets", "",
+                  "Goals set for an H100 in bf16; on another device the same ratios, for reference only. "
+                  "Worst case over the cases each covers.", "",
+                  "| target | goal | measured | met | cases | worst at |", "|" + " --- |" * 6]  # fmt: skip
+        for check in targets:
+            value = "n/a" if check["measured"] is None else f"{check['measured']:.3g}"
+            met = {None: "n/a", True: "yes", False: "**no**"}[check["met"]]
+            at = ", ".join(f"{k}={v}" for k, v in check["worst_at"].items())
+            lines.append(f"| {check['target']} | {check['goal']} | {value} | {met} | {check['cases']} | {at} |")
     for op in dict.fromkeys(r["op"] for r in rows):
         subset = [r for r in rows if r["op"] == op]
         columns = [c for c in dict.fromkeys(k for r in subset for k in r) if c != "op"]

@@ -44,3 +44,68 @@ def test_model_saved_bytes_at_most_070_of_peft_bitsandbytes():
     ratio = counts["peft_fast qlora"] / counts["peft+bnb qlora"]
     print(f"saved for backward: peft_fast {counts['peft_fast qlora']} B, PEFT + bnb {counts['peft+bnb qlora']} B")
     assert ratio <= 0.7, counts
+
+
+TIMED_FIELDS = {"op", "impl", "backend", "dtype", "ms", "ms_p20", "ms_p80", "tflops", "gb_per_s", "peak_mem_bytes"}
+
+
+def test_every_timed_row_carries_the_common_fields_and_the_run_has_target_checks(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "CPU_SHAPES", [(128, 192)])
+    monkeypatch.setattr(benchmark, "CPU_M", [1, 8])
+    rows = benchmark.run_benchmarks(quick=True, suites=("dequantize", "lora_linear"))
+    for row in rows:
+        assert TIMED_FIELDS <= set(row), (row["op"], row["impl"], TIMED_FIELDS - set(row))
+        assert row["gb_per_s"] > 0, row
+    ours = [r for r in rows if r["impl"].startswith("peft_fast")]
+    assert ours and all(r["backend"] == "torch-cpu" for r in ours)
+    inference = {(r["impl"], r["M"]) for r in rows if r.get("phase") == "infer"}
+    assert inference == {("peft_fast qlora", 1), ("peft_fast qlora", 8), ("bnb 4bit inference", 1),
+                         ("bnb 4bit inference", 8)}  # fmt: skip
+
+    data = json.loads(benchmark.write_results(rows, tmp_path)["json"].read_text())
+    names = [check["target"] for check in data["targets"]]
+    assert names == [name for name, _, _ in benchmark.TARGETS]
+    by_name = {check["target"]: check for check in data["targets"]}
+    # CPU has the M = 1 inference comparison; no M >= 512 rows and no train step in this run.
+    m1 = by_name["M = 1 speed-up vs bnb 4-bit inference"]
+    infer_ms = {r["impl"]: r["ms"] for r in rows if r.get("phase") == "infer" and r["M"] == 1}
+    assert m1["measured"] == pytest.approx(infer_ms["bnb 4bit inference"] / infer_ms["peft_fast qlora"])
+    assert m1["met"] == (m1["measured"] >= 1.5) and m1["worst_at"] == {"K": 128, "N": 192, "M": 1}
+    assert by_name["QLoRA fwd speed-up vs PEFT + bnb (M >= 512)"]["measured"] is None
+    assert by_name["train step speed-up vs PEFT + bnb"]["met"] is None
+    assert not list(tmp_path.glob(".*.tmp")), "atomic writes leave no temporary files"
+
+
+def _linear_row(impl: str, phase: str, m: int, ms: float, k: int = 64, n: int = 64) -> dict:
+    return {"op": "lora_linear", "impl": impl, "phase": phase, "M": m, "K": k, "N": n, "ms": ms}
+
+
+def test_target_checks_report_the_worst_case_and_whether_it_meets_the_goal():
+    rows = [
+        # fwd at M >= 512: ours 1.0 and 2.0 ms, GEMM 0.9 and 1.5 ms -> worst time ratio 2.0/1.5
+        _linear_row("peft_fast qlora", "fwd", 512, 1.0), _linear_row("matmul alone", "fwd", 512, 0.9),
+        _linear_row("peft_fast qlora", "fwd", 4096, 2.0), _linear_row("matmul alone", "fwd", 4096, 1.5),
+        # PEFT + bnb fwd: speed-ups 1.8 and 2.6 -> worst 1.8, met (>= 1.3)
+        _linear_row("peft+bnb qlora", "fwd", 512, 1.8), _linear_row("peft+bnb qlora", "fwd", 4096, 5.2),
+        # M < 512 rows must not count toward the M >= 512 goals
+        _linear_row("peft_fast qlora", "fwd", 16, 9.0), _linear_row("matmul alone", "fwd", 16, 1.0),
+        {"op": "nf4_dequantize", "impl": "peft_fast triton", "K": 64, "N": 64, "M": None, "gb_per_s": 80.0},
+        {"op": "nf4_dequantize", "impl": "copy (bandwidth ceiling)", "K": 64, "N": 64, "M": None, "gb_per_s": 100.0},
+        {"op": "train_step", "impl": "peft_fast qlora", "model": "1B", "batch": 1, "grad_ckpt": False, "M": 2048,
+         "ms": 100.0, "peak_mem_bytes": 60},
+        {"op": "train_step", "impl": "peft+bnb qlora", "model": "1B", "batch": 1, "grad_ckpt": False, "M": 2048,
+         "ms": 140.0, "peak_mem_bytes": 100},
+    ]  # fmt: skip
+    checks = {c["target"]: c for c in benchmark.target_checks(rows)}
+    gemm = checks["QLoRA fwd time / bf16 GEMM time (M >= 512)"]
+    assert gemm["measured"] == pytest.approx(2.0 / 1.5) and gemm["met"] is False and gemm["cases"] == 2
+    assert gemm["worst_at"] == {"K": 64, "N": 64, "M": 4096}
+    fwd = checks["QLoRA fwd speed-up vs PEFT + bnb (M >= 512)"]
+    assert fwd["measured"] == pytest.approx(1.8) and fwd["met"] is True
+    assert checks["NF4 dequantize GB/s / bf16 copy GB/s"]["measured"] == pytest.approx(0.8)
+    assert checks["NF4 dequantize GB/s / bf16 copy GB/s"]["met"] is False
+    assert checks["train step speed-up vs PEFT + bnb"]["measured"] == pytest.approx(1.4)
+    assert checks["train step peak memory / PEFT + bnb"]["measured"] == pytest.approx(0.6)
+    assert checks["train step peak memory / PEFT + bnb"]["met"] is True
+    missing = checks["QLoRA fwd+bwd speed-up vs PEFT + bnb (M >= 512)"]
+    assert missing["measured"] is None and missing["met"] is None and missing["cases"] == 0
