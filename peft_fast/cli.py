@@ -198,6 +198,10 @@ def _add_train_flags(train: argparse.ArgumentParser) -> None:
     flag("--seed", type=int)
     flag("--eval-every", dest="eval_every", type=int, help="evaluate every N steps")
     flag("--save-every", dest="save_every", type=int, help="checkpoint every N steps")
+    flag("--fsdp", action="store_true",
+         help="under torchrun: FSDP2 instead of DDP, sharding parameters, gradients and optimizer state "
+              "(one unit per transformer block, then the root); every --method; in one process: ignored, "
+              "it trains as usual")  # fmt: skip
     train.add_argument("--config", help="yaml or json file of settings; flags given override it")
 
 

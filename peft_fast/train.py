@@ -6,7 +6,11 @@ the shipped intent data set, held-out accuracy printed before and after.
 
 Checkpoints (adapter + optimizer + scheduler + RNG + data position) are written atomically to
 ``<output>/checkpoint``; ``resume=True`` continues exactly where the last one stopped, and Ctrl-C
-writes one before exiting. Under ``torchrun`` the job runs data-parallel (DDP; gloo on CPU).
+writes one before exiting. Under ``torchrun`` the job runs data-parallel: DDP by default (gloo
+on CPU, nccl on CUDA), or with ``fsdp=True`` FSDP2, which shards parameters, gradients and Adam
+state per transformer block (``peft_fast.distributed``). Under FSDP evaluation runs on every rank
+and checkpoints / the adapter are gathered into full tensors first, so the files are the same as
+a one-process run's, and a checkpoint resumes under any parallelism.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -27,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from peft_fast import data as data_mod
+from peft_fast import distributed
 from peft_fast.config import LoraConfig
 from peft_fast.io import atomic_write, save_adapter
 from peft_fast.patch import patch
@@ -75,6 +79,7 @@ class TrainArgs:
     warmup_ratio: float = 0.05
     num_virtual_tokens: int = 20  # prompt methods: virtual tokens (LLaMA-Adapter: prompt length)
     progress: bool = True
+    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (one process: ignored)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -88,14 +93,6 @@ class TrainArgs:
 
 
 # -- set-up --------------------------------------------------------------------------------
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
 def _check_output_dir(args: TrainArgs) -> Path:
@@ -255,29 +252,35 @@ def _apply_method(model, args: TrainArgs, task: str) -> None:
 # -- checkpoints -----------------------------------------------------------------------------
 
 
-def _save_checkpoint(out: Path, model, optimizer, scheduler, step: int, micro_step: int) -> None:
+def _save_checkpoint(out: Path, model, optimizer, scheduler, step: int, micro_step: int, rank: int = 0) -> None:
     """Write <out>/checkpoint atomically: into a temporary directory, then swapped in.
 
     It holds every trainable tensor by name (whatever the method), the optimizer and scheduler
-    state, the RNG states and the data position; safetensors and JSON only.
+    state, the RNG states and the data position; safetensors and JSON only. Called on every rank
+    (FSDP gathers sharded tensors, a collective); rank 0 writes.
     """
     from safetensors.torch import save_file
 
-    staging = out / f".{CHECKPOINT}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    def full(tensor: torch.Tensor) -> torch.Tensor:
+        return distributed.full_tensor(tensor.detach()).cpu().contiguous()
+
+    tensors = {f"param.{n}": full(p) for n, p in model.named_parameters() if p.requires_grad}
     opt_state = optimizer.state_dict()
     scalars: dict[str, dict] = {}
     for index, state in opt_state["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"optimizer.{index}.{key}"] = full(value)
             else:
                 scalars.setdefault(str(index), {})[key] = value
+    if rank != 0:
+        return
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    staging = out / f".{CHECKPOINT}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     save_file(tensors, staging / "trainer_state.safetensors")
     state = {"step": step, "micro_step": micro_step, "param_groups": opt_state["param_groups"],
              "optimizer_scalars": scalars, "scheduler": scheduler.state_dict(),
@@ -293,6 +296,7 @@ def _save_checkpoint(out: Path, model, optimizer, scheduler, step: int, micro_st
 
 
 def _load_checkpoint(out: Path, model, optimizer, scheduler) -> tuple[int, int]:
+    """Restore what :func:`_save_checkpoint` wrote; under FSDP each rank keeps its shard of the full tensors."""
     import ast
 
     from safetensors.torch import load_file
@@ -304,12 +308,14 @@ def _load_checkpoint(out: Path, model, optimizer, scheduler) -> tuple[int, int]:
     with torch.no_grad():
         for key, tensor in tensors.items():
             if key.startswith("param."):
-                params[key.removeprefix("param.")].copy_(tensor)
+                param = params[key.removeprefix("param.")]
+                param.copy_(distributed.shard_like(tensor, param))
+    by_index = [p for group in optimizer.param_groups for p in group["params"]]
     opt_state: dict = {"state": {}, "param_groups": state["param_groups"]}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
-            opt_state["state"].setdefault(int(index), {})[name] = value
+            opt_state["state"].setdefault(int(index), {})[name] = distributed.shard_like(value, by_index[int(index)])
     for index, values in state["optimizer_scalars"].items():
         opt_state["state"].setdefault(int(index), {}).update(values)
     optimizer.load_state_dict(opt_state)
@@ -387,7 +393,7 @@ def _memory_mb() -> float:
 def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
     """Train, evaluate and save; returns a summary. ``interrupt_at_step`` simulates Ctrl-C (tests)."""
     _check_args(args)
-    rank, world = _distributed()
+    rank, world = distributed.init()
     out = _check_output_dir(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # the new head's initialisation too
@@ -396,6 +402,9 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
     pad_id = tokenizer.pad_token_id
     per_epoch = max(1, len(train) // (args.batch_size * world))
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
+    training_model = distributed.wrap(model, world, args.fsdp)  # FSDP shards model's parameters in place
+    sharded = distributed.is_sharded(model)
+    evaluates = rank == 0 or sharded  # under FSDP a forward needs every rank
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     from transformers import get_linear_schedule_with_warmup
@@ -411,17 +420,15 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         with atomic_write(out / RUN_MARKER, "w") as handle:
             json.dump({"args": dataclasses.asdict(args), "labels": labels, "task": task}, handle, indent=1)
-    before = evaluate(model, evaluation, task, pad_id) if step == 0 and rank == 0 else {}
+    before = evaluate(model, evaluation, task, pad_id) if step == 0 and evaluates else {}
     if before and rank == 0:
         print(f"before training: {_describe(before)}", flush=True)
-    training_model = model
-    if world > 1:
-        training_model = torch.nn.parallel.DistributedDataParallel(model)
     model.train()
     batches = _micro_batches(train, args, rank, world, micro_step)
     bar = tqdm(total=total_steps, initial=step, desc="training", disable=not args.progress or rank != 0 or None)
     started, tokens = time.perf_counter(), 0
     log = out / "log.jsonl"
+    stop_requested = distributed.AgreedInterrupt(sharded, device)  # FSDP: Ctrl-C at a step boundary
     try:
         while step < total_steps:
             for _ in range(args.grad_accum):
@@ -437,7 +444,7 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
             step += 1
             record = {"step": step, "loss": loss.item() * args.grad_accum, "lr": scheduler.get_last_lr()[0],
                       "tokens_per_s": tokens / (time.perf_counter() - started), "memory_mb": _memory_mb()}  # fmt: skip
-            if args.eval_every and step % args.eval_every == 0 and rank == 0:
+            if args.eval_every and step % args.eval_every == 0 and evaluates:
                 record.update(evaluate(model, evaluation, task, pad_id))
             if rank == 0:
                 bar.update(1)
@@ -445,26 +452,30 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
                                 tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['memory_mb']:.0f}MB")  # fmt: skip
                 with open(log, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
-            if args.save_every and step % args.save_every == 0 and rank == 0:
-                _save_checkpoint(out, model, optimizer, scheduler, step, micro_step)
-            if interrupt_at_step is not None and step == interrupt_at_step:
+            if args.save_every and step % args.save_every == 0:
+                _save_checkpoint(out, model, optimizer, scheduler, step, micro_step, rank)
+            if stop_requested() or (interrupt_at_step is not None and step == interrupt_at_step):
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
+        _save_checkpoint(out, model, optimizer, scheduler, step, micro_step, rank)
         if rank == 0:
-            _save_checkpoint(out, model, optimizer, scheduler, step, micro_step)
             print(f"\ninterrupted at step {step}: checkpoint saved to {out / CHECKPOINT}; "
                   f"continue with --resume", file=sys.stderr)  # fmt: skip
         raise Interrupted(step) from None
+    finally:
+        stop_requested.close()
     bar.close()
     summary = {"steps": step, "task": task, "output": str(out), "before": before, "labels": labels}
-    if rank == 0:
-        _save_checkpoint(out, model, optimizer, scheduler, step, micro_step)
-        save_adapter(model, out)  # routes to the method's format by what the model carries
-        if task in ("lm", "seq2seq"):
-            tokenizer.save_pretrained(out)
+    _save_checkpoint(out, model, optimizer, scheduler, step, micro_step, rank)
+    with distributed.full_parameters(model):  # save_adapter reads whole tensors; rank 0 writes
+        if rank == 0:
+            save_adapter(model, out)  # routes to the method's format by what the model carries
+            if task in ("lm", "seq2seq"):
+                tokenizer.save_pretrained(out)
+    if evaluates:
         summary["after"] = evaluate(model, evaluation, task, pad_id)
-        if summary["after"]:
+        if summary["after"] and rank == 0:
             print(f"after training:  {_describe(summary['after'])}", flush=True)
     if world > 1:
         torch.distributed.barrier()
