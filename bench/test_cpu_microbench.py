@@ -1,6 +1,6 @@
 """pytest-benchmark cases for the CPU paths (not part of the default test run).
 
-    pytest bench/ --benchmark-only
+pytest bench/ --benchmark-only
 """
 
 from __future__ import annotations
