@@ -171,8 +171,9 @@ def lora_linear_jobs(act: str, precision: str, full: bool) -> list[Job]:
         for cfg in pick(L._LORA_DOWN_CONFIGS, full):
             types = ptrs(act, "x_ptr", "a_ptr", "h_ptr") | rank_types
             jobs.append(Job(L._lora_down_kernel, act, "-", types, common, cfg))
-        for cfg in pick(L._DA_CONFIGS, full):
-            types = ptrs(act, "dh_ptr", "x_ptr", "da_ptr") | rank_types
+        # dA is written in the activation dtype (one M range) or as fp32 partials (split over M).
+        for cfg, da_type in itertools.product(pick(L._DA_CONFIGS, full), sorted({act, "fp32"})):
+            types = ptrs(act, "dh_ptr", "x_ptr") | ptrs(da_type, "da_ptr") | rank_types | i32("m_per_split")
             jobs.append(Job(L._lora_da_kernel, act, "-", types, common, cfg))
         # The split-K epilogue is launched with fixed blocks and Triton's default num_warps/stages.
         types = ptrs("fp32", "partial_ptr") | ptrs(act, "h_ptr", "lora_b_ptr", "bias_ptr", "y_ptr")

@@ -156,6 +156,31 @@ def test_many_tiles_in_both_directions():
     check_against_formula(case, p=0.1)
 
 
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_da_split_over_m_matches_formula(monkeypatch, dtype, splits):
+    # dA's reduction over M split in ranges (fp32 partials, summed in order), the last one ragged;
+    # dropout rows must keep their global index across splits.
+    monkeypatch.setattr(kernels, "_da_splits", lambda m, k, rank, device: splits)
+    case = make_case(200, 40, 24, 8, dtype, "nf4_dq")
+    check_against_formula(case, p=0.2)
+
+
+def test_da_split_policy_fills_an_h100():
+    """At Llama shapes dA has few tiles (r x K): the reduction over M is split to fill the SMs."""
+    h100 = lambda device: 2 * 132  # two programs per SM, as _programs_wanted asks of an H100
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(kernels, "_programs_wanted", h100)
+        patched.setattr(kernels, "_DA_MIN_SPLIT_ROWS", 512)
+        patched.setattr(kernels, "_DA_MIN_BLOCK_K", 64)
+        device = torch.device("cpu")
+        splits = kernels._da_splits(16384, 4096, 16, device)
+        tiles = 4096 // 64
+        assert splits > 1 and tiles * splits >= 2 * 132
+        assert kernels._da_splits(256, 4096, 16, device) == 1  # too few rows to be worth splitting
+        assert kernels._da_splits(16384, 4096 * 8, 16, device) == 1  # enough column tiles already
+
+
 def test_torch_reference_matches_kernels():
     for dtype in (torch.float32, torch.bfloat16):
         case = make_case(20, 72, 40, 8, dtype, "nf4_dq")

@@ -18,7 +18,8 @@ Kernels, in the order the ops use them:
   split-K GEMV that reads each weight byte once, then a fixed-order (deterministic) reduction of
   the partial sums with the same epilogue.
 * ``_lora_linear_dx_kernel``  dX = dY·deq(W) + (dH·A) ⊙ mask/(1-p).
-* ``_lora_da_kernel``         dA = dHᵀ·drop(X).
+* ``_lora_da_kernel``         dA = dHᵀ·drop(X); split over M (fp32 partials summed in a fixed
+  order) when r x K tiles alone would leave most of the GPU idle.
 dH = s·dY·B and dB = s·dYᵀ·H are thin torch matmuls in fp32.
 
 Dropped elements are exactly 0 (``where``, not a multiply by 0), so a NaN that dropout removes
@@ -106,6 +107,10 @@ _SPLITK_GRANULE = 32 if _INTERPRET else 64
 _SPLITK_EPILOGUE_BLOCK_N = 32 if _INTERPRET else 64
 # LoRA ranks are handled in chunks of at most this many columns (padded to >= 16 for tl.dot).
 _MAX_BLOCK_R = 32 if _INTERPRET else 64
+# dA's split over M: rows per split are a multiple of this (every _DA_CONFIGS BLOCK_M divides it),
+# and _DA_MIN_BLOCK_K is the narrowest BLOCK_K there (the most column tiles a launch can have).
+_DA_MIN_SPLIT_ROWS = max(c.kwargs["BLOCK_M"] for c in _DA_CONFIGS) * (1 if _INTERPRET else 4)
+_DA_MIN_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in _DA_CONFIGS)
 
 
 def _m_bucket(m: int) -> int:
@@ -387,20 +392,30 @@ def _lora_linear_dx_kernel(
 @triton.autotune(configs=_DA_CONFIGS, key=["m_bucket", "R", "K"])
 @triton.jit
 def _lora_da_kernel(
-    dh_ptr, x_ptr, da_ptr, M, K, R, seed, p, inv_keep, m_bucket,
+    dh_ptr, x_ptr, da_ptr, M, K, R, seed, p, inv_keep, m_bucket, m_per_split,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """dA[j, k] = Σ_m dH[m, j]·drop(X)[m, k], the dropout mask regenerated per X tile."""
+    """dA[j, k] = Σ_m dH[m, j]·drop(X)[m, k], the dropout mask regenerated per X tile.
+
+    Program (r tile, k tile, split) sums rows [split·m_per_split, (split+1)·m_per_split) into
+    ``da_ptr`` + split·R·K: dA itself with one split, else an fp32 partial the launcher reduces.
+    ``m_per_split`` is a multiple of every BLOCK_M, so splits never share a row tile.
+    """
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(2)
+    m_start = split * m_per_split
+    m_end = tl.minimum(M, m_start + m_per_split)
+    da_ptr += split.to(tl.int64) * R * K
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        dh_mask = (offs_r[:, None] < R) & (offs_m[None, :] < M)
+        dh_mask = (offs_r[:, None] < R) & (offs_m[None, :] < m_end)
         dh_t = tl.load(dh_ptr + offs_m[None, :].to(tl.int64) * R + offs_r[:, None], mask=dh_mask, other=0.0)
         rows = offs_m[:, None].to(tl.int64)
-        x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        x_mask = (offs_m[:, None] < m_end) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=x_mask, other=0.0)
         if HAS_DROPOUT:
             x = tl.where(_dropout_keep(seed, rows, offs_k[None, :], K, p), x, 0.0)
         acc = _dot(dh_t, x, acc, DOT_PRECISION)
@@ -555,6 +570,18 @@ def _lora_dx(grad_y, base, dh, lora_a, dropout_p: float, seed: int) -> torch.Ten
     return dx
 
 
+def _da_splits(m: int, k: int, rank: int, device: torch.device) -> int:
+    """How many M ranges dA's reduction is split into: enough programs to fill the GPU about twice.
+
+    dA is only r x K (16 x 4096: 64 tiles of 64 columns), too few programs for an H100's 132 SMs
+    when each streams all M rows; each split keeps at least _DA_MIN_SPLIT_ROWS rows so the
+    partials' extra traffic (splits x r x K fp32) stays small next to X's M x K.
+    """
+    tiles = triton.cdiv(rank, _block_r(rank)) * triton.cdiv(k, _DA_MIN_BLOCK_K)
+    wanted = triton.cdiv(_programs_wanted(device), tiles)
+    return max(1, min(wanted, m // _DA_MIN_SPLIT_ROWS))
+
+
 def _lora_da(dh, x, dropout_p: float, seed: int) -> torch.Tensor:
     m, k = x.shape
     rank = dh.shape[1]
@@ -562,13 +589,20 @@ def _lora_da(dh, x, dropout_p: float, seed: int) -> torch.Tensor:
     if k == 0:
         return da
     block_r = _block_r(rank)
-    # Grid: one program per [BLOCK_R, BLOCK_K] tile of dA, each reducing over all M rows; dA is
-    # small (r x K) so tiles along K supply the parallelism.
-    grid = lambda meta: (triton.cdiv(rank, block_r), triton.cdiv(k, meta["BLOCK_K"]))
+    splits = _da_splits(m, k, rank, x.device)
+    # Rows per split: a multiple of every config's BLOCK_M (all divide _DA_MIN_SPLIT_ROWS).
+    m_per_split = triton.cdiv(triton.cdiv(max(m, 1), splits), _DA_MIN_SPLIT_ROWS) * _DA_MIN_SPLIT_ROWS
+    splits = triton.cdiv(max(m, 1), m_per_split)
+    # fp32 partials summed in a fixed order: deterministic, and nothing to zero (unlike atomics).
+    out = da if splits == 1 else _empty((splits, rank, k), torch.float32, x.device)
+    # Grid: one program per [BLOCK_R, BLOCK_K] tile of dA and M range.
+    grid = lambda meta: (triton.cdiv(rank, block_r), triton.cdiv(k, meta["BLOCK_K"]), splits)
     _lora_da_kernel[grid](
-        dh, x, da, m, k, rank, seed, dropout_p, 1.0 / (1.0 - dropout_p), _m_bucket(m),
+        dh, x, out, m, k, rank, seed, dropout_p, 1.0 / (1.0 - dropout_p), _m_bucket(m), m_per_split,
         HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=_DOT_PRECISION[x.dtype], BLOCK_R=block_r,
     )  # fmt: skip
+    if splits > 1:
+        da.copy_(out.sum(0))
     return da
 
 
