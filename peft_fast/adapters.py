@@ -38,8 +38,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from peft_fast.config import AdapterConfig
-from peft_fast.io import atomic_write, check_adapter_tensors
+from peft_fast.config import AdapterConfig, check_adapter_name
+from peft_fast.io import (
+    adapter_directory,
+    atomic_write_files,
+    check_adapter_tensors,
+    output_directory,
+    read_adapter_tensors,
+    read_json,
+)
 from peft_fast.layers import NF4Linear
 
 __all__ = [
@@ -385,6 +392,7 @@ def patch_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str = 
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a peft_fast.AdapterConfig, got {type(config).__name__}")
+    check_adapter_name(adapter_name)
     state = _state(model)
     if state is not None and adapter_name in state.configs:
         raise ValueError(f"the model already has a bottleneck adapter named {adapter_name!r}")
@@ -466,11 +474,12 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, adapter_name: 
         "version": f"peft_fast.{__version__}",
     }
     weights = safetensors_bytes(adapter_state_dict(model, adapter_name), metadata={"format": "pt"})
-    directory = Path(directory)
-    with contextlib.ExitStack() as stack:
-        # Both temporaries are complete (and fsynced) before either is renamed over its target.
-        weights_file = stack.enter_context(atomic_write(directory / ADAPTER_WEIGHTS_FILE))
-        config_file = stack.enter_context(atomic_write(directory / ADAPTER_CONFIG_FILE))
+    directory = output_directory(directory)
+    # Both temporaries are complete (and fsynced) before either is renamed over its target.
+    with atomic_write_files(directory / ADAPTER_WEIGHTS_FILE, directory / ADAPTER_CONFIG_FILE) as (
+        weights_file,
+        config_file,
+    ):
         weights_file.write(weights)
         config_file.write((json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
     return directory
@@ -499,21 +508,19 @@ def load_adapters(
     Refuses, before touching the model, a file for another hidden size or whose tensors do not
     match the positions and shapes its config implies. Returns the model.
     """
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
+    directory = adapter_directory(directory)
     config_path, weights_path = directory / ADAPTER_CONFIG_FILE, directory / ADAPTER_WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{directory} has no {path.name}")
-    document = json.loads(config_path.read_text())
+    document = read_json(config_path)
     config = AdapterConfig.from_dict(document.get("config", {}))
     saved_name = document.get("name", "default")
     adapter_name = adapter_name or saved_name
     hidden = hidden_size_of(model)
     if document.get("hidden_size", hidden) != hidden:
         raise ValueError(f"the adapter at {directory} is for hidden size {document['hidden_size']}, not {hidden}")
-    tensors = load_file(weights_path)
+    tensors = read_adapter_tensors(weights_path)
     expected = _expected_shapes(model, config, saved_name)
     check_adapter_tensors(tensors, expected, f"adapter at {directory}", model)
     patch_adapters(model, config, adapter_name)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["LoraConfig", "pattern_value"]
+__all__ = ["LoraConfig", "check_adapter_name", "pattern_value"]
 
 PEFT_VERSION = "0.21.2"  # the PEFT release whose adapter_config.json layout we write
 
@@ -30,6 +32,65 @@ _PEFT_LORA_DEFAULTS: dict[str, Any] = {
 # PEFT features that change the math; an adapter that uses one cannot load here.
 _UNSUPPORTED_WHEN_SET = ("use_dora", "lora_bias", "layer_replication", "target_parameters", "use_qalora",
                          "trainable_token_indices", "alora_invocation_tokens", "arrow_config")  # fmt: skip
+
+
+# -- argument checks shared by the configs -------------------------------------------------------
+
+
+def _is_real(value: Any) -> bool:
+    """A real number that is not a bool (True would otherwise pass as 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_finite(name: str, value: Any) -> float:
+    """``value`` as a float; a ValueError naming ``name`` for NaN, Inf, bools and non-numbers."""
+    if not _is_real(value) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_probability(name: str, value: Any) -> None:
+    """A dropout probability: a number in [0, 1) (NaN fails the comparison)."""
+    if not _is_real(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """True or False only: a string such as "no" would otherwise count as True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_names(name: str, value: Any, allow_regex: bool) -> None:
+    """None, a list of module names, or (where PEFT allows one) a regex string."""
+    if value is None or (allow_regex and isinstance(value, str)):
+        return
+    if isinstance(value, str):
+        raise TypeError(f"{name} must be a list of module names, got the string {value!r} (write [{value!r}])")
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        expected = "a list of module names" + (" or a regex string" if allow_regex else "")
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+
+
+def _check_nf4_storage(config: Any) -> None:
+    """``quantize`` / ``blocksize`` / ``double_quant``, checked when the config is made, not at patch time."""
+    from peft_fast.nf4 import _check_blocksize
+
+    if config.quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {config.quantize!r}")
+    _check_blocksize(config.blocksize)
+    check_bool("double_quant", config.double_quant)
+
+
+def check_adapter_name(adapter_name: Any) -> None:
+    """Adapter names become module / parameter keys: a non-empty string without dots."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
 
 
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
@@ -72,25 +133,56 @@ class LoraConfig:
     peft_type: ClassVar[str] = "LORA"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        check_positive_int("r", self.r)
+        check_finite("lora_alpha", self.lora_alpha)
+        check_probability("lora_dropout", self.lora_dropout)
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
-        if self.quantize not in (None, "nf4"):
-            raise ValueError(f"quantize must be None or 'nf4', got {self.quantize!r}")
+        check_bool("use_rslora", self.use_rslora)
+        _check_nf4_storage(self)
         if self.target_modules is None:
             raise ValueError("target_modules is required: a list of names, a regex, or 'all-linear'")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.layers_to_transform, int):
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                _check_names(name, list(value), allow_regex=False)
+                setattr(self, name, sorted(value))
+            _check_names(name, getattr(self, name), allow_regex=name != "modules_to_save")
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_to_transform is not None and (
+            not isinstance(self.layers_to_transform, (list, tuple))
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers_to_transform)
+        ):
+            raise TypeError(
+                f"layers_to_transform must be a layer index or a list of them, got {self.layers_to_transform!r}"
+            )
+        if self.layers_pattern is not None and not isinstance(self.layers_pattern, str):
+            _check_names("layers_pattern", self.layers_pattern, allow_regex=False)
+        # PEFT 0.21's own checks (peft.LoraConfig.__post_init__ raises for the same combinations).
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                "layers_to_transform cannot be used when target_modules is a str (a regex or 'all-linear')"
+            )
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("layers_pattern cannot be used when target_modules is a str (a regex or 'all-linear')")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("when layers_pattern is given, layers_to_transform must be given too")
         for name, value in self.rank_pattern.items():
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"rank_pattern[{name!r}] must be a positive integer, got {value!r}")
+            check_positive_int(f"rank_pattern[{name!r}]", value)
+        for name, value in self.alpha_pattern.items():
+            check_finite(f"alpha_pattern[{name!r}]", value)
+        if isinstance(self.compute_dtype, str):
+            self.compute_dtype = getattr(torch, self.compute_dtype.removeprefix("torch."), self.compute_dtype)
+        if self.compute_dtype is not None and (
+            not isinstance(self.compute_dtype, torch.dtype) or not self.compute_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"compute_dtype must be None or a floating-point torch.dtype (torch.float32, torch.bfloat16, "
+                f"torch.float16), got {self.compute_dtype!r}"
+            )
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
@@ -186,12 +278,11 @@ class AdapterConfig:
         if self.reduction_factor is not None and self.bottleneck_size is not None:
             raise ValueError("give reduction_factor or bottleneck_size, not both")
         if self.bottleneck_size is not None:
-            if isinstance(self.bottleneck_size, bool) or not isinstance(self.bottleneck_size, int):
-                raise ValueError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
-            if self.bottleneck_size <= 0:
-                raise ValueError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size}")
+            check_positive_int("bottleneck_size", self.bottleneck_size)
         elif self.reduction_factor is None:
             self.reduction_factor = defaults["reduction_factor"]
+        if self.reduction_factor is not None and not _is_real(self.reduction_factor):
+            raise TypeError(f"reduction_factor must be a number >= 1, got {self.reduction_factor!r}")
         if self.reduction_factor is not None and not self.reduction_factor >= 1:
             raise ValueError(
                 f"reduction_factor must be >= 1 (the bottleneck, hidden_size / reduction_factor, cannot be "
@@ -199,13 +290,17 @@ class AdapterConfig:
             )
         if self.scaling is None:
             self.scaling = defaults["scaling"]
-        if not -float("inf") < float(self.scaling) < float("inf"):  # also false for NaN
-            raise ValueError(f"scaling must be a finite number, got {self.scaling}")
-        self.scaling = float(self.scaling)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.scaling = check_finite("scaling", self.scaling)
+        check_probability("dropout", self.dropout)
+        check_bool("ln_before", self.ln_before)
         if self.locations is None:
             self.locations = list(defaults["locations"])
+        if isinstance(self.locations, str) or not isinstance(self.locations, (list, tuple)):
+            raise TypeError(f"locations must be a list of {ADAPTER_LOCATIONS} entries, got {self.locations!r}")
+        if not isinstance(self.leave_out, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in self.leave_out
+        ):
+            raise TypeError(f"leave_out must be a list of layer indices, got {self.leave_out!r}")
         self.locations = [_choice("location", loc, ADAPTER_LOCATIONS) for loc in self.locations]
         if not self.locations or len(set(self.locations)) != len(self.locations):
             raise ValueError(f"locations must be distinct entries of {ADAPTER_LOCATIONS}, got {self.locations}")
@@ -214,8 +309,7 @@ class AdapterConfig:
                 f"placement {self.placement!r} puts adapters after {' and '.join(defaults['locations'])}; "
                 f"locations can only be chosen for placement='parallel'"
             )
-        if self.quantize not in (None, "nf4"):
-            raise ValueError(f"quantize must be None or 'nf4', got {self.quantize!r}")
+        _check_nf4_storage(self)
 
     @property
     def is_parallel(self) -> bool:
@@ -321,7 +415,12 @@ class IA3Config:
         for name in ("target_modules", "feedforward_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (set, tuple, list)):
+                value = list(value)
+                _check_names(name, value, allow_regex=True)
                 setattr(self, name, sorted(value))
+            else:
+                _check_names(name, value, allow_regex=True)
+        check_bool("init_ia3_weights", self.init_ia3_weights)
         if (
             isinstance(self.target_modules, list)
             and isinstance(self.feedforward_modules, list)
@@ -331,8 +430,7 @@ class IA3Config:
                 f"feedforward_modules {self.feedforward_modules} must be a subset of "
                 f"target_modules {self.target_modules}"
             )
-        if self.quantize not in (None, "nf4"):
-            raise ValueError(f"quantize must be None or 'nf4', got {self.quantize!r}")
+        _check_nf4_storage(self)
 
     def for_model_type(self, model_type: str | None) -> IA3Config:
         """This config with PEFT's default targets for ``model_type`` filled in where None."""

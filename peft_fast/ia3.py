@@ -14,7 +14,6 @@ parameter, (IA)³ vectors included), then (IA)³ on modules LoRA left alone.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
 import os
@@ -27,8 +26,15 @@ import torch
 from torch import nn
 
 from peft_fast.adapters import PEFT_FAST_STATE_ATTRS, prepare_host_model
-from peft_fast.config import IA3Config
-from peft_fast.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_write, check_adapter_tensors, read_adapter
+from peft_fast.config import IA3Config, check_adapter_name
+from peft_fast.io import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    atomic_write_files,
+    check_adapter_tensors,
+    output_directory,
+    read_adapter,
+)
 from peft_fast.layers import LoraLinear, NF4Linear
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 from peft_fast.patch import _as_linear, _matches, _restore_base, _set_submodule, output_head_names
@@ -100,8 +106,9 @@ class IA3Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from peft_fast.adapter_ops import ia3_linear
-        from peft_fast.ops import base_linear
+        from peft_fast.ops import base_linear, check_input
 
+        check_input(x, self.in_features)  # before the casts to x's dtype below (an int x: int weights)
         base, bias = self.base_weight(), self.base_layer.bias
         if isinstance(base, torch.Tensor) and base.dtype != x.dtype:
             base = base.to(x.dtype)
@@ -223,6 +230,7 @@ def patch_ia3(model: nn.Module, config: IA3Config, adapter_name: str = "default"
     """
     if not isinstance(config, IA3Config):
         raise TypeError(f"config must be a peft_fast.IA3Config, got {type(config).__name__}")
+    check_adapter_name(adapter_name)
     if getattr(model, _STATE_ATTR, None) is not None:
         raise ValueError(f"the model already has the (IA)³ adapter {_state(model).adapter_name!r}")
     config = _resolved(model, config)
@@ -314,10 +322,8 @@ def save_ia3(model: nn.Module, directory: str | os.PathLike) -> Path:
     # PEFT sets fan_in_fan_out when it wraps a Conv1D (GPT-2), and writes the config as it left it.
     config_dict["fan_in_fan_out"] = any(name in state.conv1d_names for name, _ in ia3_layers(model))
     weights = safetensors_bytes(ia3_state_dict(model), metadata={"format": "pt"})
-    directory = Path(directory)
-    with contextlib.ExitStack() as stack:
-        weights_file = stack.enter_context(atomic_write(directory / ADAPTER_WEIGHTS))
-        config_file = stack.enter_context(atomic_write(directory / ADAPTER_CONFIG))
+    directory = output_directory(directory)
+    with atomic_write_files(directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG) as (weights_file, config_file):
         weights_file.write(weights)
         config_file.write((json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode())
     return directory

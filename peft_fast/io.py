@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_write", "iter_safetensors", "safetensors_files"]
+__all__ = ["atomic_write", "atomic_write_files", "iter_safetensors", "read_json", "safetensors_files"]
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -48,6 +49,41 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         raise
 
 
+@contextlib.contextmanager
+def atomic_write_files(*paths: str | os.PathLike) -> Iterator[list]:
+    """:func:`atomic_write` for files that belong together (an adapter's weights and its config).
+
+    Yields one binary handle per path. Every temporary is complete and fsynced before the first
+    rename, so a failure while writing any of them leaves all the old files in place (nested
+    ``atomic_write`` contexts would rename the inner file before the outer one is even fsynced,
+    and a failure then leaves a new adapter_config.json beside the old weights).
+    """
+    paths = [Path(path) for path in paths]
+    temps: list[str] = []
+    handles: list = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps.append(tmp)
+            handles.append(os.fdopen(fd, "wb"))
+        yield handles
+        for handle in handles:
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+        for tmp, path in zip(temps, paths, strict=True):
+            os.replace(tmp, path)
+    except BaseException:
+        for handle in handles:
+            with contextlib.suppress(OSError):
+                handle.close()
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+
+
 def safetensors_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors file(s) of a checkpoint: a file, or a directory with one file or an index."""
     path = Path(path)
@@ -57,8 +93,14 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
         raise FileNotFoundError(f"no checkpoint at {path}")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index} has no valid weight_map (tensor name -> shard file)")
+        shards = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [shard.name for shard in shards if not shard.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that are missing from {path}: {', '.join(missing[:5])}")
+        return shards
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
@@ -68,6 +110,17 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
     return found
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; a ValueError naming the file when it is not one."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(document).__name__}")
+    return document
+
+
 def _read_header(handle, path: Path) -> tuple[dict, int]:
     raw = handle.read(8)
     if len(raw) != 8:
@@ -75,9 +128,30 @@ def _read_header(handle, path: Path) -> tuple[dict, int]:
     (size,) = struct.unpack("<Q", raw)
     if size > _MAX_HEADER_BYTES:
         raise ValueError(f"{path}: not a safetensors file (header of {size} bytes)")
-    header = json.loads(handle.read(size))
+    try:
+        header = json.loads(handle.read(size))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        _check_header_entry(path, name, info)
     return header, 8 + size
+
+
+def _check_header_entry(path: Path, name: str, info) -> None:
+    """A tensor entry must be {dtype, shape, data_offsets} with a byte range that fits its shape."""
+    try:
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        shape, (begin, end) = [int(d) for d in info["shape"]], info["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"{path}: tensor {name} has a malformed header entry {info!r}") from None
+    if dtype is None:
+        raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+    expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if any(d < 0 for d in shape) or not isinstance(begin, int) or not 0 <= begin <= end or end - begin != expected:
+        raise ValueError(f"{path}: tensor {name} has data_offsets {info['data_offsets']} that do not fit shape {shape}")
 
 
 def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
@@ -86,9 +160,7 @@ def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tenso
         with open(file, "rb") as handle:
             header, data_start = _read_header(handle, file)
             for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-                if dtype is None:
-                    raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
                 begin, end = info["data_offsets"]
                 handle.seek(data_start + begin)
                 buffer = bytearray(end - begin)
@@ -140,37 +212,65 @@ def save_adapter(model, directory: str | os.PathLike, adapter_name: str | None =
 
     from peft_fast.patch import _require_state, _state
 
+    directory = output_directory(directory)
     if _state(model) is None:
         return _save_other_method(model, directory, adapter_name)
     state = _require_state(model)
     adapter_name = adapter_name or state.active[0]
     if adapter_name not in state.configs:
         raise ValueError(f"unknown adapter {adapter_name!r}; the model has {list(state.configs)}")
-    directory = Path(directory)
     config = state.configs[adapter_name]
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config_json = json.dumps(config.to_peft_dict(base_name), indent=2, sort_keys=True, default=str) + "\n"
     weights = safetensors_bytes(adapter_state_dict(model, adapter_name), metadata={"format": "pt"})
-    with contextlib.ExitStack() as stack:
-        # Both temporaries are complete (and fsynced) before either replaces its target.
-        handles = [stack.enter_context(_staged(directory / name)) for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)]
-        handles[0].write(weights)
-        handles[1].write(config_json.encode())
+    # Both temporaries are complete (and fsynced) before either replaces its target.
+    with atomic_write_files(directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG) as (weights_file, config_file):
+        weights_file.write(weights)
+        config_file.write(config_json.encode())
     return directory
 
 
-@contextlib.contextmanager
-def _staged(path: Path) -> Iterator:
-    """Like :func:`atomic_write`, but the rename waits until the enclosing ExitStack unwinds."""
-    with atomic_write(path) as handle:
-        yield handle
+def output_directory(directory: str | os.PathLike) -> Path:
+    """``directory`` as a Path; a clear error when it names an existing file (saves write a directory)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path, got {type(directory).__name__}")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"directory {str(directory)!r} is an existing file; adapters are saved into a directory")
+    return directory
+
+
+def adapter_directory(directory: str | os.PathLike) -> Path:
+    """``directory`` as a Path, which must be an existing directory (an adapter to load)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path, got {type(directory).__name__}")
+    directory = Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"no adapter directory at {directory}")
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is a file; give the adapter's directory (with {ADAPTER_CONFIG})")
+    return directory
+
+
+def read_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter's safetensors file: floating point, or a ValueError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt?): {exc}") from None
+    not_float = [f"{key} ({t.dtype})" for key, t in tensors.items() if not t.is_floating_point()]
+    if not_float:
+        # copy_ would cast them silently (int adapter weights are certainly not what was trained).
+        raise ValueError(f"{path}: adapter tensors must be floating point; got {', '.join(not_float[:5])}")
+    return tensors
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json as a dict, tensors) of a PEFT-format adapter directory."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
+    directory = adapter_directory(directory)
     config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} has no {ADAPTER_CONFIG}")
@@ -179,7 +279,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
         if pickled.is_file():
             raise ValueError(f"{pickled} is a pickle; peft_fast loads safetensors adapters only")
         raise FileNotFoundError(f"{directory} has no {ADAPTER_WEIGHTS}")
-    return json.loads(config_path.read_text()), load_file(weights_path)
+    return read_json(config_path), read_adapter_tensors(weights_path)
 
 
 def load_adapter(model, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False):
@@ -308,10 +408,10 @@ def _save_other_method(model, directory, adapter_name: str | None) -> Path:
 
 def _load_other_method(model, directory, adapter_name: str, is_trainable: bool):
     """load_adapter for non-LoRA adapter directories; None when the directory holds a LoRA adapter."""
-    config_path = Path(directory) / ADAPTER_CONFIG
+    config_path = adapter_directory(directory) / ADAPTER_CONFIG
     if not config_path.is_file():
         return None
-    document = json.loads(config_path.read_text())
+    document = read_json(config_path)
     peft_type = document.get("peft_type")
     if peft_type == "IA3":
         from peft_fast.ia3 import load_ia3

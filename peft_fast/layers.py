@@ -128,10 +128,13 @@ class LoraLinear(nn.Module):
         use_rslora: bool = False,
     ) -> None:
         """Add (or replace) adapter ``adapter_name`` with rank ``r``, initialised as PEFT does."""
-        if r <= 0:
-            raise ValueError(f"r must be a positive integer, got {r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        from peft_fast.config import check_adapter_name, check_finite, check_positive_int, check_probability
+
+        check_adapter_name(adapter_name)
+        check_positive_int("r", r)
+        # A NaN or infinite lora_alpha makes every output NaN (PEFT accepts it and does just that).
+        check_finite("lora_alpha", lora_alpha)
+        check_probability("lora_dropout", lora_dropout)
         factory = {"device": self._base_device(), "dtype": self._base_dtype()}
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)
@@ -192,8 +195,11 @@ class LoraLinear(nn.Module):
         self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from peft_fast.ops import base_linear, lora_linear
+        from peft_fast.ops import base_linear, check_input, lora_linear
 
+        # Checked before the casts below, which would otherwise turn the weights into x's dtype
+        # (an integer x gave an integer matmul with truncated weights when adapters were disabled).
+        check_input(x, self.in_features)
         base, bias = self.base_weight(), self.base_layer.bias
         if isinstance(base, torch.Tensor) and base.dtype != x.dtype:
             base = base.to(x.dtype)

@@ -122,6 +122,10 @@ class NF4Weight:
     nested_offset: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        for name in ("packed", "absmax", "nested_absmax", "nested_offset"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) and (value is not None or name in ("packed", "absmax")):
+                raise TypeError(f"NF4Weight.{name} must be a torch.Tensor, got {type(value).__name__}")
         self.shape = torch.Size(self.shape)
         _check_blocksize(self.blocksize)
         _check_float_dtype(self.dtype, "NF4Weight.dtype")
@@ -334,6 +338,13 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     code from a table. A block whose values are all zero stores code 0.
     """
     offset = absmax.mean()
+    if not torch.isfinite(offset):
+        # Block scales near the fp32 maximum overflow the fp32 mean; bitsandbytes then stores an
+        # infinite offset and dequantizes every weight to NaN. Refuse instead.
+        raise ValueError(
+            f"double quantization overflows: the mean of the block scales is {offset.item()} in fp32 (largest "
+            f"scale {absmax.max().item():.3e}); quantize with double_quant=False"
+        )
     centered = absmax - offset
     n = centered.numel()
     n_nested = math.ceil(n / NESTED_BLOCKSIZE)
@@ -342,7 +353,10 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     # An all-zero block gets scale 0 here (not 1/0) so its values stay finite before masking.
     inverse = torch.where(nested_absmax == 0, 0.0, 1.0 / nested_absmax)
     inverse = inverse.repeat_interleave(NESTED_BLOCKSIZE)[:n]
-    normed = (centered * inverse).clamp_(-1.0, 1.0)
+    # A block whose nested absmax is subnormal has an infinite inverse, and 0 · inf is NaN for the
+    # entries equal to the offset. NaN has no grid index (it crashed the lookup); bitsandbytes
+    # stores code 0 for it, which is what -1.0 looks up.
+    normed = (centered * inverse).nan_to_num_(nan=-1.0).clamp_(-1.0, 1.0)
     grid_index = (((normed + 1.0) * 0.5) * (_LUT_SIZE - 1) + 0.5).to(torch.int64)
     codes = _dynamic_map_lut(absmax.device)[grid_index]
     zero_block = (nested_absmax == 0).repeat_interleave(NESTED_BLOCKSIZE)[:n]
@@ -365,9 +379,10 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         double_quant: also quantize the block scales (QLoRA's double quantization).
 
     Raises:
-        ValueError: non-2-D weight, empty weight, bad blocksize, or NaN/Inf in the weight
-            (bitsandbytes silently stores garbage for those; we refuse).
-        TypeError: a weight that is not fp32/fp16/bf16.
+        ValueError: non-2-D, empty or meta weight, bad blocksize, NaN/Inf in the weight, or (with
+            double quantization) block scales whose fp32 mean overflows (bitsandbytes silently
+            stores garbage for the last two; we refuse).
+        TypeError: a weight that is not fp32/fp16/bf16, or a double_quant that is not a bool.
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -375,8 +390,12 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     _check_float_dtype(weight.dtype, "weight dtype")
     _check_blocksize(blocksize)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
     if weight.numel() == 0:
         raise ValueError(f"weight is empty (shape {tuple(weight.shape)})")
+    if weight.device.type == "meta":
+        raise ValueError("weight is on the meta device (it has no values to quantize); load the weights first")
 
     flat = weight.detach().reshape(-1)
     n = flat.numel()
@@ -412,6 +431,8 @@ def dequantize_nf4(nf4: NF4Weight, dtype: torch.dtype | None = None) -> torch.Te
     Equal bit for bit to ``bitsandbytes.functional.dequantize_4bit``. ``dtype`` defaults to
     the dtype the weight had before quantization; float64 is accepted too (for references).
     """
+    if not isinstance(nf4, NF4Weight):
+        raise TypeError(f"nf4 must be an NF4Weight (from quantize_nf4), got {type(nf4).__name__}")
     dtype = nf4.dtype if dtype is None else dtype
     if dtype != torch.float64:  # float64 serves float64 references and gradcheck
         _check_float_dtype(dtype, "dtype")

@@ -18,13 +18,15 @@ weights themselves; never deq(W), the dropout mask or a dropped copy of X.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import torch
 
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
-__all__ = ["backend_name", "base_linear", "dropout_mask", "lora_linear", "merge_lora"]
+__all__ = ["backend_name", "base_linear", "check_input", "dropout_mask", "lora_linear", "merge_lora"]
 
 _SEED_BOUND = 2**31 - 1
 
@@ -218,22 +220,41 @@ def _seed_tensor(seed: int | None) -> torch.Tensor:
     """The dropout seed as a CPU int64 tensor: drawn in-graph under torch.compile, no recompiles."""
     if seed is None:
         return torch.randint(0, _SEED_BOUND, (1,), dtype=torch.int64)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")  # int(1.5) would quietly give seed 1
     if not 0 <= int(seed) <= _SEED_BOUND:
         raise ValueError(f"seed must be in [0, 2**31 - 1], got {seed}")
     return torch.tensor([int(seed)], dtype=torch.int64)
 
 
-def _check_lora_inputs(x, base, lora_a, lora_b, bias) -> None:
-    """Clear errors for what the kernels cannot take; layout problems are fixed by the caller."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError("x must be a tensor of shape [..., in_features]")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"x must be a float tensor, got {x.dtype}")
-    out_features, in_features = base.shape
+_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_input(x, in_features: int) -> None:
+    """The checks every layer's forward makes on its input: a float tensor [..., in_features]."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape [..., {in_features}], got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must be a tensor of shape [..., in_features], got a 0-d tensor")
+    if x.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"x must be a float tensor (float32, float16, bfloat16 or float64), got {x.dtype}")
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features but the base weight expects {in_features}")
+
+
+def _check_lora_inputs(x, base, lora_a, lora_b, bias) -> None:
+    """Clear errors for what the kernels cannot take; layout problems are fixed by the caller."""
+    if len(base.shape) != 2:
+        raise ValueError(f"the base weight must be 2-D [out_features, in_features], got shape {tuple(base.shape)}")
+    out_features, in_features = base.shape
+    check_input(x, in_features)
+    for name, tensor in (("lora_A", lora_a), ("lora_B", lora_b), ("bias", bias)):
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if lora_a.dim() != 2 or lora_a.shape[1] != in_features:
         raise ValueError(f"lora_A must be [r, {in_features}], got {tuple(lora_a.shape)}")
+    if lora_a.shape[0] == 0:
+        raise ValueError(f"lora_A has rank 0 (shape {tuple(lora_a.shape)}); the rank r must be at least 1")
     if lora_b.dim() != 2 or lora_b.shape != (out_features, lora_a.shape[0]):
         raise ValueError(
             f"lora_B must be [{out_features}, r={lora_a.shape[0]}] to match lora_A and the base, "
@@ -279,17 +300,25 @@ def lora_linear(
     if not isinstance(base, (torch.Tensor, NF4Weight)):
         raise TypeError(f"base must be a torch.Tensor or an NF4Weight, got {type(base).__name__}")
     _check_lora_inputs(x, base, lora_a, lora_b, bias)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a number, got {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):  # a NaN / Inf scale makes every output NaN / Inf
+        raise ValueError(f"scale must be a finite number, got {scale}")
     dropout_p = float(dropout_p) if training else 0.0
     seed_tensor = _seed_tensor(seed if seed is not None or dropout_p > 0.0 else 0)
     lead = x.shape[:-1]
     # Non-contiguous inputs are handled, not rejected: the kernels want row-major operands.
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    # The row count is explicit: reshape(-1, 0) is ambiguous for a layer with no input features.
+    x2d = x.reshape(math.prod(lead), x.shape[-1]).contiguous()
     lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
     if isinstance(base, torch.Tensor):
         base = base.contiguous()
-    y, _ = _lora_linear_op(x2d, *_base_to_args(base), lora_a, lora_b, bias, float(scale), dropout_p, seed_tensor)
+    y, _ = _lora_linear_op(x2d, *_base_to_args(base), lora_a, lora_b, bias, scale, dropout_p, seed_tensor)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -346,11 +375,10 @@ def _dequantize(nf4: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 def base_linear(x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x · deq(W)ᵀ + b`` without an adapter; for an NF4 weight never keeps deq(W) for backward."""
+    out_features, in_features = base.shape
+    check_input(x, in_features)
     if not isinstance(base, NF4Weight):
         return torch.nn.functional.linear(x, base, bias)
-    out_features, in_features = base.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features but the base weight expects {in_features}")
     y = _nf4_matmul_op(x, *_base_to_args(base)[:5], out_features, in_features, False)
     return y if bias is None else y + bias
 

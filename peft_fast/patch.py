@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peft_fast.config import LoraConfig
+from peft_fast.config import LoraConfig, check_adapter_name
 from peft_fast.layers import LoraLinear, NF4Linear
 from peft_fast.quantize import is_quantizable_linear, quantize_model
 
@@ -142,9 +142,13 @@ def find_targets(model: nn.Module, config: LoraConfig, among_lora_layers: bool =
         leaf_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_quantizable_linear(m)})
         wanted = config.target_modules if isinstance(config.target_modules, list) else [str(config.target_modules)]
         close = sorted({c for w in wanted for c in difflib.get_close_matches(w, leaf_names, n=5, cutoff=0.3)})
+        # Name the filters too: the targets may exist and be filtered out by them (as PEFT notes).
+        filters = [f"{key}={getattr(config, key)!r}" for key in ("exclude_modules", "layers_to_transform")
+                   if getattr(config, key) is not None]  # fmt: skip
         raise ValueError(
-            f"target_modules {config.target_modules!r} matches no module of {type(model).__name__}. "
-            f"Close names: {close or leaf_names[:12]}"
+            f"target_modules {config.target_modules!r} matches no module of {type(model).__name__}"
+            + (f" (with {', '.join(filters)})" if filters else "")
+            + f". Close names: {close or leaf_names[:12]}"
         )
     return names
 
@@ -186,6 +190,9 @@ def patch(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -
     All other parameters are frozen (biases and ``modules_to_save`` stay trainable as
     ``config`` says). Returns the same model object.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
+    check_adapter_name(adapter_name)
     if not isinstance(config, LoraConfig):
         return _patch_other_method(model, config, adapter_name)
     state = _state(model)
@@ -246,7 +253,11 @@ def _patch_other_method(model: nn.Module, config, adapter_name: str) -> nn.Modul
         return patch_ia3(model, config, adapter_name)
     if isinstance(config, (PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, AdaptionPromptConfig)):
         return patch_prompt(model, config, adapter_name)
-    raise TypeError(f"config must be a peft_fast config (LoraConfig, IA3Config, ...), got {type(config).__name__}")
+    kind = f"{type(config).__module__}.{type(config).__qualname__}"
+    raise TypeError(
+        f"config must be a peft_fast config (peft_fast.LoraConfig, peft_fast.IA3Config, ...), got {kind}"
+        + ("; peft's configs are not accepted, build the peft_fast one with the same fields" if "peft." in kind else "")
+    )
 
 
 def _check_modules_to_save(model: nn.Module, config: LoraConfig) -> None:
@@ -293,6 +304,9 @@ def _untie(model: nn.Module, module: nn.Module) -> None:
 def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
     """Add another adapter to an already patched model (on the same base; not activated)."""
     state = _require_state(model)
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"add_adapter adds LoRA adapters: config must be a LoraConfig, got {type(config).__name__}")
+    check_adapter_name(adapter_name)
     if adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} exists already")
     if config.quantize != next(iter(state.configs.values())).quantize:
@@ -390,6 +404,8 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     adapter are dequantized too.
     """
     state = _require_state(model)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be None or a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
     for name, layer in list(lora_layers(model)):
         merged = layer.merged_weight(dtype)
         _set_submodule(model, name, _restore_base(layer, name in state.conv1d_names, dtype, merged))

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_fast.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_write
+from peft_fast.config import check_bool, check_probability
+from peft_fast.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_write_files, output_directory
 
 __all__ = [
     "AdaptionPromptConfig",
@@ -98,6 +99,8 @@ class PromptTuningConfig:
 
     def __post_init__(self) -> None:
         _check_positive("num_virtual_tokens", self.num_virtual_tokens)
+        if not isinstance(self.init, str):
+            raise ValueError(f"init must be 'random' or 'text', got {self.init!r}")
         self.init = self.init.lower()
         if self.init not in ("random", "text"):
             raise ValueError(f"init must be 'random' or 'text', got {self.init!r}")
@@ -131,6 +134,7 @@ class PrefixTuningConfig:
 
     def __post_init__(self) -> None:
         _check_positive("num_virtual_tokens", self.num_virtual_tokens)
+        check_bool("prefix_projection", self.prefix_projection)
         if self.encoder_hidden_size is not None:
             _check_positive("encoder_hidden_size", self.encoder_hidden_size)
 
@@ -157,7 +161,8 @@ class PromptEncoderConfig:
 
     def __post_init__(self) -> None:
         _check_positive("num_virtual_tokens", self.num_virtual_tokens)
-        self.encoder_reparameterization_type = self.encoder_reparameterization_type.upper()
+        if isinstance(self.encoder_reparameterization_type, str):
+            self.encoder_reparameterization_type = self.encoder_reparameterization_type.upper()
         if self.encoder_reparameterization_type not in ("MLP", "LSTM"):
             raise ValueError(
                 f"encoder_reparameterization_type must be MLP or LSTM, got {self.encoder_reparameterization_type!r}"
@@ -165,8 +170,7 @@ class PromptEncoderConfig:
         _check_positive("encoder_num_layers", self.encoder_num_layers)
         if self.encoder_hidden_size is not None:
             _check_positive("encoder_hidden_size", self.encoder_hidden_size)
-        if not 0.0 <= self.encoder_dropout < 1.0:
-            raise ValueError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
+        check_probability("encoder_dropout", self.encoder_dropout)
 
     def peft_fields(self) -> dict[str, Any]:
         return {
@@ -191,6 +195,8 @@ class AdaptionPromptConfig:
     def __post_init__(self) -> None:
         _check_positive("adapter_len", self.adapter_len)
         _check_positive("adapter_layers", self.adapter_layers)
+        if not isinstance(self.target_modules, str) or not self.target_modules:
+            raise ValueError(f"target_modules must be the name of the attention modules, got {self.target_modules!r}")
 
 
 PromptConfig = PromptTuningConfig | PrefixTuningConfig | PromptEncoderConfig | AdaptionPromptConfig
@@ -544,12 +550,21 @@ def _check_supported(model: nn.Module, config: PromptConfig) -> None:
 
 
 def _attention_targets(model: nn.Module, config: AdaptionPromptConfig) -> list[str]:
-    names = [name for name, _ in model.named_modules() if name.split(".")[-1] == config.target_modules]
-    if len(names) < config.adapter_layers:
+    modules = [(name, m) for name, m in model.named_modules() if name.split(".")[-1] == config.target_modules]
+    if len(modules) < config.adapter_layers:
         raise ValueError(
-            f"adapter_layers={config.adapter_layers} but the model has {len(names)} '{config.target_modules}' modules"
+            f"adapter_layers={config.adapter_layers} but the model has {len(modules)} '{config.target_modules}' modules"
         )
-    return names[-config.adapter_layers :]
+    # The adaption hook runs the module's own q/k/v/o projections: anything else failed in forward.
+    modules = modules[-config.adapter_layers :]
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+    not_attention = [f"{n} ({type(m).__name__})" for n, m in modules if not all(hasattr(m, p) for p in projections)]
+    if not_attention:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} names modules without {'/'.join(projections)}: "
+            f"{', '.join(not_attention[:4])}; LLaMA-Adapter goes into the attention modules ('self_attn')"
+        )
+    return [name for name, _ in modules]
 
 
 def patch_prompt(
@@ -698,13 +713,14 @@ def save_prompt_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     from safetensors.torch import save as safetensors_bytes
 
     state = _require_state(model)
-    directory = Path(directory)
+    directory = output_directory(directory)
     weights = safetensors_bytes(prompt_adapter_state_dict(model), metadata={"format": "pt"})
     config_json = json.dumps(_peft_config_dict(model, state.config), indent=2, sort_keys=True) + "\n"
-    with atomic_write(directory / ADAPTER_WEIGHTS) as handle:
-        handle.write(weights)
-    with atomic_write(directory / ADAPTER_CONFIG) as handle:
-        handle.write(config_json.encode())
+    # Fix: the two files were renamed one after the other, so a failure writing the config left new
+    # weights beside the old config. Both temporaries are now complete before either is renamed.
+    with atomic_write_files(directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG) as (weights_file, config_file):
+        weights_file.write(weights)
+        config_file.write(config_json.encode())
     return directory
 
 
@@ -715,6 +731,10 @@ def _config_from_peft(raw: dict[str, Any]) -> PromptConfig:
     if raw.get("num_transformer_submodules", 1) not in (1, None):
         raise ValueError("adapters for encoder-decoder models (num_transformer_submodules=2) are not supported")
     task = raw.get("task_type") or "CAUSAL_LM"
+    required = ("adapter_len", "adapter_layers") if peft_type == "ADAPTION_PROMPT" else ("num_virtual_tokens",)
+    missing = [key for key in required if key not in raw]
+    if missing:
+        raise ValueError(f"this {peft_type} adapter_config.json lacks {', '.join(missing)}")
     if peft_type == "ADAPTION_PROMPT":
         return AdaptionPromptConfig(
             raw["adapter_len"], raw["adapter_layers"], raw.get("target_modules") or "self_attn", task

@@ -21,14 +21,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from peft_fast.io import iter_safetensors
+from peft_fast.io import iter_safetensors, safetensors_files
 from peft_fast.layers import NF4Linear
-from peft_fast.nf4 import NF4Weight, quantize_nf4
+from peft_fast.nf4 import NF4Weight, _check_blocksize, quantize_nf4
 
 __all__ = ["DEFAULT_SKIP_MODULES", "quantize_model"]
 
 # Output heads stay in full precision, as transformers + bitsandbytes leave them.
 DEFAULT_SKIP_MODULES = ("lm_head", "embed_out", "output_layer", "score", "classifier", "qa_outputs")
+_FINITE_CHECK_CHUNK = 1 << 22  # elements per finiteness check before quantizing
 
 
 @functools.lru_cache(maxsize=1)
@@ -105,10 +106,39 @@ def quantize_model(
         skip_modules: module names (last component, full name, or regex) kept in full precision.
         progress: show a progress bar.
     """
+    _check_blocksize(blocksize)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
+    if isinstance(skip_modules, str):
+        skip_modules = (skip_modules,)  # one pattern, not its characters
     skip_modules = tuple(skip_modules)
     if isinstance(model_or_path, nn.Module):
         return _quantize_in_memory(model_or_path, blocksize, double_quant, skip_modules, progress)
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise TypeError(
+            f"model_or_path must be a torch.nn.Module or a checkpoint directory, got {type(model_or_path).__name__}"
+        )
     return _quantize_checkpoint(Path(model_or_path), blocksize, double_quant, skip_modules, progress)
+
+
+def _check_quantizable(name: str, weight: torch.Tensor) -> None:
+    """Everything quantize_nf4 would refuse, found before the first layer of a model is replaced.
+
+    A model whose 5th layer is float64 or holds a NaN was left half-quantized by the error.
+    """
+    if weight.device.type == "meta":
+        raise ValueError(f"{name}.weight is on the meta device (no values to quantize); load the weights first")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"NF4 quantization needs float32, float16 or bfloat16 weights, but {name}.weight is {weight.dtype}; "
+            "cast the model first (e.g. model.to(torch.float32))"
+        )
+    if weight.numel() == 0:
+        raise ValueError(f"{name}.weight is empty (shape {tuple(weight.shape)})")
+    # Row chunks (views): the bool temporaries stay small, as quantize_nf4's own chunks do.
+    for rows in weight.split(max(1, _FINITE_CHECK_CHUNK // max(1, weight.shape[-1]))):
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError(f"{name}.weight holds NaN or Inf, which NF4 cannot represent")
 
 
 def _quantize_in_memory(
@@ -120,6 +150,9 @@ def _quantize_in_memory(
         for name, module in model.named_modules()
         if is_quantizable_linear(module) and not _is_skipped(name, skip_modules) and id(module.weight) not in tied
     ]
+    for name in targets:
+        with torch.no_grad():
+            _check_quantizable(name, model.get_submodule(name).weight)
     for name in tqdm(targets, desc="quantizing to NF4", disable=not progress or None, leave=False):
         module = model.get_submodule(name)
         nf4 = quantize_nf4(_linear_weight(module).detach(), blocksize, double_quant)
@@ -154,6 +187,13 @@ def _parameters_on_meta() -> Iterator[None]:
 def _build_empty_model(path: Path) -> nn.Module:
     import transformers
 
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file; quantize_model needs the checkpoint directory (config.json + safetensors)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; quantize_model needs a Hugging Face checkpoint directory")
+    safetensors_files(path)  # a missing weights file or shard is reported before the model is built
     config = transformers.AutoConfig.from_pretrained(path)
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
