@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -241,6 +242,13 @@ def test_embedded_demo_gains_accuracy(tmp_path):
     assert abs(peft_accuracy - after) < 0.05, (peft_accuracy, after)
 
 
+def free_port() -> str:
+    """A TCP port nothing listens on now: fixed ports collide when two test runs overlap."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 @pytest.mark.slow
 def test_two_process_gloo_ddp_matches_one_process(llama_dir, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", "text", count=32)
@@ -252,7 +260,7 @@ def test_two_process_gloo_ddp_matches_one_process(llama_dir, tmp_path):
                     str(single)], check=True, env=env, capture_output=True, timeout=600)  # fmt: skip
     ddp = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
          "-m", "peft_fast.cli", "train", *common, "--batch-size", "4", "--output", str(ddp)],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -311,7 +319,7 @@ def fsdp_runs(llama_dir, tmp_path_factory):
         if fsdp:
             script = [str(root / "ctrl_c.py")] if ctrl_c else ["-m", "peft_fast.cli"]
             launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                      "29531" if ctrl_c else "29529", *script, *argv, "--fsdp", "--batch-size", "4"]  # fmt: skip
+                      free_port(), *script, *argv, "--fsdp", "--batch-size", "4"]  # fmt: skip
         else:
             launch = [sys.executable, "-m", "peft_fast.cli", *argv, "--batch-size", "8"]
         # a rank that never stops would hang the other in a collective: fail in minutes, not hours
