@@ -512,29 +512,49 @@ def _name(dtype: torch.dtype) -> str:
 # -- running and writing ------------------------------------------------------------------------
 
 
-def run_benchmarks(quick: bool = False, suites: tuple[str, ...] | None = None) -> list[dict]:
-    """Every suite (or those named) on the GPU if there is one, else on the CPU."""
+SUITES = ("dequantize", "lora_linear", "saved_bytes", "train_step", "quantize_memory")
+
+
+def run_benchmarks(
+    quick: bool = False,
+    suites: tuple[str, ...] | None = None,
+    after_suite: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Every suite (or those named) on the GPU if there is one, else on the CPU.
+
+    A suite that raises (out of memory, a library missing) adds a ``suite_error`` row and the run
+    goes on with the next. ``after_suite(rows so far)`` runs after each suite, so a caller can
+    write partial results that survive a run killed by a time limit.
+    """
+    chosen = suites or SUITES
+    unknown = [suite for suite in chosen if suite not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown suite(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SUITES)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes, ms = (GPU_SHAPES, GPU_M) if device == "cuda" else (CPU_SHAPES, CPU_M)
     if quick:
         shapes, ms = shapes[:1], [ms[0], ms[-1]]
-    chosen = suites or ("dequantize", "lora_linear", "saved_bytes", "train_step", "quantize_memory")
+    run_suite = {
+        "dequantize": lambda: bench_dequantize(shapes, device, dtype),
+        "lora_linear": lambda: bench_lora_linear(shapes, ms, device, dtype),
+        "saved_bytes": lambda: bench_saved_bytes(device),
+        "train_step": lambda: bench_train_step(device, quick),
+        "quantize_memory": lambda: bench_quantize_memory(quick),
+    }
     rows: list[dict] = []
     for suite in chosen:
         print(f"[bench] {suite} on {device} ...", flush=True)
-        if suite == "dequantize":
-            rows += bench_dequantize(shapes, device, dtype)
-        elif suite == "lora_linear":
-            rows += bench_lora_linear(shapes, ms, device, dtype)
-        elif suite == "saved_bytes":
-            rows += bench_saved_bytes(device)
-        elif suite == "train_step":
-            rows += bench_train_step(device, quick)
-        elif suite == "quantize_memory":
-            rows += bench_quantize_memory(quick)
-        else:
-            raise ValueError(f"unknown suite {suite!r}")
+        try:
+            rows += run_suite[suite]()
+        except Exception as exc:
+            print(f"[bench] {suite} failed: {exc!r}", file=sys.stderr, flush=True)
+            rows.append({"op": "suite_error", "impl": suite, "error": repr(exc)[:500]})
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()  # the next suite starts from free memory
+        if after_suite is not None:
+            after_suite(rows)
     return rows
 
 

@@ -206,14 +206,22 @@ def _add_train_flags(train: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from peft_fast.benchmark import run_benchmarks, write_results
+    from peft_fast.benchmark import SUITES, run_benchmarks, write_results
+    from peft_fast.train import UsageError
 
     suites = tuple(args.suites.split(",")) if args.suites else None
-    rows = run_benchmarks(quick=args.quick, suites=suites)
+    unknown = sorted(set(suites or ()) - set(SUITES))
+    if unknown:
+        raise UsageError(f"unknown --suites {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    # Results are rewritten after every suite: a run cut short by a time limit keeps what it measured.
+    rows = run_benchmarks(quick=args.quick, suites=suites, after_suite=lambda rows: write_results(rows, args.out))
     paths = write_results(rows, args.out)
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    failed = [row["impl"] for row in rows if row["op"] == "suite_error"]
+    if failed:
+        print(f"failed suites: {', '.join(failed)} (see suite_error rows)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

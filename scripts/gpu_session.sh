@@ -28,5 +28,6 @@ for m in ("peft", "bitsandbytes"):
 PY
 PYTHONUNBUFFERED=1 timeout 330 python3 -m pytest -q -x -p no:cacheprovider tests \
   --ignore=tests/test_train.py 2>&1 | tee "$OUT/pytest-cuda.log" | tail -30
+# bench rewrites its JSON/markdown after each suite: a timeout keeps what was measured.
 PYTHONUNBUFFERED=1 timeout 240 python3 -m peft_fast.cli bench --out "$OUT" 2>&1 | tail -80 > "$OUT/bench.log"
 tail -60 "$OUT/bench.log"

@@ -109,3 +109,36 @@ def test_target_checks_report_the_worst_case_and_whether_it_meets_the_goal():
     assert checks["train step peak memory / PEFT + bnb"]["met"] is True
     missing = checks["QLoRA fwd+bwd speed-up vs PEFT + bnb (M >= 512)"]
     assert missing["measured"] is None and missing["met"] is None and missing["cases"] == 0
+
+
+def test_a_failing_suite_is_recorded_and_the_others_still_run_and_are_written(tmp_path, monkeypatch):
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(benchmark, "bench_dequantize", out_of_memory)
+    saved = {"op": "saved_for_backward", "impl": "peft_fast qlora", "scope": "layer", "bytes": 1}
+    monkeypatch.setattr(benchmark, "bench_saved_bytes", lambda device: [saved])
+    seen: list[list[str]] = []
+    rows = benchmark.run_benchmarks(suites=("dequantize", "saved_bytes"),
+                                    after_suite=lambda rows: seen.append([r["op"] for r in rows]))  # fmt: skip
+    assert seen == [["suite_error"], ["suite_error", "saved_for_backward"]]
+    assert rows[0]["impl"] == "dequantize" and "out of memory" in rows[0]["error"]
+    assert "## suite_error" in benchmark.write_results(rows, tmp_path)["md"].read_text()
+    with pytest.raises(ValueError, match=r"unknown suite.*'nope'"):
+        benchmark.run_benchmarks(suites=("saved_bytes", "nope"))
+
+
+def test_bench_cli_writes_after_each_suite_and_exits_1_when_a_suite_failed(tmp_path, monkeypatch, capsys):
+    from peft_fast.cli import main
+
+    written = []
+    real_write = benchmark.write_results
+    monkeypatch.setattr(
+        benchmark, "write_results", lambda rows, out: written.append(len(rows)) or real_write(rows, out)
+    )
+    monkeypatch.setattr(benchmark, "bench_saved_bytes", lambda device: 1 / 0)
+    assert main(["bench", "--suites", "saved_bytes", "--out", str(tmp_path)]) == 1
+    assert written == [1, 1]  # after the suite, then the final write
+    assert "failed suites: saved_bytes" in capsys.readouterr().err
+    assert main(["bench", "--suites", "dequantize,nope", "--out", str(tmp_path)]) == 2
+    assert "unknown --suites nope" in capsys.readouterr().err
