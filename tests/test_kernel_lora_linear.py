@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from peft_fast.kernels import lora_linear as kernels
+from peft_fast.kernels.dropout import philox4x32
 from peft_fast.kernels.lora_linear import (
     dropout_mask,
     lora_linear_backward,
@@ -216,6 +217,22 @@ def test_forward_dispatches_on_m(monkeypatch):
     assert calls == ["_forward_small_m", "_forward_tiled"]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("base_kind", ["nf4", "nf4_dq"])
+def test_large_m_dequantizes_once_then_runs_dense(monkeypatch, base_kind, dtype):
+    """From DEQUANT_GEMM_MIN_M rows the forward and dX stream deq(W) from a scratch buffer."""
+    case = make_case(40, 96, 33, 8, dtype, base_kind, bias=True, blocksize=32)
+    dequantized = []
+    original = kernels.dequantize_nf4_triton
+    monkeypatch.setattr(kernels, "dequantize_nf4_triton", lambda *a: dequantized.append(a) or original(*a))
+    monkeypatch.setattr(kernels, "DEQUANT_GEMM_MIN_M", 32)
+    check_against_formula(case, 0.3)
+    assert len(dequantized) == 2  # forward and dX, nowhere else
+    monkeypatch.setattr(kernels, "DEQUANT_GEMM_MIN_M", 41)
+    check_against_formula(case, 0.3)
+    assert len(dequantized) == 2
+
+
 # -- dropout ----------------------------------------------------------------------------------
 
 
@@ -263,19 +280,21 @@ def test_kernels_use_exactly_dropout_mask(seed):
 
 
 @triton.jit
-def _uniform_kernel(out_ptr, seed, first_offset, n, BLOCK: tl.constexpr):
+def _randint4x_kernel(out_ptr, seed, first_offset, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, tl.rand(seed, first_offset + offs.to(tl.int64)), mask=offs < n)
+    c0, c1, c2, c3 = tl.randint4x(seed, first_offset + offs.to(tl.int64))
+    for i, word in enumerate((c0, c1, c2, c3)):
+        tl.store(out_ptr + i * n + offs, word.to(tl.int64) & 0xFFFFFFFF, mask=offs < n)
 
 
 @pytest.mark.parametrize("seed,first_offset", [(0, 0), (99, 2**32 - 100), (2**35 + 1, 5)])
-def test_torch_philox_is_tl_rand(seed, first_offset):
-    # Includes offsets across 2**32, where the high word of the Philox counter starts to count.
+def test_torch_philox_is_tl_randint4x(seed, first_offset):
+    # Includes counters across 2**32, where the high word of the Philox counter starts to count.
     n = 300
-    out = torch.empty(n, device=KERNEL_DEVICE)
-    _uniform_kernel[(triton.cdiv(n, 128),)](out, seed, first_offset, n, BLOCK=128)
-    offsets = torch.arange(first_offset, first_offset + n, device=KERNEL_DEVICE)
-    assert torch.equal(kernels._philox_uniform(seed, offsets), out)
+    out = torch.empty(4, n, dtype=torch.int64, device=KERNEL_DEVICE)
+    _randint4x_kernel[(triton.cdiv(n, 128),)](out, seed, first_offset, n, BLOCK=128)
+    counters = torch.arange(first_offset, first_offset + n, device=KERNEL_DEVICE)
+    assert torch.equal(torch.stack(philox4x32(seed, counters)), out)
 
 
 def test_dropout_mask_statistics_and_seeds():

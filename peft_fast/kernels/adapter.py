@@ -5,8 +5,8 @@ serial (Houlsby / Pfeiffer) adapter, the host sublayer's output for a parallel o
 bd [B] project down to the bottleneck width B; Wu [D, B], bu [D] project back up. LN is an
 optional LayerNorm (γ, β, eps) on X; act is relu, gelu (erf form) or swish (z·σ(z)); s a scalar.
 Dropout is inverted dropout on the up-projection's output (where AdapterHub applies it): element
-(m, d) is kept iff ``tl.rand(seed, m·D + d) >= p``, the Philox stream of the LoRA kernels, so
-:func:`peft_fast.kernels.lora_linear.dropout_mask` replays it.
+(m, d) is kept per :mod:`peft_fast.kernels.dropout` (the LoRA kernels' Philox stream), so
+:func:`peft_fast.kernels.dropout.dropout_mask` replays it.
 
 Forward, two kernels:
 
@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from peft_fast.kernels.dropout import dropout_keep, dropout_mask, dropout_threshold
 from peft_fast.kernels.lora_linear import (
     _DOT_PRECISION,
     _INTERPRET,
@@ -45,10 +46,8 @@ from peft_fast.kernels.lora_linear import (
     _cfg,
     _configs,
     _dot,
-    _dropout_keep,
     _grouped_tile,
     _m_bucket,
-    dropout_mask,
 )
 
 __all__ = [
@@ -222,7 +221,7 @@ def _adapter_down_kernel(
 @triton.jit
 def _adapter_up_kernel(
     z_ptr, wu_ptr, bu_ptr, r_ptr, y_ptr,
-    M, D, B, scale, seed, p, inv_keep, m_bucket,
+    M, D, B, scale, seed, threshold, inv_keep, m_bucket,
     ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -244,7 +243,7 @@ def _adapter_up_kernel(
     acc += tl.load(bu_ptr + offs_n, mask=offs_n < D, other=0.0).to(tl.float32)[None, :]
     acc = acc * scale
     if HAS_DROPOUT:
-        acc = tl.where(_dropout_keep(seed, rows, offs_n[None, :], D, p), acc * inv_keep, 0.0)
+        acc = tl.where(dropout_keep(seed, rows, offs_n[None, :], D, threshold), acc * inv_keep, 0.0)
     mask = row_mask & (offs_n[None, :] < D)
     acc += tl.load(r_ptr + rows * D + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows * D + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -257,7 +256,7 @@ def _adapter_up_kernel(
 @triton.jit
 def _adapter_dz_kernel(
     dy_ptr, wu_ptr, z_ptr, dz_ptr,
-    M, D, B, grad_scale, seed, p, m_bucket,
+    M, D, B, grad_scale, seed, threshold, m_bucket,
     ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -271,7 +270,7 @@ def _adapter_dz_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_K)
         dy = tl.load(dy_ptr + rows * D + offs_n[None, :], mask=row_mask & (offs_n[None, :] < D), other=0.0)
         if HAS_DROPOUT:
-            dy = tl.where(_dropout_keep(seed, rows, offs_n[None, :], D, p), dy, 0.0)
+            dy = tl.where(dropout_keep(seed, rows, offs_n[None, :], D, threshold), dy, 0.0)
         wu_mask = (offs_n[:, None] < D) & (offs_b[None, :] < B)
         wu = tl.load(wu_ptr + offs_n[:, None].to(tl.int64) * B + offs_b[None, :], mask=wu_mask, other=0.0)
         acc = _dot(dy, wu, acc, DOT_PRECISION)
@@ -285,7 +284,7 @@ def _adapter_dz_kernel(
 @triton.jit
 def _adapter_dup_kernel(
     dy_ptr, z_ptr, dwu_ptr, dbu_ptr,
-    M, D, B, grad_scale, seed, p, m_bucket,
+    M, D, B, grad_scale, seed, threshold, m_bucket,
     ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -303,7 +302,7 @@ def _adapter_dup_kernel(
         dy_mask = (offs_m[None, :] < M) & (offs_n[:, None] < D)
         dy_t = tl.load(dy_ptr + rows_t * D + offs_n[:, None], mask=dy_mask, other=0.0)
         if HAS_DROPOUT:
-            dy_t = tl.where(_dropout_keep(seed, rows_t, offs_n[:, None], D, p), dy_t, 0.0)
+            dy_t = tl.where(dropout_keep(seed, rows_t, offs_n[:, None], D, threshold), dy_t, 0.0)
         z_mask = (offs_m[:, None] < M) & (offs_b[None, :] < B)
         z = tl.load(z_ptr + offs_m[:, None].to(tl.int64) * B + offs_b[None, :], mask=z_mask, other=0.0)
         a = _activation(z.to(tl.float32), ACTIVATION).to(z.dtype)
@@ -514,7 +513,7 @@ def bottleneck_adapter_forward(
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_N"]),)
     _adapter_up_kernel[grid](
         z, up_weight, up_bias, x if residual is None else residual, y,
-        m, d, b, float(scale), seed, p, 1.0 / (1.0 - p), _m_bucket(m),
+        m, d, b, float(scale), seed, dropout_threshold(p), 1.0 / (1.0 - p), _m_bucket(m),
         ACTIVATION=ACTIVATIONS[activation], HAS_DROPOUT=p > 0, DOT_PRECISION=dot_precision, BLOCK_B=block_b,
     )  # fmt: skip
     return y, z, mean, rstd
@@ -586,7 +585,7 @@ def bottleneck_adapter_backward(
         # Grid: (D blocks, bottleneck blocks); dWu is small (D x B), each program reduces over all rows.
         grid = lambda meta: (triton.cdiv(d, meta["BLOCK_K"]), triton.cdiv(b, block_b))
         _adapter_dup_kernel[grid](
-            grad_y, z, dwu, dbu, m, d, b, grad_scale, seed, p, _m_bucket(m),
+            grad_y, z, dwu, dbu, m, d, b, grad_scale, seed, dropout_threshold(p), _m_bucket(m),
             ACTIVATION=act, HAS_DROPOUT=p > 0, DOT_PRECISION=dot_precision, BLOCK_B=block_b,
         )  # fmt: skip
     if needs_dx or needs_dln or needs_ddown:
@@ -594,7 +593,7 @@ def bottleneck_adapter_backward(
         # Grid: (row blocks, bottleneck blocks), each program reducing over D.
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(b, block_b))
         _adapter_dz_kernel[grid](
-            grad_y, up_weight, z, dz, m, d, b, grad_scale, seed, p, _m_bucket(m),
+            grad_y, up_weight, z, dz, m, d, b, grad_scale, seed, dropout_threshold(p), _m_bucket(m),
             ACTIVATION=act, HAS_DROPOUT=p > 0, DOT_PRECISION=dot_precision, BLOCK_B=block_b,
         )  # fmt: skip
         stats = (mean, rstd) if has_ln else (x, x)

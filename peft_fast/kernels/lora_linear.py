@@ -4,10 +4,10 @@ W is the frozen base weight [N, K], dense (same dtype as X) or an :class:`NF4Wei
 dequantized tile by tile in registers inside the GEMM loops (deq(W) never exists in memory).
 A [r, K] and B [N, r] are the trainable LoRA factors, s the scale, b an optional bias.
 
-Dropout is inverted dropout on the LoRA input only: element (m, k) of X is kept iff
-``tl.rand(seed, m·K + k) >= p`` and kept values are scaled by 1/(1-p). The mask is regenerated
-from the seed wherever it is needed (down-projection, dA, dX) and never stored;
-:func:`dropout_mask` replays it in plain torch (same Philox-4x32-10 stream, bit for bit).
+Dropout is inverted dropout on the LoRA input only, with the Philox mask of
+:mod:`peft_fast.kernels.dropout` (eight elements per Philox call); kept values are scaled by
+1/(1-p). The mask is regenerated from the seed wherever it is needed (down-projection, dA, dX)
+and never stored; :func:`dropout_mask` replays it in plain torch, bit for bit.
 
 Kernels, in the order the ops use them:
 
@@ -20,7 +20,9 @@ Kernels, in the order the ops use them:
 * ``_lora_linear_dx_kernel``  dX = dY·deq(W) + (dH·A) ⊙ mask/(1-p).
 * ``_lora_da_kernel``         dA = dHᵀ·drop(X); split over M (fp32 partials summed in a fixed
   order) when r x K tiles alone would leave most of the GPU idle.
-dH = s·dY·B and dB = s·dYᵀ·H are thin torch matmuls in fp32.
+dH = s·dY·B and dB = s·dYᵀ·H are thin library GEMMs in the activation dtype (fp32 accumulation).
+For M >= DEQUANT_GEMM_MIN_M the NF4 forward and dX GEMMs dequantize W once into a scratch buffer
+and stream it dense (see ``_dense_base_for``).
 
 Dropped elements are exactly 0 (``where``, not a multiply by 0), so a NaN that dropout removes
 does not leak into H; the reference does the same.
@@ -35,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from peft_fast.kernels.dropout import dropout_keep_block, dropout_mask, dropout_threshold, dropout_tiled
+from peft_fast.kernels.nf4_dequant import dequantize_nf4_triton
 from peft_fast.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4, dynamic_map, nf4_code
 
 __all__ = ["dropout_mask", "lora_linear_backward", "lora_linear_forward", "lora_linear_reference"]
@@ -44,6 +48,7 @@ __all__ = ["dropout_mask", "lora_linear_backward", "lora_linear_forward", "lora_
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SMALL_M_MAX = 16  # rows at or below which the forward takes the split-K GEMV path
+DEQUANT_GEMM_MIN_M = 2048  # rows from which NF4 GEMMs dequantize W once, then run dense (_dense_base_for)
 _MAX_SEED = 2**63
 
 # fp32 inputs must not be rounded to TF32 on the tensor cores (the fp32 tolerance is 1e-5).
@@ -139,16 +144,6 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, rows, cols, K, p):
-    """True where element (row, col) of X survives dropout: rand(seed, row·K + col) >= p.
-
-    ``rows`` is int64 so the Philox offset never wraps; for offsets below 2**32 the stream is
-    the same as with 32-bit offsets.
-    """
-    return tl.rand(seed, rows * K + cols) >= p
-
-
-@triton.jit
 def _nf4_block_scale(
     block, mask, absmax_ptr, nested_absmax_ptr, offset_ptr, code2_ptr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr
 ):
@@ -237,8 +232,8 @@ def _add_bias_and_lora_up(
 @triton.autotune(configs=_LORA_DOWN_CONFIGS, key=["m_bucket", "R", "K"])
 @triton.jit
 def _lora_down_kernel(
-    x_ptr, a_ptr, h_ptr, M, K, R, seed, p, inv_keep, m_bucket,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    x_ptr, a_ptr, h_ptr, M, K, R, seed, threshold, inv_keep, m_bucket,
+    HAS_DROPOUT: tl.constexpr, DROPOUT_TILED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """H[m, j] = Σ_k drop(X)[m, k]·A[j, k], the dropout mask regenerated per X tile."""
@@ -251,7 +246,7 @@ def _lora_down_kernel(
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=x_mask, other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_dropout_keep(seed, rows, offs_k[None, :], K, p), x, 0.0)
+            x = tl.where(dropout_keep_block(seed, rows, k0, K, threshold, BLOCK_M, BLOCK_K, DROPOUT_TILED), x, 0.0)
         a_mask = (offs_k[:, None] < K) & (offs_r[None, :] < R)
         a_t = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * K + offs_k[:, None], mask=a_mask, other=0.0)
         acc = _dot(x, a_t, acc, DOT_PRECISION)
@@ -355,9 +350,10 @@ def _splitk_epilogue_kernel(
 def _lora_linear_dx_kernel(
     dy_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
     dh_ptr, a_ptr, dx_ptr,
-    M, N, K, R, seed, p, inv_keep, m_bucket,
+    M, N, K, R, seed, threshold, inv_keep, m_bucket,
     IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-    BLOCKS_IN_ROWS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCKS_IN_ROWS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT_TILED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """dX tile = dY·deq(W) (dequantized in the N loop) + (dH·A) ⊙ mask/(1-p)."""
@@ -383,7 +379,8 @@ def _lora_linear_dx_kernel(
         a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :], mask=a_mask, other=0.0)
         lora = _dot(dh, a, lora, DOT_PRECISION)
     if HAS_DROPOUT:
-        lora = tl.where(_dropout_keep(seed, rows, offs_k[None, :], K, p), lora * inv_keep, 0.0)
+        keep = dropout_keep_block(seed, rows, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K, DROPOUT_TILED)
+        lora = tl.where(keep, lora * inv_keep, 0.0)
     acc += lora
     dx_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     tl.store(dx_ptr + rows * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
@@ -392,8 +389,8 @@ def _lora_linear_dx_kernel(
 @triton.autotune(configs=_DA_CONFIGS, key=["m_bucket", "R", "K"])
 @triton.jit
 def _lora_da_kernel(
-    dh_ptr, x_ptr, da_ptr, M, K, R, seed, p, inv_keep, m_bucket, m_per_split,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    dh_ptr, x_ptr, da_ptr, M, K, R, seed, threshold, inv_keep, m_bucket, m_per_split,
+    HAS_DROPOUT: tl.constexpr, DROPOUT_TILED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dA[j, k] = Σ_m dH[m, j]·drop(X)[m, k], the dropout mask regenerated per X tile.
@@ -417,7 +414,9 @@ def _lora_da_kernel(
         x_mask = (offs_m[:, None] < m_end) & (offs_k[None, :] < K)
         x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=x_mask, other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_dropout_keep(seed, rows, offs_k[None, :], K, p), x, 0.0)
+            col0 = tl.program_id(1) * BLOCK_K
+            keep = dropout_keep_block(seed, rows, col0, K, threshold, BLOCK_M, BLOCK_K, DROPOUT_TILED)
+            x = tl.where(keep, x, 0.0)
         acc = _dot(dh_t, x, acc, DOT_PRECISION)
     if HAS_DROPOUT:
         acc = acc * inv_keep
@@ -478,10 +477,25 @@ def _lora_down(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: in
     # block and each program streams its X rows once. BLOCK_R >= 16 pads tiny ranks for tl.dot.
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(rank, block_r))
     _lora_down_kernel[grid](
-        x, lora_a, h, m, k, rank, seed, dropout_p, 1.0 / (1.0 - dropout_p), _m_bucket(m),
-        HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=_DOT_PRECISION[x.dtype], BLOCK_R=block_r,
+        x, lora_a, h, m, k, rank, seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m),
+        HAS_DROPOUT=dropout_p > 0, DROPOUT_TILED=dropout_tiled(k), DOT_PRECISION=_DOT_PRECISION[x.dtype],
+        BLOCK_R=block_r,
     )  # fmt: skip
     return h
+
+
+def _dense_base_for(base: torch.Tensor | NF4Weight, m: int, dtype: torch.dtype) -> torch.Tensor | NF4Weight:
+    """The weight the GEMM kernels should stream for M rows: deq(W) in a scratch buffer for large M.
+
+    Dequantizing inside the GEMM costs the same per weight tile in every row-tile program, so
+    its share of the work grows as M/BLOCK_M grows; one dequantization pass (~10 µs for 4096² on
+    an H200, 2.5 bytes per weight) then a dense GEMM costs less from DEQUANT_GEMM_MIN_M rows on
+    (the switch point comes from scripts/hopper_report.py's predictions of both paths). The
+    buffer lives for one GEMM only: nothing dense is kept or saved for backward.
+    """
+    if isinstance(base, NF4Weight) and m >= DEQUANT_GEMM_MIN_M:
+        return dequantize_nf4_triton(base, dtype)
+    return base
 
 
 def _forward_tiled(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
@@ -491,6 +505,7 @@ def _forward_tiled(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
     y = _empty((m, n), x.dtype, x.device)
     if n == 0:
         return y
+    base = _dense_base_for(base, m, x.dtype)
     base_ptrs, base_meta = _base_args(base, x)
     # Grid: one program per [BLOCK_M, BLOCK_N] tile of Y, in GROUP_M-swizzled order for L2 reuse
     # of W tiles; block sizes are autotuned per (M bucket, N, K).
@@ -557,14 +572,16 @@ def _lora_dx(grad_y, base, dh, lora_a, dropout_p: float, seed: int) -> torch.Ten
     dx = _empty((m, k), grad_y.dtype, grad_y.device)
     if k == 0:
         return dx
+    base = _dense_base_for(base, m, grad_y.dtype)
     base_ptrs, base_meta = _base_args(base, grad_y)
     # Grid: one program per [BLOCK_M, BLOCK_K] tile of dX (the GEMM's N loop is the reduction),
     # GROUP_M-swizzled; the same autotuned tile set as the forward GEMM.
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
     _lora_linear_dx_kernel[grid](
         grad_y, *base_ptrs, dh, lora_a, dx,
-        m, n, k, rank, seed, dropout_p, 1.0 / (1.0 - dropout_p), _m_bucket(m),
-        **base_meta, HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=_DOT_PRECISION[grad_y.dtype],
+        m, n, k, rank, seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m),
+        **base_meta, HAS_DROPOUT=dropout_p > 0, DROPOUT_TILED=dropout_tiled(k),
+        DOT_PRECISION=_DOT_PRECISION[grad_y.dtype],
         BLOCK_R=_block_r(rank), **_compile_options(base),
     )  # fmt: skip
     return dx
@@ -598,8 +615,9 @@ def _lora_da(dh, x, dropout_p: float, seed: int) -> torch.Tensor:
     # Grid: one program per [BLOCK_R, BLOCK_K] tile of dA and M range.
     grid = lambda meta: (triton.cdiv(rank, block_r), triton.cdiv(k, meta["BLOCK_K"]), splits)
     _lora_da_kernel[grid](
-        dh, x, out, m, k, rank, seed, dropout_p, 1.0 / (1.0 - dropout_p), _m_bucket(m), m_per_split,
-        HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=_DOT_PRECISION[x.dtype], BLOCK_R=block_r,
+        dh, x, out, m, k, rank, seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m), m_per_split,
+        HAS_DROPOUT=dropout_p > 0, DROPOUT_TILED=dropout_tiled(k), DOT_PRECISION=_DOT_PRECISION[x.dtype],
+        BLOCK_R=block_r,
     )  # fmt: skip
     if splits > 1:
         da.copy_(out.sum(0))
@@ -716,8 +734,14 @@ def lora_linear_forward(
     return forward(x, base, h, lora_b, bias, scale), h
 
 
-def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return a.to(torch.float32) @ b.to(torch.float32)
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale·(a·b) in a's dtype: one library GEMM, fp32 accumulation, alpha applied before the one rounding.
+
+    No fp32 copies of the operands: dY is M x N, so casting it would move more bytes than the
+    thin GEMMs themselves.
+    """
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+    return out.addmm_(a, b, beta=0, alpha=scale)
 
 
 def lora_linear_backward(
@@ -757,61 +781,13 @@ def lora_linear_backward(
         da = torch.zeros((rank, k), dtype=x.dtype, device=x.device) if needs_da else None
         db = torch.zeros((n, rank), dtype=x.dtype, device=x.device) if needs_db else None
         return dx, da, db
-    db = (_matmul_fp32(grad_y.t(), h) * scale).to(x.dtype) if needs_db else None
+    db = _scaled_mm(grad_y.t(), h, scale) if needs_db else None
     if not (needs_dx or needs_da):
         return None, None, db
-    dh = (_matmul_fp32(grad_y, lora_b) * scale).to(x.dtype)
+    dh = _scaled_mm(grad_y, lora_b, scale)
     dx = _lora_dx(grad_y, base, dh, lora_a, dropout_p, seed) if needs_dx else None
     da = _lora_da(dh, x, dropout_p, seed) if needs_da else None
     return dx, da, db
-
-
-# Philox-4x32 constants (the same as triton.language.random).
-_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
-_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
-_PHILOX_ROUNDS = 10
-_U32 = 0xFFFFFFFF
-_UNIFORM_SCALE = 4.6566127342e-10  # tl.rand: int31 -> [0, 1) in fp32
-
-
-def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32 bits of the 64-bit product a·b of 32-bit unsigned values held in int64.
-
-    a is split into 16-bit halves so no intermediate leaves the int64 range.
-    """
-    low_part = b * (a & 0xFFFF)
-    high_part = b * (a >> 16)
-    middle = high_part + (low_part >> 16)
-    return middle >> 16, ((middle & 0xFFFF) << 16) | (low_part & 0xFFFF)
-
-
-def _philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """``tl.rand(seed, offsets)`` for int64 offsets, bit for bit, in plain torch."""
-    c0, c1 = offsets & _U32, offsets >> 32
-    c2 = torch.zeros_like(offsets)
-    c3 = torch.zeros_like(offsets)
-    k0, k1 = seed & _U32, (seed >> 32) & _U32
-    for _ in range(_PHILOX_ROUNDS):
-        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
-    # As int32, negative values map to ~x: a 31-bit integer, scaled into [0, 1) in fp32.
-    as_int31 = torch.where(c0 >= 2**31, _U32 - c0, c0)
-    return as_int31.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
-
-
-def dropout_mask(seed: int, m: int, k: int, p: float, device: torch.device | str) -> torch.Tensor:
-    """bool [m, k], True = kept: the exact mask the kernels use (for tests / seed replay).
-
-    Element (i, j) is kept iff ``tl.rand(seed, i·k + j) >= p`` (p rounded to fp32, as the
-    kernels receive it). Plain torch, so it runs on any device; it allocates a few int64
-    temporaries per element.
-    """
-    _check_dropout(p, seed)
-    offsets = torch.arange(m * k, dtype=torch.int64, device=device)
-    keep = _philox_uniform(seed, offsets) >= torch.tensor(p, dtype=torch.float32, device=device)
-    return keep.reshape(m, k)
 
 
 def lora_linear_reference(

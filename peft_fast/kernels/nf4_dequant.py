@@ -5,9 +5,17 @@ Same math as :func:`peft_fast.nf4.dequantize_nf4` (the torch reference), bit for
 ``absmax = fp32(code2[q2] · nested_absmax) + offset`` rounded after each step. The kernel is
 launched with ``enable_fp_fusion=False`` so the GPU compiler cannot contract that multiply-add
 into an FMA (one rounding instead of two), which would break bit-exactness.
+
+Layout of the work: each program takes a [ROWS, COLS] tile of packed bytes, COLS dividing the
+bytes of one quantization block (blocksize / 2), so every tile row has one scale, rebuilt once
+per row instead of once per element. Bytes are loaded as contiguous rows (16-byte vectors),
+split into their two nibbles in registers (``tl.join`` + reshape puts the high nibble, the even
+element, first) and stored as contiguous output rows.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -15,10 +23,16 @@ import triton.language as tl
 
 from peft_fast.nf4 import NESTED_BLOCKSIZE, NF4Weight, dynamic_map, nf4_code
 
-__all__ = ["dequantize_nf4_triton"]
+__all__ = ["bf16_bits_rtne", "dequantize_nf4_triton", "nf4_row_scale"]
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter's fp32 -> bf16 cast truncates; GPUs round to nearest even (cvt.rn.bf16).
+_CAST_BF16_BY_BITS = tl.constexpr(_INTERPRET)
 _OUT_FP32, _OUT_FP16, _OUT_BF16 = 0, 1, 2
 _OUT_KIND = {torch.float32: _OUT_FP32, torch.float16: _OUT_FP16, torch.bfloat16: _OUT_BF16}
+# Packed bytes per program: 4096 bytes = 8192 elements, 16 bytes per thread at 8 warps.
+_TILE_BYTES = 512 if _INTERPRET else 4096
+_NUM_WARPS = 8
 
 
 @triton.jit
@@ -34,45 +48,67 @@ def bf16_bits_rtne(x):
 
 
 @triton.jit
-def _nf4_dequant_kernel(
-    packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr, out_ptr,
-    numel,
-    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    OUT_KIND: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
-    # The even element of each pair sits in the high nibble.
-    nibble = tl.where(offs % 2 == 0, byte >> 4, byte & 0xF)
-    value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-    block = offs // BLOCKSIZE
+def nf4_row_scale(
+    block, mask, absmax_ptr, nested_absmax_ptr, offset_ptr, code2_ptr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr
+):
+    """fp32 absmax of quantization block(s) ``block``, rebuilt from double quantization if used."""
     if DOUBLE_QUANT:
         q2 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale2 = tl.load(nested_absmax_ptr + block // NESTED, mask=mask, other=0.0)
-        absmax = tl.load(code2_ptr + q2, mask=mask, other=0.0) * scale2
-        absmax = absmax + tl.load(offset_ptr)
+        nested_scale = tl.load(nested_absmax_ptr + block // NESTED, mask=mask, other=0.0)
+        # Two roundings, as bitsandbytes: the launch disables FMA contraction (enable_fp_fusion).
+        return tl.load(code2_ptr + q2, mask=mask, other=0.0) * nested_scale + tl.load(offset_ptr)
     else:
-        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    out = value * absmax
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def _nf4_dequant_kernel(
+    packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr, out_ptr,
+    numel, n_bytes,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    OUT_KIND: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+):  # fmt: skip
+    first_byte = tl.program_id(0).to(tl.int64) * (ROWS * COLS)
+    row_byte = first_byte + tl.arange(0, ROWS) * COLS  # [ROWS] first byte of each tile row
+    byte = row_byte[:, None] + tl.arange(0, COLS)[None, :]
+    packed = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0)
+    # Element 2b is byte b's high nibble, element 2b + 1 its low nibble.
+    nibble = tl.join(packed >> 4, packed & 0xF).reshape(ROWS, 2 * COLS).to(tl.int32)
+    value = tl.load(code_ptr + nibble)
+    # One scale per tile row (COLS divides BLOCKSIZE // 2).
+    block = row_byte // (BLOCKSIZE // 2)
+    in_range = row_byte < n_bytes
+    absmax = nf4_row_scale(block, in_range, absmax_ptr, nested_absmax_ptr, offset_ptr, code2_ptr, DOUBLE_QUANT, NESTED)
+    out = value * absmax[:, None]
+    elem = 2 * row_byte[:, None] + tl.arange(0, 2 * COLS)[None, :]
+    mask = elem < numel
     if OUT_KIND == 2:
-        tl.store(out_ptr + offs, bf16_bits_rtne(out), mask=mask)
+        if _CAST_BF16_BY_BITS:
+            tl.store(out_ptr + elem, bf16_bits_rtne(out), mask=mask)
+        else:
+            tl.store(out_ptr + elem, out.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=mask)
     elif OUT_KIND == 1:
-        tl.store(out_ptr + offs, out.to(tl.float16), mask=mask)
+        tl.store(out_ptr + elem, out.to(tl.float16), mask=mask)
     else:
-        tl.store(out_ptr + offs, out, mask=mask)
+        tl.store(out_ptr + elem, out, mask=mask)
 
 
-def dequantize_nf4_triton(nf4: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4_triton(
+    nf4: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Dequantize ``nf4`` with the Triton kernel; equals :func:`peft_fast.nf4.dequantize_nf4`.
 
-    Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+    Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``. ``out`` (contiguous,
+    of ``nf4.shape`` and ``dtype``) receives the result when given, e.g. a reused scratch buffer.
     """
     dtype = nf4.dtype if dtype is None else dtype
     if dtype not in _OUT_KIND:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     device = nf4.device
-    out = torch.empty(nf4.shape, dtype=dtype, device=device)
+    if out is None:
+        out = torch.empty(nf4.shape, dtype=dtype, device=device)
+    elif out.shape != nf4.shape or out.dtype != dtype or not out.is_contiguous() or out.device != device:
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(nf4.shape)} on {device}")
     numel = nf4.numel
     if numel == 0:
         return out
@@ -82,16 +118,19 @@ def dequantize_nf4_triton(nf4: NF4Weight, dtype: torch.dtype | None = None) -> t
     absmax = nf4.absmax.contiguous()
     nested_absmax = nf4.nested_absmax.contiguous() if dq else absmax
     offset = nf4.nested_offset.reshape(1).float() if dq else absmax
-    # 1024 elements per program: 512 packed bytes, enough in flight to hide memory latency
-    # on a GPU while keeping the interpreter's per-program arrays small.
-    block = 1024
-    grid = (triton.cdiv(numel, block),)
+    n_bytes = (numel + 1) // 2
+    # Tile columns: the bytes of one block, at most 256 (a 16-byte vector per thread per row).
+    cols = min(nf4.blocksize // 2, 256)
+    rows = max(1, _TILE_BYTES // cols)
+    # Grid: one program per ROWS x COLS bytes; bandwidth-bound, so big tiles keep many loads in
+    # flight per thread and the per-row scale is rebuilt once per COLS bytes.
+    grid = (triton.cdiv(n_bytes, rows * cols),)
     _nf4_dequant_kernel[grid](
         nf4.packed.contiguous(), absmax, nested_absmax, offset,
         nf4_code(device), dynamic_map(device), out_view,
-        numel,
+        numel, n_bytes,
         BLOCKSIZE=nf4.blocksize, NESTED=NESTED_BLOCKSIZE, DOUBLE_QUANT=dq,
-        OUT_KIND=_OUT_KIND[dtype], BLOCK=block,
-        enable_fp_fusion=False,
+        OUT_KIND=_OUT_KIND[dtype], ROWS=rows, COLS=cols,
+        num_warps=_NUM_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
     return out
