@@ -156,3 +156,16 @@ def test_bad_inputs_raise_clear_errors(change, error, message):
     case.update({k: v.to(KERNEL_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
     with pytest.raises(error, match=message):
         ia3_linear_forward(**case)
+
+
+@pytest.mark.parametrize("scale_input", [False, True], ids=["output", "input"])
+def test_large_m_dequantizes_once_then_runs_dense(monkeypatch, scale_input):
+    """From DEQUANT_GEMM_MIN_M rows the (IA)3 GEMMs stream deq(W) from a scratch buffer."""
+    from peft_fast.kernels import lora_linear
+
+    calls = []
+    original = lora_linear.dequantize_nf4_triton
+    monkeypatch.setattr(lora_linear, "dequantize_nf4_triton", lambda *a: calls.append(a) or original(*a))
+    monkeypatch.setattr(lora_linear, "DEQUANT_GEMM_MIN_M", 32)
+    check_against_formula(make_case(33, 72, 40, torch.bfloat16, "nf4_dq", scale_input))
+    assert len(calls) == 2  # forward and backward

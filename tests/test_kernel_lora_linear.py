@@ -233,6 +233,37 @@ def test_large_m_dequantizes_once_then_runs_dense(monkeypatch, base_kind, dtype)
     assert len(dequantized) == 2
 
 
+@pytest.mark.parametrize("base_kind", ["nf4", "nf4_dq"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 16, 17, 40])
+def test_row_streaming_nf4_kernels(m, dtype, base_kind):
+    """K a multiple of the block: the forward streams W rows (nf4_gemm.py) in both M regimes."""
+    case = make_case(m, 128, 45, 8, dtype, base_kind, bias=True, blocksize=64)
+    assert kernels.rows_scaled(case["base"], kernels._ROWS_FWD_BLOCK_K)
+    check_against_formula(case, 0.3)
+
+
+def test_row_streaming_kernels_are_the_ones_launched(monkeypatch):
+    launched = []
+    for name in (
+        "_nf4_rows_fwd_kernel",
+        "_nf4_rows_splitk_kernel",
+        "_lora_linear_fwd_kernel",
+        "_splitk_partial_kernel",
+    ):
+        kernel = getattr(kernels, name)
+
+        class Recorder:
+            def __getitem__(self, grid, _name=name, _kernel=kernel):
+                return lambda *a, **kw: launched.append(_name) or _kernel[grid](*a, **kw)
+
+        monkeypatch.setattr(kernels, name, Recorder())
+    forward(make_case(3, 128, 45, 8, torch.float32, "nf4"))
+    forward(make_case(17, 128, 45, 8, torch.float32, "nf4_dq"))
+    forward(make_case(17, 72, 45, 8, torch.float32, "nf4"))  # blocks span rows: the general kernel
+    assert launched == ["_nf4_rows_splitk_kernel", "_nf4_rows_fwd_kernel", "_lora_linear_fwd_kernel"]
+
+
 # -- dropout ----------------------------------------------------------------------------------
 
 

@@ -37,8 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from peft_fast.kernels.dropout import dropout_keep, dropout_mask, dropout_threshold
-from peft_fast.kernels.lora_linear import (
+from peft_fast.kernels.common import (
     _DOT_PRECISION,
     _INTERPRET,
     _SUPPORTED_DTYPES,
@@ -49,6 +48,7 @@ from peft_fast.kernels.lora_linear import (
     _grouped_tile,
     _m_bucket,
 )
+from peft_fast.kernels.dropout import dropout_keep, dropout_mask, dropout_threshold
 
 __all__ = [
     "ACTIVATIONS",

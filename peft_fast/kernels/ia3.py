@@ -26,18 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from peft_fast.kernels.lora_linear import (
-    _DOT_PRECISION,
-    _GEMM_CONFIGS,
-    _INTERPRET,
-    _SUPPORTED_DTYPES,
-    _base_args,
-    _compile_options,
-    _dot,
-    _grouped_tile,
-    _load_weight_tile,
-    _m_bucket,
-)
+from peft_fast.kernels.common import _DOT_PRECISION, _INTERPRET, _SUPPORTED_DTYPES, _dot, _grouped_tile, _m_bucket
+from peft_fast.kernels.lora_linear import _GEMM_CONFIGS, _dense_base_for
+from peft_fast.kernels.nf4_tiles import _base_args, _compile_options, _load_weight_tile
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
 __all__ = ["ia3_linear_backward", "ia3_linear_forward", "ia3_linear_reference"]
@@ -202,7 +193,9 @@ def ia3_linear_forward(
     y0 = _empty((0 if scale_input else m, n), x.dtype, x.device)
     if m == 0 or n == 0:
         return y, y0
-    base_ptrs, base_meta = _base_args(base.contiguous() if isinstance(base, torch.Tensor) else base, x)
+    # Large M: dequantize W once into a scratch buffer and stream it dense (as lora_linear does).
+    base = _dense_base_for(base.contiguous() if isinstance(base, torch.Tensor) else base, m, x.dtype)
+    base_ptrs, base_meta = _base_args(base, x)
     # Grid: one program per [BLOCK_M, BLOCK_N] tile of Y, GROUP_M-swizzled for L2 reuse of W tiles;
     # the LoRA GEMM's autotuned tile set.
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -248,7 +241,8 @@ def ia3_linear_backward(
         return None, (grad_y.float() * saved.float()).sum(0) if needs_dl else None
     if not (needs_dx or needs_dl):
         return None, None
-    base_ptrs, base_meta = _base_args(base.contiguous() if isinstance(base, torch.Tensor) else base, grad_y)
+    base = _dense_base_for(base.contiguous() if isinstance(base, torch.Tensor) else base, m, grad_y.dtype)
+    base_ptrs, base_meta = _base_args(base, grad_y)
     dx = _empty((m, k) if needs_dx else (0, k), grad_y.dtype, grad_y.device)
     # Partial sums of dl, a row per BLOCK_M rows of X: sized for the smallest candidate BLOCK_M and
     # zero-filled, so that a config with larger blocks leaves zeros in the rows it does not use.

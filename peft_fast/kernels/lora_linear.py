@@ -31,40 +31,41 @@ does not leak into H; the reference does the same.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from peft_fast.kernels.common import (
+    _DOT_PRECISION,
+    _INTERPRET,
+    _SUPPORTED_DTYPES,
+    _add_bias_and_lora_up,
+    _block_r,
+    _cfg,
+    _configs,
+    _dot,
+    _grouped_tile,
+    _m_bucket,
+)
 from peft_fast.kernels.dropout import dropout_keep_block, dropout_mask, dropout_threshold, dropout_tiled
 from peft_fast.kernels.nf4_dequant import dequantize_nf4_triton
-from peft_fast.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4, dynamic_map, nf4_code
+from peft_fast.kernels.nf4_gemm import (
+    ROWS_FWD_CONFIGS,
+    ROWS_SPLITK_CONFIGS,
+    _nf4_rows_fwd_kernel,
+    _nf4_rows_splitk_kernel,
+)
+from peft_fast.kernels.nf4_tiles import _base_args, _compile_options, _load_weight_tile, rows_base_args, rows_scaled
+from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
 __all__ = ["dropout_mask", "lora_linear_backward", "lora_linear_forward", "lora_linear_reference"]
 
-# The kernels below are plain JIT functions under the interpreter (decided when this module is
-# imported), so CPU tensors are accepted only then.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SMALL_M_MAX = 16  # rows at or below which the forward takes the split-K GEMV path
 DEQUANT_GEMM_MIN_M = 2048  # rows from which NF4 GEMMs dequantize W once, then run dense (_dense_base_for)
 _MAX_SEED = 2**63
 
-# fp32 inputs must not be rounded to TF32 on the tensor cores (the fp32 tolerance is 1e-5).
-_DOT_PRECISION = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "tf32"}
-
-
 # -- autotuning -------------------------------------------------------------------------------
-
-
-def _configs(interpreted: list[triton.Config], gpu: list[triton.Config]) -> list[triton.Config]:
-    # Autotuning under the interpreter would run every config in numpy: take the one small config.
-    return interpreted if _INTERPRET else gpu
-
-
-def _cfg(num_warps: int = 4, num_stages: int = 3, **blocks: int) -> triton.Config:
-    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
 _GEMM_CONFIGS = _configs(
@@ -107,124 +108,19 @@ _SPLITK_CONFIGS = _configs(
         _cfg(BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=4),
     ],
 )
+# The row-streaming NF4 kernels need tiles no wider than a quantization block.
+_ROWS_FWD_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in ROWS_FWD_CONFIGS)
+_ROWS_SPLITK_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in ROWS_SPLITK_CONFIGS)
 # Every split-K slice is a multiple of the largest BLOCK_K above, so slices never share a K tile.
 _SPLITK_GRANULE = 32 if _INTERPRET else 64
 _SPLITK_EPILOGUE_BLOCK_N = 32 if _INTERPRET else 64
-# LoRA ranks are handled in chunks of at most this many columns (padded to >= 16 for tl.dot).
-_MAX_BLOCK_R = 32 if _INTERPRET else 64
 # dA's split over M: rows per split are a multiple of this (every _DA_CONFIGS BLOCK_M divides it),
 # and _DA_MIN_BLOCK_K is the narrowest BLOCK_K there (the most column tiles a launch can have).
 _DA_MIN_SPLIT_ROWS = max(c.kwargs["BLOCK_M"] for c in _DA_CONFIGS) * (1 if _INTERPRET else 4)
 _DA_MIN_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in _DA_CONFIGS)
 
 
-def _m_bucket(m: int) -> int:
-    """Autotuning key for M: its power-of-two bucket, so every batch size does not retune."""
-    return min(triton.next_power_of_2(max(m, 1)), 4096)
-
-
-def _block_r(rank: int) -> int:
-    """Rank chunk for tl.dot: a power of two >= 16 (the MMA minimum), at most _MAX_BLOCK_R."""
-    return min(max(16, triton.next_power_of_2(rank)), _MAX_BLOCK_R)
-
-
 # -- shared device helpers --------------------------------------------------------------------
-
-# The interpreter keeps bf16 tensors as raw uint16 and its tl.dot would multiply those bits.
-_BF16_DOT_IN_FP32 = tl.constexpr(_INTERPRET)
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """acc + a·b with fp32 accumulation (tl.dot; see _BF16_DOT_IN_FP32 for the interpreter)."""
-    if _BF16_DOT_IN_FP32 and a.dtype == tl.bfloat16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _nf4_block_scale(
-    block, mask, absmax_ptr, nested_absmax_ptr, offset_ptr, code2_ptr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr
-):
-    """fp32 absmax of quantization block(s) ``block``, rebuilt from double quantization if used."""
-    if DOUBLE_QUANT:
-        q2 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        nested_scale = tl.load(nested_absmax_ptr + block // NESTED, mask=mask, other=0.0)
-        # Two roundings, as bitsandbytes: the launch disables FMA contraction (enable_fp_fusion).
-        return tl.load(code2_ptr + q2, mask=mask, other=0.0) * nested_scale + tl.load(offset_ptr)
-    else:
-        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
-
-
-@triton.jit
-def _load_weight_tile(
-    w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
-    rows, cols, k_start, N, K,
-    IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-    BLOCKS_IN_ROWS: tl.constexpr, TILE_K: tl.constexpr,
-):  # fmt: skip
-    """W[rows, cols], 0 outside [N, K]; ``rows``/``cols`` are index tiles that broadcast to the
-    tile shape and the tile covers columns [k_start, k_start + TILE_K), k_start a multiple of TILE_K.
-
-    NF4 values are fp32(code[q]) · absmax as in :func:`peft_fast.nf4.dequantize_nf4`; the
-    caller casts them to the activation dtype. Element e = n·K + k of the row-major weight has
-    its code in byte e//2 (high nibble when e is even) and its scale in block e//BLOCKSIZE.
-    Blocks run over the flattened weight, so in general a block spans rows and every element
-    looks its scale up; when BLOCKS_IN_ROWS (K % BLOCKSIZE == 0) and the tile is no wider than a
-    block, each tile row has one scale, loaded once per row.
-    """
-    mask = (rows < N) & (cols < K)
-    elem = rows.to(tl.int64) * K + cols
-    if IS_NF4:
-        byte = tl.load(w_ptr + elem // 2, mask=mask, other=0).to(tl.int32)
-        nibble = tl.where(elem % 2 == 0, byte >> 4, byte & 0xF)
-        value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-        if BLOCKS_IN_ROWS and TILE_K <= BLOCKSIZE:
-            row_block = (rows.to(tl.int64) * K + k_start) // BLOCKSIZE
-            absmax = _nf4_block_scale(
-                row_block, rows < N, absmax_ptr, nested_absmax_ptr, offset_ptr, code2_ptr, DOUBLE_QUANT, NESTED
-            )
-        else:
-            absmax = _nf4_block_scale(
-                elem // BLOCKSIZE, mask, absmax_ptr, nested_absmax_ptr, offset_ptr, code2_ptr, DOUBLE_QUANT, NESTED
-            )
-        # Masked lanes would hold code[0]·offset under double quantization: zero them.
-        return tl.where(mask, value * absmax, 0.0)
-    else:
-        return tl.load(w_ptr + elem, mask=mask, other=0.0)
-
-
-@triton.jit
-def _grouped_tile(pid, n_rows, n_cols, GROUP: tl.constexpr):
-    """(row, col) tile of program ``pid``: programs sweep GROUP row tiles per column tile, so
-    neighbours in launch order share column (weight) tiles while those are still in L2."""
-    tiles_per_group = GROUP * n_cols
-    first_row = (pid // tiles_per_group) * GROUP
-    rows_in_group = tl.minimum(n_rows - first_row, GROUP)
-    within = pid % tiles_per_group
-    return first_row + within % rows_in_group, within // rows_in_group
-
-
-@triton.jit
-def _add_bias_and_lora_up(
-    acc, offs_m, offs_n, M, N, R, scale, h_ptr, lora_b_ptr, bias_ptr,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    """acc + b + s·H·Bᵀ for the [BLOCK_M, BLOCK_N] tile at (offs_m, offs_n), in fp32."""
-    lora = tl.zeros_like(acc)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        h_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-        h = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :], mask=h_mask, other=0.0)
-        b_mask = (offs_r[:, None] < R) & (offs_n[None, :] < N)
-        b_t = tl.load(lora_b_ptr + offs_n[None, :].to(tl.int64) * R + offs_r[:, None], mask=b_mask, other=0.0)
-        lora = _dot(h, b_t, lora, DOT_PRECISION)
-    acc += scale * lora
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    return acc
-
 
 # -- kernels ----------------------------------------------------------------------------------
 
@@ -432,42 +328,6 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _base_args(base: torch.Tensor | NF4Weight, placeholder: torch.Tensor) -> tuple[list, dict]:
-    """Pointer arguments and constexprs that describe the base weight to the GEMM kernels.
-
-    A dense base passes ``placeholder`` for the NF4-only pointers; the kernels never read them.
-    """
-    if not isinstance(base, NF4Weight):
-        meta = {
-            "IS_NF4": False,
-            "DOUBLE_QUANT": False,
-            "BLOCKSIZE": 64,
-            "NESTED": NESTED_BLOCKSIZE,
-            "BLOCKS_IN_ROWS": False,
-        }
-        return [base, placeholder, placeholder, placeholder, placeholder, placeholder], meta
-    device = base.device
-    dq = base.double_quant
-    absmax = base.absmax.contiguous()
-    nested_absmax = base.nested_absmax.contiguous() if dq else placeholder
-    offset = base.nested_offset.reshape(1).to(torch.float32) if dq else placeholder
-    pointers = [base.packed.contiguous(), absmax, nested_absmax, offset, nf4_code(device), dynamic_map(device)]
-    meta = {
-        "IS_NF4": True,
-        "DOUBLE_QUANT": dq,
-        "BLOCKSIZE": base.blocksize,
-        "NESTED": NESTED_BLOCKSIZE,
-        "BLOCKS_IN_ROWS": base.shape[1] % base.blocksize == 0,
-    }
-    return pointers, meta
-
-
-def _compile_options(base: torch.Tensor | NF4Weight) -> dict:
-    # No FMA contraction where double-quantized scales are rebuilt: bitsandbytes rounds the
-    # multiply and the add separately, and so does dequantize_nf4.
-    return {"enable_fp_fusion": False} if isinstance(base, NF4Weight) else {}
-
-
 def _lora_down(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
     m, k = x.shape
     rank = lora_a.shape[0]
@@ -506,6 +366,19 @@ def _forward_tiled(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
     if n == 0:
         return y
     base = _dense_base_for(base, m, x.dtype)
+    if rows_scaled(base, _ROWS_FWD_BLOCK_K):
+        base_ptrs, base_meta = rows_base_args(base, x)
+        block_r = _block_r(rank)
+        # Grid: one program per [BLOCK_N, BLOCK_M] tile of Yᵀ, GROUP_N-swizzled so neighbours in
+        # launch order share X tiles; W rows stream once per token tile.
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]),)
+        _nf4_rows_fwd_kernel[grid](
+            x, *base_ptrs, h, lora_b, x if bias is None else bias, y,
+            m, n, k, rank, scale, _m_bucket(m),
+            **base_meta, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION[x.dtype], BLOCK_R=block_r,
+            R_CHUNKS=triton.cdiv(rank, block_r), **_compile_options(base),
+        )  # fmt: skip
+        return y
     base_ptrs, base_meta = _base_args(base, x)
     # Grid: one program per [BLOCK_M, BLOCK_N] tile of Y, in GROUP_M-swizzled order for L2 reuse
     # of W tiles; block sizes are autotuned per (M bucket, N, K).
@@ -546,12 +419,17 @@ def _forward_small_m(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
     # fp32 partial sums per K slice, reduced in a fixed order by the epilogue (deterministic,
     # and nothing needs zeroing, unlike atomics).
     partial = _empty((n_splits, m, n), torch.float32, x.device)
-    base_ptrs, base_meta = _base_args(base, x)
     dot_precision = _DOT_PRECISION[x.dtype]
     # Grid: (N tiles, K slices); each program owns one [BLOCK_K·slice, BLOCK_N] piece of W and all
     # M <= 16 rows of X, padded to the 16-row tl.dot minimum.
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), n_splits)
-    _splitk_partial_kernel[grid](
+    if rows_scaled(base, _ROWS_SPLITK_BLOCK_K):
+        base_ptrs, base_meta = rows_base_args(base, x)
+        partial_kernel = _nf4_rows_splitk_kernel
+    else:
+        base_ptrs, base_meta = _base_args(base, x)
+        partial_kernel = _splitk_partial_kernel
+    partial_kernel[grid](
         x, *base_ptrs, partial, m, n, k, k_slice, _m_bucket(m),
         **base_meta, DOT_PRECISION=dot_precision, BLOCK_M=SMALL_M_MAX, **_compile_options(base),
     )  # fmt: skip

@@ -21,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+from peft_fast.kernels.nf4_tiles import _nf4_block_scale
 from peft_fast.nf4 import NESTED_BLOCKSIZE, NF4Weight, dynamic_map, nf4_code
 
-__all__ = ["bf16_bits_rtne", "dequantize_nf4_triton", "nf4_row_scale"]
+__all__ = ["bf16_bits_rtne", "dequantize_nf4_triton"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The interpreter's fp32 -> bf16 cast truncates; GPUs round to nearest even (cvt.rn.bf16).
@@ -48,20 +49,6 @@ def bf16_bits_rtne(x):
 
 
 @triton.jit
-def nf4_row_scale(
-    block, mask, absmax_ptr, nested_absmax_ptr, offset_ptr, code2_ptr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr
-):
-    """fp32 absmax of quantization block(s) ``block``, rebuilt from double quantization if used."""
-    if DOUBLE_QUANT:
-        q2 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        nested_scale = tl.load(nested_absmax_ptr + block // NESTED, mask=mask, other=0.0)
-        # Two roundings, as bitsandbytes: the launch disables FMA contraction (enable_fp_fusion).
-        return tl.load(code2_ptr + q2, mask=mask, other=0.0) * nested_scale + tl.load(offset_ptr)
-    else:
-        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
-
-
-@triton.jit
 def _nf4_dequant_kernel(
     packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr, out_ptr,
     numel, n_bytes,
@@ -78,7 +65,9 @@ def _nf4_dequant_kernel(
     # One scale per tile row (COLS divides BLOCKSIZE // 2).
     block = row_byte // (BLOCKSIZE // 2)
     in_range = row_byte < n_bytes
-    absmax = nf4_row_scale(block, in_range, absmax_ptr, nested_absmax_ptr, offset_ptr, code2_ptr, DOUBLE_QUANT, NESTED)
+    absmax = _nf4_block_scale(
+        block, in_range, absmax_ptr, nested_absmax_ptr, offset_ptr, code2_ptr, DOUBLE_QUANT, NESTED
+    )
     out = value * absmax[:, None]
     elem = 2 * row_byte[:, None] + tl.arange(0, 2 * COLS)[None, :]
     mask = elem < numel
