@@ -700,5 +700,6 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
     memory.set_title("activation memory")
     fig.suptitle(f"{meta['device']} — {meta['date'][:10]}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, "wb") as handle:  # like the JSON and markdown: whole or not at all
+        fig.savefig(handle, format="png", dpi=110)
     plt.close(fig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -107,6 +108,8 @@ def _train_args(args: argparse.Namespace):
         settings = {key.replace("-", "_"): value for key, value in settings.items()}
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
     settings.update(flags)
+    if settings.get("resume"):
+        settings = _resumed_settings(settings)
     known = {f.name for f in dataclasses.fields(TrainArgs)}
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -116,6 +119,29 @@ def _train_args(args: argparse.Namespace):
     if settings.get("model") is None and settings.get("data") is None:
         return TrainArgs.demo(**{k: v for k, v in settings.items() if k not in ("model", "data")})
     return TrainArgs(**settings)
+
+
+def _resumed_settings(settings: dict) -> dict:
+    """``--resume``: the run record's settings under the ones given (file or flags).
+
+    So ``peft-fast train --output out --resume`` continues the run as it was; a setting given
+    that differs is then a real change, refused or reported by ``run_training``.
+    """
+    from peft_fast.train import NOT_RECORDED, TrainArgs, read_run_record
+
+    output = settings.get("output")
+    record = read_run_record(output) if output else None
+    if record is None:
+        return settings
+    known = {f.name for f in dataclasses.fields(TrainArgs)}
+    base = {k: v for k, v in record["args"].items() if k in known and k not in NOT_RECORDED}
+    if "batch_size" not in settings and "batch_size" in base:
+        # The same examples per step under another number of processes (torchrun sets WORLD_SIZE).
+        old_global = base["batch_size"] * record.get("world_size", 1)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if old_global % world == 0:
+            base["batch_size"] = old_global // world
+    return {**base, **settings}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -144,28 +170,147 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
+# PEFT's task types -> the transformers auto class of the model an adapter was trained on.
+_TASK_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+_RUN_TASK_CLASSES = {"classification": "SEQ_CLS", "lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+_HEADS = ("classifier", "score")  # modules_to_save of a sequence classifier (transformers' names)
+
+
+def _head_rows(adapter_dir: Path, config: dict) -> int | None:
+    """Rows of the trained classification head in the adapter file (= num_labels), if it has one."""
+    from safetensors import safe_open
+
+    from peft_fast.io import ADAPTER_WEIGHTS
+
+    try:
+        with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as handle:
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    except Exception:  # a damaged file is reported by load_adapter, with its name
+        return None
+    for head in [h for h in config.get("modules_to_save") or () if h.split(".")[-1] in _HEADS]:
+        for suffix in ("out_proj.weight", "weight"):  # RoBERTa-style heads end in out_proj
+            for key, shape in shapes.items():
+                if key.endswith(f"{head}.{suffix}") and len(shape) == 2:
+                    return int(shape[0])
+    return None
+
+
+def _merge_base(args: argparse.Namespace, record: dict | None, adapter_config: dict) -> Path:
+    """The base model directory: --model, else the run record's, else adapter_config.json's."""
+    from peft_fast.train import UsageError, _demo_model_dir
+
+    if args.model:
+        return Path(args.model)
+    if record is not None:
+        if record.get("base_model") and Path(record["base_model"]).is_dir():
+            return Path(record["base_model"])
+        if record["args"].get("model") is None:
+            return _demo_model_dir()
+        return Path(record["args"]["model"])
+    named = adapter_config.get("base_model_name_or_path")
+    if isinstance(named, str) and Path(named).is_dir():
+        return Path(named)
+    raise UsageError(
+        f"--adapter {args.adapter} names no base model directory that exists here (base_model_name_or_path "
+        f"{named!r}); pass --model DIR"
+    )
+
+
+def _merge_class(record: dict | None, adapter_config: dict, adapter_dir: Path, config) -> tuple[str, dict]:
+    """(transformers class name, from_pretrained keyword arguments) of the model the adapter was trained on.
+
+    The run record our train job writes decides (its task and labels); else adapter_config.json's
+    task type, a classification head among modules_to_save, then config.json's architecture.
+    """
     import transformers
 
-    from peft_fast.io import load_adapter
-    from peft_fast.patch import merge
-    from peft_fast.train import UsageError, _load_config
+    from peft_fast.train import _label_names
 
-    model_dir, adapter_dir, out = Path(args.model), Path(args.adapter), Path(args.output)
-    config = _load_config(model_dir)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"output directory {out} is not empty; pass --overwrite")
+    labels = record.get("labels") if record else None
+    task_type = _RUN_TASK_CLASSES.get(record.get("task")) if record else None
+    task_type = task_type or adapter_config.get("task_type")
+    heads = [h for h in adapter_config.get("modules_to_save") or () if h.split(".")[-1] in _HEADS]
+    if task_type is None and heads:
+        task_type = "SEQ_CLS"
+    if task_type in _TASK_CLASSES:
+        kwargs: dict = {}
+        if task_type in ("SEQ_CLS", "TOKEN_CLS"):
+            rows = len(labels) if labels else _head_rows(adapter_dir, adapter_config)
+            if rows:
+                kwargs = {"num_labels": rows, **_label_names(labels)}
+        return _TASK_CLASSES[task_type], kwargs
     architecture = (getattr(config, "architectures", None) or [None])[0]
-    model_class = getattr(transformers, architecture or "", None) or transformers.AutoModelForCausalLM
-    model = model_class.from_pretrained(model_dir)
-    load_adapter(model, adapter_dir)
-    merged = merge(model)
-    merged.save_pretrained(out, safe_serialization=True)
+    if architecture and hasattr(transformers, architecture):
+        return architecture, {}
+    return ("AutoModelForSeq2SeqLM" if getattr(config, "is_encoder_decoder", False) else "AutoModelForCausalLM"), {}
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Rebuild the model the adapter was trained on, fold the adapter in, save a plain checkpoint."""
+    import transformers
+
+    from peft_fast.io import ADAPTER_CONFIG, read_json, respect_umask
+    from peft_fast.train import (
+        UsageError,
+        _first_line,
+        _load_config,
+        _quiet_transformers,
+        no_bars_without_terminal,
+        read_run_record,
+    )
+
+    adapter_dir, out = Path(args.adapter), Path(args.output)
+    if not adapter_dir.is_dir():
+        what = "is a file, not an adapter directory" if adapter_dir.exists() else "does not exist"
+        raise UsageError(f"--adapter {adapter_dir} {what}")
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise UsageError(f"--adapter {adapter_dir} holds no {ADAPTER_CONFIG}: not an adapter directory")
+    try:
+        adapter_config = read_json(adapter_dir / ADAPTER_CONFIG)
+    except (OSError, ValueError) as exc:
+        raise UsageError(_first_line(exc)) from None
+    record = read_run_record(adapter_dir)
+    model_dir = _merge_base(args, record, adapter_config)
+    config = _load_config(model_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"output directory {out} is not empty; pass --overwrite")
+    class_name, kwargs = _merge_class(record, adapter_config, adapter_dir, config)
+    peft_type = adapter_config.get("peft_type")
+    if peft_type not in ("LORA", "IA3"):
+        what = f"{peft_type} adapter" if peft_type else "bottleneck adapter"
+        raise UsageError(f"--adapter {adapter_dir} is a {what}; only LoRA and (IA)³ fold into the weights")
+    try:
+        # A classification head absent from the base is expected: the adapter holds it.
+        with _quiet_transformers(), no_bars_without_terminal():
+            model = getattr(transformers, class_name).from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load {model_dir} as {class_name} ({_first_line(exc)})") from None
+    from peft_fast import load_adapter, merge, merge_ia3
+
+    try:
+        load_adapter(model, adapter_dir)
+        merged = merge_ia3(model) if peft_type == "IA3" else merge(model)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(
+            f"--adapter {adapter_dir} does not fit {model_dir} as {class_name}: {_first_line(exc)}"
+        ) from None
+    with no_bars_without_terminal():
+        merged.save_pretrained(out, safe_serialization=True)
+    respect_umask(*out.glob("*.safetensors"))  # safetensors creates its files 0600
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                  "tokenizer.model", "vocab.json", "merges.txt"):  # fmt: skip
         if (model_dir / name).is_file():
             (out / name).write_bytes((model_dir / name).read_bytes())
-    print(f"merged model written to {out} (plain {type(merged).__name__}, safetensors)")
+    print(f"merged model written to {out} (plain {type(merged).__name__} from {model_dir}, safetensors)")
     return 0
 
 
@@ -196,6 +341,18 @@ def _add_train_flags(train: argparse.ArgumentParser) -> None:
     flag("--resume", action="store_true", help="continue from <output>/checkpoint")
     flag("--overwrite", action="store_true", help="replace an existing output directory")
     flag("--seed", type=int)
+    flag(
+        "--log-every",
+        dest="log_every",
+        type=int,
+        help="without a terminal (a log file, a pipe, CI): a progress line every N steps (default 50; 0: off)",
+    )
+    flag(
+        "--log-every-seconds",
+        dest="log_every_seconds",
+        type=float,
+        help="... and at least every S seconds (default 10; 0: off); a terminal gets a progress bar instead",
+    )
     flag("--eval-every", dest="eval_every", type=int, help="evaluate every N steps")
     flag("--save-every", dest="save_every", type=int, help="checkpoint every N steps")
     flag("--fsdp", action="store_true",
@@ -224,17 +381,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one line naming the problem, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-fast", description=__doc__)
+    parser = _Parser(prog="peft-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune with LoRA / QLoRA (no arguments: the embedded demo)")
     _add_train_flags(train)
     train.set_defaults(func=cmd_train)
     merge = sub.add_parser("merge", help="fold an adapter into its base model: a plain HF checkpoint")
-    merge.add_argument("--model", required=True)
-    merge.add_argument("--adapter", required=True)
-    merge.add_argument("--output", required=True)
-    merge.add_argument("--overwrite", action="store_true")
+    merge.add_argument(
+        "--model", help="the base checkpoint (default: the one the adapter was trained on, from its run record)"
+    )
+    merge.add_argument("--adapter", required=True, help="the adapter directory (a peft-fast train --output)")
+    merge.add_argument("--output", required=True, help="where the merged checkpoint goes")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     merge.set_defaults(func=cmd_merge)
     bench = sub.add_parser("bench", help="peft_fast vs PEFT + bitsandbytes: kernels, layers, memory, train step")
     bench.add_argument("--quick", action="store_true", help="one shape, two batch sizes (a few minutes on CPU)")
@@ -253,12 +419,19 @@ def main(argv: list[str] | None = None) -> int:
     from peft_fast.data import DataError
     from peft_fast.train import UsageError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad flag (2, one line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
     except (UsageError, DataError) as exc:
-        print(f"peft-fast: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the message holds
+        print(f"peft-fast: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the training loop (which saves a checkpoint first)
+        print("peft-fast: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,14 +11,23 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import struct
-import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_files", "iter_safetensors", "read_json", "safetensors_files"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_files",
+    "current_umask",
+    "iter_safetensors",
+    "read_json",
+    "respect_umask",
+    "safetensors_files",
+]
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -28,15 +37,67 @@ _SAFETENSORS_DTYPES = {
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """Create a new, empty temporary file beside ``path``: ``(fd, name)``.
+
+    Unlike ``tempfile.mkstemp`` (always mode 0600) the file is created with mode 0666 and the
+    kernel applies the process's umask (and a default ACL, if any), like any file a program
+    writes with ``open``: an adapter saved under umask 022 is readable by the team and by a
+    serving process. Reading the umask is not needed, so nothing races with other threads.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        name = os.path.join(path.parent, f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}")
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux: /proc).
+
+    ``os.umask`` can only be read by setting it; that fallback (set, then restore at once,
+    under a lock) is used only where /proc/self/status has no Umask line.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def respect_umask(*paths: str | os.PathLike) -> None:
+    """Give files another library created 0600 (safetensors' ``save_file`` does) mode 0666 less the umask.
+
+    What ``open`` would have given them: readable by the group or everyone when the umask allows.
+    """
+    mode = 0o666 & ~current_umask()
+    for path in paths:
+        os.chmod(path, mode)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary file beside ``path``; on success fsync and rename it over ``path``.
 
-    If the body raises, the temporary file is removed and ``path`` keeps its old content.
+    If the body raises, the temporary file is removed and ``path`` keeps its old content. The
+    file's mode is 0666 less the umask, as for ``open``; missing parent directories are made
+    with 0777 less the umask.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -64,7 +125,7 @@ def atomic_write_files(*paths: str | os.PathLike) -> Iterator[list]:
     try:
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            fd, tmp = _create_temporary(path)
             temps.append(tmp)
             handles.append(os.fdopen(fd, "wb"))
         yield handles

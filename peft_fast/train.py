@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from peft_fast import data as data_mod
 from peft_fast import distributed
 from peft_fast.config import LoraConfig
-from peft_fast.io import atomic_write, save_adapter
+from peft_fast.io import atomic_write, respect_umask, save_adapter
 from peft_fast.patch import patch
 
 __all__ = ["TrainArgs", "UsageError", "run_training"]
@@ -79,6 +79,8 @@ class TrainArgs:
     warmup_ratio: float = 0.05
     num_virtual_tokens: int = 20  # prompt methods: virtual tokens (LLaMA-Adapter: prompt length)
     progress: bool = True
+    log_every: int = 50  # without a terminal: a progress line every N steps ...
+    log_every_seconds: float = 10.0  # ... or every S seconds, whichever comes first (0: off)
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (one process: ignored)
     extra: dict = field(default_factory=dict)
 
@@ -96,6 +98,7 @@ class TrainArgs:
 
 
 def _check_output_dir(args: TrainArgs) -> Path:
+    """The output directory; on resume it must hold a checkpoint."""
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a directory")
@@ -122,6 +125,104 @@ def _check_args(args: TrainArgs) -> None:
         raise UsageError(f"--max-steps must be positive, got {args.max_steps}")
     if (args.model is None) != (args.data is None):
         raise UsageError("give both --model and --data, or neither (the embedded demo)")
+    if args.log_every < 0 or not args.log_every_seconds >= 0:
+        raise UsageError("--log-every and --log-every-seconds must be 0 (off) or positive")
+
+
+# -- resuming: the run record and what may change ---------------------------------------------
+
+# Settings that decide the adapter's shape or meaning: a checkpoint cannot continue under others.
+FIXED_ON_RESUME = ("model", "method", "r", "alpha", "target_modules", "num_virtual_tokens")
+# Settings a resumed run may change; each change is reported on one line.
+CHANGEABLE_ON_RESUME = ("lr", "batch_size", "grad_accum", "epochs", "max_steps", "dropout", "seq_len", "data",
+                        "eval_data", "seed", "packing", "gradient_checkpointing", "warmup_ratio")  # fmt: skip
+# How this invocation runs, not what it trains: never compared, never taken from the record.
+NOT_RECORDED = ("output", "resume", "overwrite", "progress", "log_every", "log_every_seconds", "fsdp", "extra")
+
+
+def read_run_record(directory: str | Path) -> dict | None:
+    """The run record (``peft_fast_run.json``) our train job wrote into ``directory``, or None."""
+    path = Path(directory) / RUN_MARKER
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path} is damaged ({exc}); it is the record of the run in {directory}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("args"), dict):
+        raise UsageError(f"{path} is damaged (no 'args' mapping); it is the record of the run in {directory}")
+    return record
+
+
+def _model_dir(model: str | None) -> Path:
+    return _demo_model_dir() if model is None else Path(model)
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _show(name: str, value) -> str:
+    if name == "model" and value is None:
+        return "the embedded demo model"
+    if name in ("data", "eval_data") and value is None:
+        return "none" if name == "eval_data" else "the demo data"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _resume_changes(args: TrainArgs, record: dict, world: int) -> list[str]:
+    """Refuse settings a checkpoint cannot continue under; describe the allowed changes.
+
+    Raises UsageError naming every fixed setting that differs from the run record; returns
+    ``["lr 0.003 -> 0.001", ...]`` for the changeable ones. A ``seq_len`` of None takes the
+    recorded value.
+    """
+    recorded = record["args"]
+    base_model = record.get("base_model")
+
+    def differs(name: str) -> bool:
+        old, new = recorded.get(name), getattr(args, name)
+        if name == "model":
+            current = None if new is None else str(Path(new).expanduser().resolve())
+            if base_model is not None and current is not None:
+                return not _same_path(base_model, current)
+            return not _same_path(old, new)
+        if name in ("data", "eval_data"):
+            return not _same_path(old, new)
+        if name == "target_modules" and isinstance(old, list) and isinstance(new, list):
+            return sorted(old) != sorted(new)
+        if isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(new, bool):
+            return float(old) != float(new)
+        return old != new
+
+    if args.seq_len is None and recorded.get("seq_len") is not None:
+        args.seq_len = recorded["seq_len"]
+    fixed = [f"{_flag(n)} {_show(n, getattr(args, n))} (the run used {_show(n, recorded.get(n))})"
+             for n in FIXED_ON_RESUME if n in recorded and differs(n)]  # fmt: skip
+    if fixed:
+        raise UsageError(
+            f"cannot resume {args.output}: {'; '.join(fixed)}; a checkpoint continues only with the settings "
+            "that shaped its adapter (drop those flags, or train into a new --output)"
+        )
+    changes = []
+    for name in CHANGEABLE_ON_RESUME:
+        if name == "batch_size":
+            old_global = recorded.get("batch_size", args.batch_size) * record.get("world_size", 1)
+            if old_global != args.batch_size * world:
+                changes.append(f"batch size {old_global} -> {args.batch_size * world} (examples per step, all ranks)")
+        elif name in recorded and differs(name):
+            changes.append(
+                f"{name.replace('_', ' ')} {_show(name, recorded[name])} -> {_show(name, getattr(args, name))}"
+            )
+    return changes
 
 
 def _demo_model_dir() -> Path:
@@ -156,6 +257,21 @@ def _quiet_transformers():
         transformers.logging.set_verbosity(previous)
 
 
+@contextlib.contextmanager
+def no_bars_without_terminal():
+    """transformers' loading / saving bars only on a terminal: in a log file they are noise."""
+    from transformers.utils import logging as hf_logging
+
+    if _is_terminal(sys.stderr) or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def _max_positions(config) -> int | None:
     for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         value = getattr(config, name, None)
@@ -176,7 +292,10 @@ def _build(args: TrainArgs, rank: int):
         args.seq_len = min(512, limit or 512)
     elif limit is not None and args.seq_len > limit:
         raise UsageError(f"--seq-len {args.seq_len} is larger than the model supports ({limit})")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(f"cannot load the tokenizer of {model_dir} ({_first_line(exc)})") from None
     if demo:
         train_records, eval_records = data_mod.demo_records()
         fmt, task = "classification", "classification"
@@ -191,16 +310,11 @@ def _build(args: TrainArgs, rank: int):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if task == "classification":
-        # The new head is "missing" from the checkpoint by design: keep transformers' report quiet.
-        with _quiet_transformers():
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                model_dir, num_labels=len(labels), dtype=dtype
-            )
-    elif task == "seq2seq":
-        model = transformers.AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=dtype)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    try:
+        with no_bars_without_terminal():
+            model = _load_model(model_dir, task, labels, dtype)
+    except (OSError, ValueError) as exc:  # no weights, a model type without such a head, ...
+        raise UsageError(f"cannot load {model_dir} for {task} ({_first_line(exc)})") from None
     if task == "seq2seq":
         train = data_mod.tokenize_seq2seq(train_records, fmt, tokenizer, args.seq_len)
         evaluation = data_mod.tokenize_seq2seq(eval_records, fmt, tokenizer, args.seq_len)
@@ -220,14 +334,51 @@ def _build(args: TrainArgs, rank: int):
     return model, tokenizer, train, evaluation, task, labels
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _label_names(labels: list[str] | None) -> dict:
+    """``id2label`` / ``label2id`` for a classifier's config: a merged model then names its classes."""
+    if not labels:
+        return {}
+    return {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
+
+
+# PEFT's task types, written to adapter_config.json: `peft-fast merge` and PEFT rebuild the right head.
+TASK_TYPES = {"classification": "SEQ_CLS", "lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+
+
+def _load_model(model_dir: Path, task: str, labels: list[str] | None, dtype: torch.dtype):
+    import transformers
+
+    if task == "classification":
+        # The new head is "missing" from the checkpoint by design: keep transformers' report quiet.
+        with _quiet_transformers():
+            return transformers.AutoModelForSequenceClassification.from_pretrained(
+                model_dir, num_labels=len(labels), dtype=dtype, **_label_names(labels)
+            )
+    if task == "seq2seq":
+        return transformers.AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=dtype)
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+
+
 def _apply_method(model, args: TrainArgs, task: str) -> None:
-    """Patch ``model`` for ``args.method``: LoRA / QLoRA, bottleneck adapters or (IA)³."""
+    """Patch ``model`` for ``args.method``: LoRA / QLoRA, bottleneck adapters or (IA)³.
+
+    A setting the model cannot take (``--target-modules`` naming no module, a bad ``--alpha``)
+    is a UsageError with the library's one-line reason.
+    """
     if args.method in ("lora", "qlora"):
         head = [n for n in ("classifier", "score") if hasattr(model, n)] if task == "classification" else None
-        config = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                            target_modules=args.target_modules, modules_to_save=head or None,
-                            quantize="nf4" if args.method == "qlora" else None)  # fmt: skip
-        patch(model, config)
+        try:
+            config = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                                target_modules=args.target_modules, modules_to_save=head or None,
+                                quantize="nf4" if args.method == "qlora" else None,
+                                task_type=TASK_TYPES[task])  # fmt: skip
+            patch(model, config)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"--method {args.method}: {_first_line(exc)}") from None
         return
     if task == "classification":
         raise UsageError(f"--method {args.method} trains language models; classification data uses lora or qlora")
@@ -235,24 +386,26 @@ def _apply_method(model, args: TrainArgs, task: str) -> None:
     from peft_fast.config import AdapterConfig, IA3Config
 
     tokens = args.num_virtual_tokens
-    config = {
+    make_config = {
         "adapter": lambda: AdapterConfig(bottleneck_size=args.r, dropout=args.dropout),
         "ia3": lambda: IA3Config(target_modules=None if args.target_modules == "all-linear" else args.target_modules),
         "prompt-tuning": lambda: prompts.PromptTuningConfig(num_virtual_tokens=tokens),
         "prefix-tuning": lambda: prompts.PrefixTuningConfig(num_virtual_tokens=tokens),
         "p-tuning": lambda: prompts.PromptEncoderConfig(num_virtual_tokens=tokens),
         "llama-adapter": lambda: prompts.AdaptionPromptConfig(adapter_len=tokens),
-    }[args.method]()
+    }[args.method]
     try:
-        patch(model, config)
+        patch(model, make_config())
     except (ValueError, TypeError) as exc:  # e.g. prefix tuning on a model without a supported cache
-        raise UsageError(f"--method {args.method}: {exc}") from None
+        raise UsageError(f"--method {args.method}: {_first_line(exc)}") from None
 
 
 # -- checkpoints -----------------------------------------------------------------------------
 
 
-def _save_checkpoint(out: Path, model, optimizer, scheduler, step: int, micro_step: int, rank: int = 0) -> None:
+def _save_checkpoint(
+    out: Path, model, optimizer, scheduler, step: int, micro_step: int, rank: int = 0, global_batch: int | None = None
+) -> None:
     """Write <out>/checkpoint atomically: into a temporary directory, then swapped in.
 
     It holds every trainable tensor by name (whatever the method), the optimizer and scheduler
@@ -282,9 +435,10 @@ def _save_checkpoint(out: Path, model, optimizer, scheduler, step: int, micro_st
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file(tensors, staging / "trainer_state.safetensors")
+    respect_umask(staging / "trainer_state.safetensors")  # safetensors creates its files 0600
     state = {"step": step, "micro_step": micro_step, "param_groups": opt_state["param_groups"],
              "optimizer_scalars": scalars, "scheduler": scheduler.state_dict(),
-             "python_random": repr(random.getstate())}  # fmt: skip
+             "python_random": repr(random.getstate()), "global_batch": global_batch}  # fmt: skip
     with atomic_write(staging / "trainer_state.json", "w") as handle:
         json.dump(state, handle, default=str)
     final, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
@@ -295,16 +449,36 @@ def _save_checkpoint(out: Path, model, optimizer, scheduler, step: int, micro_st
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(out: Path, model, optimizer, scheduler) -> tuple[int, int]:
-    """Restore what :func:`_save_checkpoint` wrote; under FSDP each rank keeps its shard of the full tensors."""
+def _load_checkpoint(out: Path, model, optimizer, scheduler) -> tuple[int, int, dict]:
+    """Restore what :func:`_save_checkpoint` wrote; under FSDP each rank keeps its shard of the full tensors.
+
+    Returns (step, micro_step, the saved JSON state). A checkpoint whose tensors do not fit the
+    model (another rank, other target modules, another model) is a UsageError, before anything
+    is copied.
+    """
     import ast
 
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = out / CHECKPOINT
-    tensors = load_file(directory / "trainer_state.safetensors")
-    state = json.loads((directory / "trainer_state.json").read_text())
+    try:
+        tensors = load_file(directory / "trainer_state.safetensors")
+        state = json.loads((directory / "trainer_state.json").read_text())
+    except (OSError, SafetensorError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot resume: {directory} is incomplete or damaged ({_first_line(exc)})") from None
     params = dict(model.named_parameters())
+    trainable = {n: p for n, p in params.items() if p.requires_grad}
+    saved = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+    problems = [f"missing {n}" for n in trainable if n not in saved]
+    problems += [f"unexpected {n}" for n in saved if n not in trainable]
+    problems += [f"{n} is {tuple(saved[n].shape)}, the model needs {tuple(p.shape)}"  # a DTensor's shape is global
+                 for n, p in trainable.items() if n in saved and saved[n].shape != p.shape]  # fmt: skip
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UsageError(
+            f"cannot resume: {directory} does not fit this model and method: {'; '.join(problems[:3])}{more}"
+        )
     with torch.no_grad():
         for key, tensor in tensors.items():
             if key.startswith("param."):
@@ -324,7 +498,31 @@ def _load_checkpoint(out: Path, model, optimizer, scheduler) -> tuple[int, int]:
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     random.setstate(ast.literal_eval(state["python_random"]))
-    return state["step"], state["micro_step"]
+    return state["step"], state["micro_step"], state
+
+
+def _moved_data_position(micro_step: int, old_global: int, new_global: int, n_examples: int) -> int:
+    """The micro step of a new global batch size at the same place in the same epoch.
+
+    The position is the micro step (``epoch * per_epoch + index``); with another batch size the
+    same number would land elsewhere. Examples not yet seen this epoch stay unseen (rounded up to
+    a whole batch).
+    """
+    old_per_epoch, new_per_epoch = max(1, n_examples // old_global), max(1, n_examples // new_global)
+    epoch, index = divmod(micro_step, old_per_epoch)
+    new_index = -(-index * old_global // new_global)
+    if new_index >= new_per_epoch:
+        return (epoch + 1) * new_per_epoch
+    return epoch * new_per_epoch + new_index
+
+
+def _set_learning_rate(optimizer, scheduler, lr: float) -> None:
+    """A new peak learning rate for a resumed run: the schedule continues at the same point."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, schedule in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 # -- the loop --------------------------------------------------------------------------------
@@ -395,9 +593,17 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
     _check_args(args)
     rank, world = distributed.init()
     out = _check_output_dir(args)
+    run_record = read_run_record(out) if args.resume else None
+    changes = _resume_changes(args, run_record, world) if run_record else []
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # the new head's initialisation too
     model, tokenizer, train, evaluation, task, labels = _build(args, rank)
+    if run_record and (run_record.get("task"), run_record.get("labels")) != (task, labels):
+        raise UsageError(
+            f"cannot resume {out}: the data gives task {task}" + (f" with labels {labels}" if labels else "")
+            + f", the run trained task {run_record.get('task')}"
+            + (f" with labels {run_record.get('labels')}" if run_record.get("labels") else "")
+        )  # fmt: skip
     device = next(p for p in model.parameters()).device
     pad_id = tokenizer.pad_token_id
     per_epoch = max(1, len(train) // (args.batch_size * world))
@@ -411,22 +617,45 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
     step = micro_step = 0
+    global_batch = args.batch_size * world
     if args.resume:
-        step, micro_step = _load_checkpoint(out, model, optimizer, scheduler)
-    elif rank == 0:
+        step, micro_step, saved = _load_checkpoint(out, model, optimizer, scheduler)
+        old_global = saved.get("global_batch") or (
+            run_record["args"].get("batch_size", args.batch_size) * run_record.get("world_size", 1)
+            if run_record else global_batch
+        )  # fmt: skip
+        if old_global != global_batch:
+            micro_step = _moved_data_position(micro_step, old_global, global_batch, len(train))
+        if run_record and float(run_record["args"].get("lr", args.lr)) != float(args.lr):
+            _set_learning_rate(optimizer, scheduler, args.lr)
+        if changes and rank == 0:
+            print(f"resuming from step {step} with changed settings: {', '.join(changes)}", flush=True)
+    if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if args.overwrite:
+        if args.overwrite and not args.resume:
             for stale in (out / CHECKPOINT, out / "log.jsonl"):
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        # The record of the run: `--resume` compares against it, `peft-fast merge` rebuilds its model.
+        record = {"args": dataclasses.asdict(args), "labels": labels, "task": task, "world_size": world,
+                  "base_model": str(_model_dir(args.model).resolve())}  # fmt: skip
         with atomic_write(out / RUN_MARKER, "w") as handle:
-            json.dump({"args": dataclasses.asdict(args), "labels": labels, "task": task}, handle, indent=1)
+            json.dump(record, handle, indent=1)
     before = evaluate(model, evaluation, task, pad_id) if step == 0 and evaluates else {}
     if before and rank == 0:
         print(f"before training: {_describe(before)}", flush=True)
     model.train()
     batches = _micro_batches(train, args, rank, world, micro_step)
-    bar = tqdm(total=total_steps, initial=step, desc="training", disable=not args.progress or rank != 0 or None)
+    # A terminal gets a progress bar; a log file, a pipe or CI gets a line every few steps / seconds.
+    interactive = _is_terminal(sys.stdout) and _is_terminal(sys.stderr)
+    bar = tqdm(
+        total=total_steps, initial=step, desc="training", disable=not (args.progress and rank == 0 and interactive)
+    )
+    log_lines = args.progress and rank == 0 and not interactive
+    if log_lines:
+        print(f"training: steps {step + 1}-{total_steps} of {global_batch * args.grad_accum} examples each "
+              f"({len(train)} training examples)", flush=True)  # fmt: skip
     started, tokens = time.perf_counter(), 0
+    last_line = (step, started)
     log = out / "log.jsonl"
     stop_requested = distributed.AgreedInterrupt(sharded, device)  # FSDP: Ctrl-C at a step boundary
     try:
@@ -452,13 +681,21 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
                                 tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['memory_mb']:.0f}MB")  # fmt: skip
                 with open(log, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
+                now = time.perf_counter()
+                if log_lines and (
+                    step == total_steps
+                    or (args.log_every and step - last_line[0] >= args.log_every)
+                    or (args.log_every_seconds and now - last_line[1] >= args.log_every_seconds)
+                ):
+                    print(_progress_line(record, total_steps, now - started), flush=True)
+                    last_line = (step, now)
             if args.save_every and step % args.save_every == 0:
-                _save_checkpoint(out, model, optimizer, scheduler, step, micro_step, rank)
+                _save_checkpoint(out, model, optimizer, scheduler, step, micro_step, rank, global_batch)
             if stop_requested() or (interrupt_at_step is not None and step == interrupt_at_step):
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
-        _save_checkpoint(out, model, optimizer, scheduler, step, micro_step, rank)
+        _save_checkpoint(out, model, optimizer, scheduler, step, micro_step, rank, global_batch)
         if rank == 0:
             print(f"\ninterrupted at step {step}: checkpoint saved to {out / CHECKPOINT}; "
                   f"continue with --resume", file=sys.stderr)  # fmt: skip
@@ -467,7 +704,7 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
         stop_requested.close()
     bar.close()
     summary = {"steps": step, "task": task, "output": str(out), "before": before, "labels": labels}
-    _save_checkpoint(out, model, optimizer, scheduler, step, micro_step, rank)
+    _save_checkpoint(out, model, optimizer, scheduler, step, micro_step, rank, global_batch)
     with distributed.full_parameters(model):  # save_adapter reads whole tensors; rank 0 writes
         if rank == 0:
             save_adapter(model, out)  # routes to the method's format by what the model carries
@@ -480,6 +717,23 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
     if world > 1:
         torch.distributed.barrier()
     return summary
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+def _progress_line(record: dict, total_steps: int, elapsed: float) -> str:
+    minutes, seconds = divmod(int(elapsed), 60)
+    line = (
+        f"step {record['step']}/{total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+        f"{record['tokens_per_s']:.0f} tokens/s, {record['memory_mb']:.0f} MB, {minutes}m{seconds:02d}s"
+    )
+    extra = {k: v for k, v in record.items() if k in ("eval_loss", "accuracy")}
+    return line + (f", {_describe(extra)}" if extra else "")
 
 
 def _describe(metrics: dict[str, float]) -> str:
