@@ -182,6 +182,24 @@ def test_da_split_policy_fills_an_h100():
         assert kernels._da_splits(16384, 4096 * 8, 16, device) == 1  # enough column tiles already
 
 
+def test_split_k_policy_balances_an_h200():
+    """Decode: the split count leaves no SM with twice the weight stream of another."""
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(kernels, "_programs_wanted", lambda device: 2 * 132)
+        patched.setattr(kernels, "_SPLITK_GRANULE", 64)
+        patched.setattr(kernels, "_SPLITK_POLICY_BLOCK_N", 128)
+        device = torch.device("cpu")
+        for m, n, k in ((1, 4096, 4096), (16, 4096, 4096), (1, 14336, 4096), (1, 4096, 14336)):
+            k_slice = kernels._split_k_slice(m, n, k, device)
+            assert k_slice % 64 == 0
+            programs = triton.cdiv(n, 128) * triton.cdiv(k, k_slice)
+            steps_per_program = k_slice // 64
+            busiest = triton.cdiv(programs, 132) * steps_per_program
+            ideal = triton.cdiv(n, 128) * triton.cdiv(k, 64) / 132
+            assert busiest <= 1.25 * ideal, (m, n, k, k_slice, busiest, ideal)
+        assert kernels._split_k_slice(1, 4096, 4096, device) == 1024  # 4 splits: 128 programs
+
+
 def test_torch_reference_matches_kernels():
     for dtype in (torch.float32, torch.bfloat16):
         case = make_case(20, 72, 40, 8, dtype, "nf4_dq")

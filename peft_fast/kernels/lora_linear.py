@@ -113,6 +113,8 @@ _ROWS_FWD_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in ROWS_FWD_CONFIGS)
 _ROWS_SPLITK_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in ROWS_SPLITK_CONFIGS)
 # Every split-K slice is a multiple of the largest BLOCK_K above, so slices never share a K tile.
 _SPLITK_GRANULE = 32 if _INTERPRET else 64
+# The N tile the split policy plans for (the usual autotune pick; any config stays correct).
+_SPLITK_POLICY_BLOCK_N = 32 if _INTERPRET else 128
 _SPLITK_EPILOGUE_BLOCK_N = 32 if _INTERPRET else 64
 # dA's split over M: rows per split are a multiple of this (every _DA_CONFIGS BLOCK_M divides it),
 # and _DA_MIN_BLOCK_K is the narrowest BLOCK_K there (the most column tiles a launch can have).
@@ -398,11 +400,25 @@ def _programs_wanted(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def _split_k_slice(n: int, k: int, device: torch.device) -> int:
-    """K elements per split: enough (N tile, K slice) programs to fill the GPU about twice."""
-    programs_wanted = _programs_wanted(device)
-    splits = max(1, triton.cdiv(programs_wanted, triton.cdiv(n, 64)))
-    return triton.cdiv(triton.cdiv(k, splits), _SPLITK_GRANULE) * _SPLITK_GRANULE
+def _split_k_slice(m: int, n: int, k: int, device: torch.device) -> int:
+    """K elements per split of the decode GEMV: the cheapest (N tile, K slice) grid for this GPU.
+
+    Decode streams W once and is bound by how much W each SM streams: the busiest SM runs
+    ceil(programs / SMs) programs of ``trips`` K steps each. More splits balance the SMs better
+    but write and re-read more fp32 partial sums (splits x M x N x 8 bytes, spread over all SMs).
+    For 4096 x 4096 on 132 SMs this picks 4 splits (128 programs of 16 steps: no SM runs two).
+    """
+    sms = max(1, _programs_wanted(device) // 2)
+    tiles_n = triton.cdiv(n, _SPLITK_POLICY_BLOCK_N)
+    steps = triton.cdiv(k, _SPLITK_GRANULE)
+    step_bytes = _SPLITK_POLICY_BLOCK_N * _SPLITK_GRANULE // 2  # NF4: half a byte per weight
+    best_trips, best_cost = steps, None
+    for trips in range(1, steps + 1):
+        splits = triton.cdiv(steps, trips)
+        cost = triton.cdiv(tiles_n * splits, sms) * trips * step_bytes + splits * m * n * 8 / sms
+        if best_cost is None or cost < best_cost:
+            best_trips, best_cost = trips, cost
+    return best_trips * _SPLITK_GRANULE
 
 
 def _forward_small_m(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
@@ -414,7 +430,7 @@ def _forward_small_m(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
     y = _empty((m, n), x.dtype, x.device)
     if n == 0:
         return y
-    k_slice = _split_k_slice(n, max(k, 1), x.device)
+    k_slice = _split_k_slice(m, n, max(k, 1), x.device)
     n_splits = triton.cdiv(max(k, 1), k_slice)
     # fp32 partial sums per K slice, reduced in a fixed order by the epilogue (deterministic,
     # and nothing needs zeroing, unlike atomics).
