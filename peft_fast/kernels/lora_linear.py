@@ -111,6 +111,9 @@ _SPLITK_CONFIGS = _configs(
 # The row-streaming NF4 kernels need tiles no wider than a quantization block.
 _ROWS_FWD_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in ROWS_FWD_CONFIGS)
 _ROWS_SPLITK_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in ROWS_SPLITK_CONFIGS)
+# H's K slices are a multiple of every _LORA_DOWN_CONFIGS BLOCK_K; the policy plans for 64-row tiles.
+_LORA_DOWN_GRANULE = max(c.kwargs["BLOCK_K"] for c in _LORA_DOWN_CONFIGS)
+_LORA_DOWN_POLICY_BLOCK_M = 32 if _INTERPRET else 64
 # Every split-K slice is a multiple of the largest BLOCK_K above, so slices never share a K tile.
 _SPLITK_GRANULE = 32 if _INTERPRET else 64
 # The N tile the split policy plans for (the usual autotune pick; any config stays correct).
@@ -127,19 +130,26 @@ _DA_MIN_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in _DA_CONFIGS)
 # -- kernels ----------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_LORA_DOWN_CONFIGS, key=["m_bucket", "R", "K"])
+@triton.autotune(configs=_LORA_DOWN_CONFIGS, key=["m_bucket", "R", "K", "k_slice"])
 @triton.jit
 def _lora_down_kernel(
-    x_ptr, a_ptr, h_ptr, M, K, R, seed, threshold, inv_keep, m_bucket,
+    x_ptr, a_ptr, h_ptr, M, K, R, seed, threshold, inv_keep, m_bucket, k_slice,
     HAS_DROPOUT: tl.constexpr, DROPOUT_TILED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """H[m, j] = Σ_k drop(X)[m, k]·A[j, k], the dropout mask regenerated per X tile."""
+    """H[m, j] = Σ_k drop(X)[m, k]·A[j, k], the dropout mask regenerated per X tile.
+
+    Program (row tile, rank tile, split s) sums K slice s into ``h_ptr`` + s·M·R: H itself with
+    one split, else an fp32 partial the launcher reduces (``k_slice`` is a multiple of BLOCK_K).
+    """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(2)
+    h_ptr += split.to(tl.int64) * M * R
     rows = offs_m[:, None].to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = split * k_slice
+    for k0 in range(k_start, tl.minimum(k_start + k_slice, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=x_mask, other=0.0)
@@ -335,14 +345,25 @@ def _lora_down(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: in
     rank = lora_a.shape[0]
     h = _empty((m, rank), x.dtype, x.device)
     block_r = _block_r(rank)
-    # Grid: one program per (BLOCK_M rows of X, BLOCK_R ranks); r is small, so usually one rank
-    # block and each program streams its X rows once. BLOCK_R >= 16 pads tiny ranks for tl.dot.
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(rank, block_r))
+    # H is thin ([M, r]): row tiles alone leave most SMs idle below M ~ 8k, so K is split too
+    # and fp32 partials are summed in a fixed order (deterministic, nothing to zero).
+    row_tiles = triton.cdiv(m, _LORA_DOWN_POLICY_BLOCK_M) * triton.cdiv(rank, block_r)
+    steps = triton.cdiv(max(k, 1), _LORA_DOWN_GRANULE)
+    step_bytes = _LORA_DOWN_POLICY_BLOCK_M * _LORA_DOWN_GRANULE * x.element_size()
+    trips = _balanced_trips(row_tiles, steps, x.device, step_bytes, m * rank * 8)
+    k_slice = trips * _LORA_DOWN_GRANULE
+    splits = triton.cdiv(max(k, 1), k_slice)
+    out = h if splits == 1 else _empty((splits, m, rank), torch.float32, x.device)
+    # Grid: one program per (BLOCK_M rows of X, BLOCK_R ranks, K slice); BLOCK_R >= 16 pads tiny
+    # ranks for tl.dot.
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(rank, block_r), splits)
     _lora_down_kernel[grid](
-        x, lora_a, h, m, k, rank, seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m),
+        x, lora_a, out, m, k, rank, seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m), k_slice,
         HAS_DROPOUT=dropout_p > 0, DROPOUT_TILED=dropout_tiled(k), DOT_PRECISION=_DOT_PRECISION[x.dtype],
         BLOCK_R=block_r,
     )  # fmt: skip
+    if splits > 1:
+        h.copy_(out.sum(0))
     return h
 
 
@@ -400,25 +421,33 @@ def _programs_wanted(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def _split_k_slice(m: int, n: int, k: int, device: torch.device) -> int:
-    """K elements per split of the decode GEMV: the cheapest (N tile, K slice) grid for this GPU.
+def _balanced_trips(tiles: int, steps: int, device: torch.device, step_bytes: float, split_bytes: float) -> int:
+    """K steps per slice for a launch of ``tiles`` output tiles x K slices, by a bandwidth model.
 
-    Decode streams W once and is bound by how much W each SM streams: the busiest SM runs
-    ceil(programs / SMs) programs of ``trips`` K steps each. More splits balance the SMs better
-    but write and re-read more fp32 partial sums (splits x M x N x 8 bytes, spread over all SMs).
-    For 4096 x 4096 on 132 SMs this picks 4 splits (128 programs of 16 steps: no SM runs two).
+    The busiest SM runs ceil(tiles·splits / SMs) programs of ``trips`` steps, each step
+    streaming ``step_bytes``; every split adds ``split_bytes`` of fp32 partials (written and read
+    back), spread over all SMs. More splits balance the SMs better; fewer move fewer partials.
     """
     sms = max(1, _programs_wanted(device) // 2)
-    tiles_n = triton.cdiv(n, _SPLITK_POLICY_BLOCK_N)
-    steps = triton.cdiv(k, _SPLITK_GRANULE)
-    step_bytes = _SPLITK_POLICY_BLOCK_N * _SPLITK_GRANULE // 2  # NF4: half a byte per weight
     best_trips, best_cost = steps, None
     for trips in range(1, steps + 1):
         splits = triton.cdiv(steps, trips)
-        cost = triton.cdiv(tiles_n * splits, sms) * trips * step_bytes + splits * m * n * 8 / sms
+        cost = triton.cdiv(tiles * splits, sms) * trips * step_bytes + (splits - 1) * split_bytes / sms
         if best_cost is None or cost < best_cost:
             best_trips, best_cost = trips, cost
-    return best_trips * _SPLITK_GRANULE
+    return best_trips
+
+
+def _split_k_slice(m: int, n: int, k: int, device: torch.device) -> int:
+    """K elements per split of the decode GEMV: the cheapest (N tile, K slice) grid for this GPU.
+
+    Decode streams W once and is bound by how much W each SM streams (:func:`_balanced_trips`).
+    For 4096 x 4096 on 132 SMs this picks 4 splits (128 programs of 16 steps: no SM runs two).
+    """
+    tiles_n = triton.cdiv(n, _SPLITK_POLICY_BLOCK_N)
+    steps = triton.cdiv(k, _SPLITK_GRANULE)
+    step_bytes = _SPLITK_POLICY_BLOCK_N * _SPLITK_GRANULE // 2  # NF4: half a byte per weight
+    return _balanced_trips(tiles_n, steps, device, step_bytes, m * n * 8) * _SPLITK_GRANULE
 
 
 def _forward_small_m(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
