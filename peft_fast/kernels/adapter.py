@@ -48,7 +48,13 @@ from peft_fast.kernels.common import (
     _grouped_tile,
     _m_bucket,
 )
-from peft_fast.kernels.dropout import dropout_keep, dropout_mask, dropout_threshold
+from peft_fast.kernels.dropout import (
+    dropout_keep,
+    dropout_keep_block,
+    dropout_mask,
+    dropout_threshold,
+    dropout_tiled,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -222,7 +228,8 @@ def _adapter_down_kernel(
 def _adapter_up_kernel(
     z_ptr, wu_ptr, bu_ptr, r_ptr, y_ptr,
     M, D, B, scale, seed, threshold, inv_keep, m_bucket,
-    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT_TILED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """Y tile = R + s·drop(act(Z)·Wuᵀ + bu), act applied to Z tiles in registers."""
@@ -243,7 +250,8 @@ def _adapter_up_kernel(
     acc += tl.load(bu_ptr + offs_n, mask=offs_n < D, other=0.0).to(tl.float32)[None, :]
     acc = acc * scale
     if HAS_DROPOUT:
-        acc = tl.where(dropout_keep(seed, rows, offs_n[None, :], D, threshold), acc * inv_keep, 0.0)
+        keep = dropout_keep_block(seed, rows, pid_n * BLOCK_N, D, threshold, BLOCK_M, BLOCK_N, DROPOUT_TILED)
+        acc = tl.where(keep, acc * inv_keep, 0.0)
     mask = row_mask & (offs_n[None, :] < D)
     acc += tl.load(r_ptr + rows * D + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows * D + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -257,7 +265,8 @@ def _adapter_up_kernel(
 def _adapter_dz_kernel(
     dy_ptr, wu_ptr, z_ptr, dz_ptr,
     M, D, B, grad_scale, seed, threshold, m_bucket,
-    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT_TILED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dZ = (s·drop(dY)·Wu) ⊙ act'(Z); grad_scale = s/(1−p) is applied once, to the fp32 sum."""
@@ -270,7 +279,8 @@ def _adapter_dz_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_K)
         dy = tl.load(dy_ptr + rows * D + offs_n[None, :], mask=row_mask & (offs_n[None, :] < D), other=0.0)
         if HAS_DROPOUT:
-            dy = tl.where(dropout_keep(seed, rows, offs_n[None, :], D, threshold), dy, 0.0)
+            keep = dropout_keep_block(seed, rows, n0, D, threshold, BLOCK_M, BLOCK_K, DROPOUT_TILED)
+            dy = tl.where(keep, dy, 0.0)
         wu_mask = (offs_n[:, None] < D) & (offs_b[None, :] < B)
         wu = tl.load(wu_ptr + offs_n[:, None].to(tl.int64) * B + offs_b[None, :], mask=wu_mask, other=0.0)
         acc = _dot(dy, wu, acc, DOT_PRECISION)
@@ -514,7 +524,8 @@ def bottleneck_adapter_forward(
     _adapter_up_kernel[grid](
         z, up_weight, up_bias, x if residual is None else residual, y,
         m, d, b, float(scale), seed, dropout_threshold(p), 1.0 / (1.0 - p), _m_bucket(m),
-        ACTIVATION=ACTIVATIONS[activation], HAS_DROPOUT=p > 0, DOT_PRECISION=dot_precision, BLOCK_B=block_b,
+        ACTIVATION=ACTIVATIONS[activation], HAS_DROPOUT=p > 0, DROPOUT_TILED=dropout_tiled(d),
+        DOT_PRECISION=dot_precision, BLOCK_B=block_b,
     )  # fmt: skip
     return y, z, mean, rstd
 
@@ -594,7 +605,8 @@ def bottleneck_adapter_backward(
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(b, block_b))
         _adapter_dz_kernel[grid](
             grad_y, up_weight, z, dz, m, d, b, grad_scale, seed, dropout_threshold(p), _m_bucket(m),
-            ACTIVATION=act, HAS_DROPOUT=p > 0, DOT_PRECISION=dot_precision, BLOCK_B=block_b,
+            ACTIVATION=act, HAS_DROPOUT=p > 0, DROPOUT_TILED=dropout_tiled(d), DOT_PRECISION=dot_precision,
+            BLOCK_B=block_b,
         )  # fmt: skip
         stats = (mean, rstd) if has_ln else (x, x)
         ln_params = (ln_weight.contiguous(), ln_bias.contiguous()) if has_ln else (x, x)
