@@ -11,7 +11,9 @@ Each kernel is compiled for every activation dtype (fp32, fp16, bf16), every bas
 it accepts (dense, NF4, NF4 with double quantization) and its autotune configs: by default the
 first config and the one with the largest tiles, with ``--full`` all of them plus the rarer
 constexpr variants (ranks, activations, unaligned NF4 blocks). The argument types and
-constexprs mirror the launchers in each kernel module.
+constexprs mirror the launchers in each kernel module. Compiles go through ``scripts/sm90.py``,
+the code path of ``hopper_report.py``: every pointer carries the divisibility-by-16 hint the JIT
+gives caching-allocator tensors; integer sizes carry none (the JIT's case for odd sizes).
 
 Usage:  python scripts/check_sm90_compile.py [--full] [--jobs N] [--filter SUBSTRING]
 
@@ -42,16 +44,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: sm90, the compile path of hopper_report.py
 
+import sm90
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
-from peft_fast.kernels import adapter, ia3, lora_linear, nf4_dequant
+from peft_fast.kernels import adapter, ia3, lora_linear, nf4_dequant, nf4_gemm
 from peft_fast.nf4 import NESTED_BLOCKSIZE
 
-TARGET = GPUTarget("cuda", 90, 32)  # H100: compute capability 9.0, warp size 32
 H100_MAX_SHARED = 232448  # bytes of shared memory a block may opt into on sm_90 (227 KB)
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 BASES = ("dense", "nf4", "nf4dq")
@@ -166,10 +167,11 @@ def lora_linear_jobs(act: str, precision: str, full: bool) -> list[Job]:
     # BLOCK_R = the rank chunk: 16 is the tl.dot minimum (ranks <= 16 are padded to it), 64 the maximum.
     ranks = (16, 32, 64) if full else (16, 64)
     for block_r in ranks:
-        common = dict(HAS_DROPOUT=True, DOT_PRECISION=precision, BLOCK_R=block_r)
-        rank_types = i32("M", "K", "R", "seed", "m_bucket") | f32("p", "inv_keep")
-        for cfg in pick(L._LORA_DOWN_CONFIGS, full):
-            types = ptrs(act, "x_ptr", "a_ptr", "h_ptr") | rank_types
+        common = dict(HAS_DROPOUT=True, DROPOUT_TILED=True, DOT_PRECISION=precision, BLOCK_R=block_r)
+        rank_types = i32("M", "K", "R", "seed", "threshold", "m_bucket") | f32("inv_keep")
+        # H is written in the activation dtype (one K slice) or as fp32 partials (split over K).
+        for cfg, h_type in itertools.product(pick(L._LORA_DOWN_CONFIGS, full), sorted({act, "fp32"})):
+            types = ptrs(act, "x_ptr", "a_ptr") | ptrs(h_type, "h_ptr") | rank_types | i32("k_slice")
             jobs.append(Job(L._lora_down_kernel, act, "-", types, common, cfg))
         # dA is written in the activation dtype (one M range) or as fp32 partials (split over M).
         for cfg, da_type in itertools.product(pick(L._DA_CONFIGS, full), sorted({act, "fp32"})):
@@ -195,8 +197,8 @@ def lora_linear_jobs(act: str, precision: str, full: bool) -> list[Job]:
                 jobs.append(Job(L._lora_linear_fwd_kernel, act, base, types, consts, cfg, opts))
 
             types = ptrs(act, "dy_ptr", "dh_ptr", "a_ptr", "dx_ptr") | btypes
-            types |= i32("M", "N", "K", "R", "seed", "m_bucket") | f32("p", "inv_keep")
-            consts = bmeta | dict(HAS_DROPOUT=True, DOT_PRECISION=precision, BLOCK_R=block_r)
+            types |= i32("M", "N", "K", "R", "seed", "threshold", "m_bucket") | f32("inv_keep")
+            consts = bmeta | dict(HAS_DROPOUT=True, DROPOUT_TILED=True, DOT_PRECISION=precision, BLOCK_R=block_r)
             for cfg in pick(L._GEMM_CONFIGS, full):
                 jobs.append(Job(L._lora_linear_dx_kernel, act, base, types, consts, cfg, opts))
 
@@ -209,6 +211,27 @@ def lora_linear_jobs(act: str, precision: str, full: bool) -> list[Job]:
             consts = bmeta | dict(DOT_PRECISION=precision, BLOCK_M=L.SMALL_M_MAX)
             for cfg in pick(L._SPLITK_CONFIGS, full):
                 jobs.append(Job(L._splitk_partial_kernel, act, base, types, consts, cfg, opts))
+        if base != "dense":
+            jobs += nf4_rows_jobs(act, precision, base, ranks, full)
+    return jobs
+
+
+def nf4_rows_jobs(act: str, precision: str, base: str, ranks: tuple[int, ...], full: bool) -> list[Job]:
+    """The row-streaming NF4 kernels (nf4_gemm.py): the code-pair table replaces the codebook."""
+    btypes, bmeta, opts = base_args(base, act, True)
+    btypes = {name: ty for name, ty in btypes.items() if name != "code_ptr"} | {"pair_ptr": "*i64"}
+    bmeta = {name: bmeta[name] for name in ("DOUBLE_QUANT", "BLOCKSIZE", "NESTED")}
+    jobs = []
+    for block_r in ranks:
+        types = ptrs(act, "x_ptr", "h_ptr", "lora_b_ptr", "bias_ptr", "y_ptr") | btypes
+        types |= i32("M", "N", "K", "R", "m_bucket") | f32("scale")
+        consts = bmeta | dict(HAS_BIAS=True, DOT_PRECISION=precision, BLOCK_R=block_r, R_CHUNKS=1)
+        for cfg in pick(nf4_gemm.ROWS_FWD_CONFIGS, full):
+            jobs.append(Job(nf4_gemm._nf4_rows_fwd_kernel, act, base, types, consts, cfg, opts))
+    types = ptrs(act, "x_ptr") | btypes | ptrs("fp32", "partial_ptr") | i32("M", "N", "K", "k_slice", "m_bucket")
+    consts = bmeta | dict(DOT_PRECISION=precision, BLOCK_M=lora_linear.SMALL_M_MAX)
+    for cfg in pick(nf4_gemm.ROWS_SPLITK_CONFIGS, full):
+        jobs.append(Job(nf4_gemm._nf4_rows_splitk_kernel, act, base, types, consts, cfg, opts))
     return jobs
 
 
@@ -261,21 +284,28 @@ def adapter_jobs(act: str, precision: str, full: bool) -> list[Job]:
                 jobs.append(Job(A._adapter_dx_kernel, act, "-", types, consts, None, options))
 
         for activation in activations:
-            consts = dict(ACTIVATION=activation, HAS_DROPOUT=True, DOT_PRECISION=precision, BLOCK_B=block_b)
+            consts = dict(
+                ACTIVATION=activation, HAS_DROPOUT=True, DROPOUT_TILED=True, DOT_PRECISION=precision, BLOCK_B=block_b
+            )
             types = ptrs(act, "z_ptr", "wu_ptr", "bu_ptr", "r_ptr", "y_ptr")
-            types |= i32("M", "D", "B", "seed", "m_bucket") | f32("scale", "p", "inv_keep")
+            types |= i32("M", "D", "B", "seed", "threshold", "m_bucket") | f32("scale", "inv_keep")
             for cfg in pick(A._UP_CONFIGS, full):
                 jobs.append(Job(A._adapter_up_kernel, act, "-", types, consts, cfg))
 
-            types = ptrs(act, "dy_ptr", "wu_ptr", "z_ptr", "dz_ptr") | i32("M", "D", "B", "seed", "m_bucket")
-            types |= f32("grad_scale", "p")
+            types = ptrs(act, "dy_ptr", "wu_ptr", "z_ptr", "dz_ptr") | i32(
+                "M", "D", "B", "seed", "threshold", "m_bucket"
+            )
+            types |= f32("grad_scale")
             for cfg in pick(A._ROW_CONFIGS, full):
                 jobs.append(Job(A._adapter_dz_kernel, act, "-", types, consts, cfg))
 
-            types = ptrs(act, "dy_ptr", "z_ptr", "dwu_ptr", "dbu_ptr") | i32("M", "D", "B", "seed", "m_bucket")
-            types |= f32("grad_scale", "p")
+            types = ptrs(act, "dy_ptr", "z_ptr", "dwu_ptr", "dbu_ptr") | i32(
+                "M", "D", "B", "seed", "threshold", "m_bucket"
+            )
+            types |= f32("grad_scale")
+            dup_consts = {name: value for name, value in consts.items() if name != "DROPOUT_TILED"}
             for cfg in pick(A._WEIGHT_GRAD_CONFIGS, full):
-                jobs.append(Job(A._adapter_dup_kernel, act, "-", types, consts, cfg))
+                jobs.append(Job(A._adapter_dup_kernel, act, "-", types, dup_consts, cfg))
     return jobs
 
 
@@ -296,17 +326,18 @@ def nf4_dequant_jobs(out: torch.dtype, full: bool) -> list[Job]:
             "code2_ptr": "*fp32",
             "out_ptr": out_type,
             "numel": "i32",
+            "n_bytes": "i32",
         }
+        cols = min(NF4_BLOCKSIZE // 2, 256)
         consts = dict(
             BLOCKSIZE=NF4_BLOCKSIZE, NESTED=NESTED_BLOCKSIZE, DOUBLE_QUANT=dq,
-            OUT_KIND=nf4_dequant._OUT_KIND[out], BLOCK=1024,
+            OUT_KIND=nf4_dequant._OUT_KIND[out], ROWS=nf4_dequant._TILE_BYTES // cols, COLS=cols,
         )  # fmt: skip
-        jobs.append(Job(nf4_dequant._nf4_dequant_kernel, act, base, types, consts, None, {"enable_fp_fusion": False}))
+        options = {"enable_fp_fusion": False, "num_warps": nf4_dequant._NUM_WARPS}
+        jobs.append(Job(nf4_dequant._nf4_dequant_kernel, act, base, types, consts, None, options))
         if full:  # tensors of 2**31 elements or more: numel is passed as i64
-            jobs.append(
-                Job(nf4_dequant._nf4_dequant_kernel, act, base, types | {"numel": "i64"}, consts, None,
-                    {"enable_fp_fusion": False})
-            )  # fmt: skip
+            wide = types | {"numel": "i64", "n_bytes": "i64"}
+            jobs.append(Job(nf4_dequant._nf4_dequant_kernel, act, base, wide, consts, None, options))
     return jobs
 
 
@@ -338,24 +369,24 @@ def contraction_check_applies(job: Job) -> bool:
 
 
 def compile_job(job: Job) -> tuple[int | None, float, str | None]:
-    """(shared memory bytes, seconds, None) or (None, seconds, first line of the error)."""
+    """(shared memory bytes, seconds, None) or (None, seconds, first line of the error).
+
+    Compiled through :mod:`sm90`, the code path of the Hopper report: pointer arguments carry
+    the divisibility-by-16 hint the JIT gives every caching-allocator tensor; integer sizes get
+    none (the general case, compiled when a size is not a multiple of 16).
+    """
     consts = dict(job.consts)
     options = dict(job.options)
     if job.config is not None:  # an autotune config = extra constexprs + launch options
         consts.update(job.config.kwargs)
         options.update(num_warps=job.config.num_warps, num_stages=job.config.num_stages)
-    fn = job.fn
-    signature = {}
-    for name in fn.arg_names:
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name in job.types:
-            signature[name] = job.types[name]
-        else:  # a bug in this script, not in the kernel: say so plainly
-            return None, 0.0, f"script error: no type or constexpr given for argument {name!r}"
+    try:
+        spec = sm90.spec_from_types(job.kernel, job.types, consts, options)
+    except KeyError as exc:  # a bug in this script, not in the kernel: say so plainly
+        return None, 0.0, f"script error: {exc.args[0]}"
     start = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=TARGET, options=options)
+        compiled = sm90.compile_spec(spec)
     except Exception as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         # CompilationError messages start with source context; the cause is on the last line.

@@ -42,8 +42,6 @@ ROWS_SPLITK_CONFIGS = _configs(
         # Two stages: Triton 3.6 keeps a wgmma group in flight here (4 stages drain it each step).
         _cfg(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=2),
         _cfg(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
-        # mma.sync (no wgmma at 2 warps): the fewest instructions per weight under Triton 3.9.
-        _cfg(BLOCK_N=64, BLOCK_K=64, num_warps=2, num_stages=4),
     ],
 )
 

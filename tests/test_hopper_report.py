@@ -1,0 +1,325 @@
+"""The static Hopper cost report (scripts/hopper_report.py and its modules).
+
+Unit tests on handmade inputs (SASS text, cost numbers, reports) run in-process; the one test
+that compiles for sm_90 runs the report in a subprocess with TRITON_INTERPRET unset, because
+this test session imports the kernels under the interpreter (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import cost_model  # noqa: E402
+import hopper_ratchet  # noqa: E402
+import sass  # noqa: E402
+from cost_model import KernelCost, predict_launch  # noqa: E402
+
+# -- SASS parsing --------------------------------------------------------------------------------
+
+
+def _line(addr: int, text: str) -> str:
+    return f"        /*{addr:04x}*/                   {text} ;                /* 0x000000000000794d */"
+
+
+# A kernel with a prologue, a K-loop (HGMMA, a drained wgmma wait, a spill), an epilogue loop with
+# one HMMA, EXIT and the padding self-branch + NOPs.
+_PROGRAM = [
+    "MOV R1, c[0x0][0x28]",  # 0x00
+    "S2R R0, SR_CTAID.X",  # 0x10
+    "LDGSTS.E.BYPASS.128 [R3], desc[UR14][R24.64]",  # 0x20
+    # K-loop: 0x30 .. 0x90
+    "LDS R4, [R2]",  # 0x30
+    "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24",  # 0x40
+    "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0",  # 0x50
+    "WARPGROUP.DEPBAR.LE gsb0, 0x0",  # 0x60
+    "STL [R1], R5",  # 0x70
+    "IADD3 R6, R6, 0x1, RZ",  # 0x80
+    "@P0 BRA 0x30",  # 0x90
+    # epilogue loop: 0xa0 .. 0xc0
+    "HMMA.16816.F32.BF16 R8, R12, R16, R8",  # 0xa0
+    "ISETP.GE.AND P1, PT, R6, R7, PT",  # 0xb0
+    "@!P1 BRA 0xa0",  # 0xc0
+    "STG.E desc[UR4][R2.64], R8",  # 0xd0
+    "EXIT",  # 0xe0
+    "BRA 0xf0",  # 0xf0: the padding self-branch
+    "NOP",  # 0x100
+]
+SYNTHETIC_SASS = "\n".join(
+    ["\tcode for sm_90", "\t\tFunction : kernel", *(_line(16 * i, t) for i, t in enumerate(_PROGRAM))]
+)
+
+
+def test_sass_parser_finds_the_kloop_wait_depth_and_spills():
+    summary = sass.summarize(SYNTHETIC_SASS, num_warps=8)
+    assert summary.n_loops == 2  # the padding BRA-to-itself is not a loop
+    assert summary.kloop_range == (0x30, 0x90)  # the HGMMA loop beats the single-HMMA loop
+    assert summary.kloop_instr == 7
+    assert summary.body_instr == 15  # no NOP, no self-branch
+    assert summary.wgmma_wait == 0
+    assert summary.kloop_spill_ops == 1 and summary.spill_ops == 1
+    assert summary.hgmma and summary.hmma and summary.cp_async and not summary.tma
+    # two HGMMA 64x128x16 per warpgroup, 8 warps = 2 warpgroups
+    assert summary.kloop_mma_flops == 2 * (2 * 64 * 128 * 16) * 2
+    assert summary.other_mma_flops == 2 * 16 * 8 * 16 * 8  # the HMMA, once per warp
+    assert summary.has_loop
+
+
+def test_sass_parser_loop_free_and_no_mma_kernels():
+    program = ["LDG.E R2, desc[UR4][R4.64]", "FMUL R2, R2, R3", "STG.E desc[UR4][R6.64], R2", "EXIT", "BRA 0x40"]
+    body = "\n".join(_line(16 * i, t) for i, t in enumerate(program))
+    summary = sass.summarize(body, num_warps=4)
+    assert not summary.has_loop and summary.kloop_instr == summary.body_instr == 4
+    assert summary.wgmma_wait is None and summary.kloop_mma_flops == 0 and not summary.hgmma
+
+
+def test_sass_wait_depth_is_the_smallest_in_the_loop():
+    program = ["HGMMA.64x64x16.F32.BF16 R0, gdesc[UR4], R0, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x1",
+               "WARPGROUP.DEPBAR.LE gsb0, 0x2", "@P0 BRA 0x0", "EXIT"]  # fmt: skip
+    summary = sass.summarize("\n".join(_line(16 * i, t) for i, t in enumerate(program)), num_warps=4)
+    assert summary.wgmma_wait == 1 and summary.kloop_instr == 4
+
+
+def test_res_usage_parser():
+    text = " Function matmul_kernel:\n  REG:122 STACK:56 SHARED:1024 LOCAL:0 CONSTANT[0]:592 TEXTURE:0"
+    assert sass.parse_res_usage(text) == {"REG": 122, "STACK": 56, "SHARED": 1024, "LOCAL": 0}
+    with pytest.raises(ValueError):
+        sass.parse_res_usage("nothing here")
+
+
+# -- cost model ----------------------------------------------------------------------------------
+
+
+def _cost(**overrides) -> KernelCost:
+    base = dict(num_warps=8, regs=128, smem=96 * 1024, kloop_instr=100, other_instr=0, kloop_mma_flops=2 * 128**2 * 64,
+                other_mma_flops=0, trips=64, wgmma_wait=1)  # fmt: skip
+    return KernelCost(**(base | overrides))
+
+
+def test_occupancy_limits():
+    assert cost_model.ctas_per_sm(8, 128, 96 * 1024) == 2  # smem: 2 × 97 KB of 228 KB; regs: 2 × 32 K
+    assert cost_model.ctas_per_sm(8, 129, 0) == 1  # 136 regs (granule 8) × 256 threads > 32 K
+    assert cost_model.ctas_per_sm(4, 32, 0) == 16  # threads: 2048 / 128
+    assert cost_model.ctas_per_sm(1, 16, 0) == 32  # the block limit
+    assert cost_model.ctas_per_sm(4, 32, 228 * 1024) == 0  # above 227 KB per block
+
+
+def test_mma_bound_launch_matches_the_dense_floor():
+    # The tutorial tile: 128x128x64 per trip, 64 trips, 1024 CTAs, 2 CTAs/SM, issue well below MMA.
+    pred = predict_launch(_cost(), (1024, 1, 1), bytes_moved=0)
+    assert pred.bound == "mma" and pred.ctas_per_sm == 2 and pred.waves == 4
+    floor_us = 2 * 4096**3 / cost_model.H200.bf16_flops_per_s * 1e6
+    assert 1.0 <= pred.predicted_us / floor_us <= 1.05  # only the 3.9 -> 4 waves quantisation
+
+
+def test_issue_bound_launch():
+    pred = predict_launch(_cost(kloop_instr=2000), (1024, 1, 1), bytes_moved=0)
+    assert pred.bound == "issue"
+    per_cta = 2000 * 64 * 8 / 4
+    assert pred.compute_us == pytest.approx(8 * per_cta / 1.98e9 * 1e6)  # 8 CTAs per SM, 2 at a time
+
+
+def test_drained_wgmma_with_one_cta_per_sm_serialises():
+    cost = _cost(smem=150 * 1024, wgmma_wait=0, kloop_instr=400)  # one CTA fits
+    serial = predict_launch(cost, (132, 1, 1), 0)
+    overlapped = predict_launch(_cost(smem=150 * 1024, wgmma_wait=1, kloop_instr=400), (132, 1, 1), 0)
+    assert serial.bound == "serial" and serial.ctas_per_sm == 1
+    assert serial.compute_us == pytest.approx((serial.issue_cycles + serial.mma_cycles) / 1.98e9 * 1e6)
+    assert overlapped.compute_us == pytest.approx(max(overlapped.issue_cycles, overlapped.mma_cycles) / 1.98e9 * 1e6)
+    # Two resident CTAs overlap one's instructions with the other's MMA even when each drains.
+    two = predict_launch(_cost(wgmma_wait=0, kloop_instr=400), (264, 1, 1), 0)
+    assert two.ctas_per_sm == 2 and two.bound != "serial"
+
+
+def test_memory_bound_and_roofline():
+    pred = predict_launch(_cost(trips=1), (132, 1, 1), bytes_moved=int(4.3e9))  # 4.3 GB at 4.3 TB/s = 1 ms
+    assert pred.bound == "memory" and pred.predicted_us == pytest.approx(1000.0)
+    assert cost_model.roofline_us(790e12, 0) == pytest.approx(1e6)
+    assert cost_model.roofline_us(1.0, 4.3e12) == pytest.approx(1e6)
+
+
+# -- ratchet -------------------------------------------------------------------------------------
+
+
+def _report(ratios: dict[str, float], stack: int = 0) -> dict:
+    ops = []
+    for name, ratio in ratios.items():
+        launch = {"kernel": "m:k", "signature": {"x": "*bf16"}, "spill_bytes": stack, "has_loop": True,
+                  "loop_trips": 64}  # fmt: skip
+        ops.append({"id": name, "op": name, "M": 1, "N": 1, "K": 1, "ratio": ratio, "launches": [launch]})
+    return {"ops": ops}
+
+
+def test_ratchet_fails_only_beyond_the_tolerance():
+    base = _report({"a": 1.00, "b": 2.00})
+    assert hopper_ratchet.compare(_report({"a": 1.029, "b": 2.0}), base)[0] == []
+    failures, _ = hopper_ratchet.compare(_report({"a": 1.031, "b": 2.0}), base)
+    assert len(failures) == 1 and failures[0].startswith("a:")
+
+
+def test_ratchet_notes_new_and_improved_ops_and_fails_spills():
+    failures, notes = hopper_ratchet.compare(_report({"a": 0.5, "new": 3.0}), _report({"a": 1.0}))
+    assert failures == []
+    assert any(n.startswith("new:") and "not in the baseline" in n for n in notes)
+    assert any(n.startswith("a:") and "improved" in n for n in notes)
+    failures, _ = hopper_ratchet.compare(_report({"a": 1.0}, stack=56), _report({"a": 1.0}))
+    assert len(failures) == 1 and "spills" in failures[0]
+
+
+def test_recompile_mismatches():
+    launch = {"kernel": "m:k", "kloop_instr_per_warp": 100, "regs": 128, "smem": 1024}
+    same = {"error": None, "sass": {"kloop_instr": 109}, "regs": 128, "smem": 1024}
+    assert hopper_ratchet.recompile_mismatches(launch, same) == []
+    worse = {"error": None, "sass": {"kloop_instr": 111}, "regs": 130, "smem": 2048}
+    problems = hopper_ratchet.recompile_mismatches(launch, worse)
+    assert len(problems) == 3 and "K-loop" in problems[0] and "registers" in problems[1]
+    assert hopper_ratchet.recompile_mismatches(launch, {"error": "boom"}) == ["m:k: does not compile: boom"]
+
+
+# -- launch capture -------------------------------------------------------------------------------
+
+
+def test_capture_records_library_calls_on_fake_cuda_tensors():
+    import launch_capture
+    import torch
+
+    seen = {}
+
+    def call():
+        a = torch.empty(64, 32, dtype=torch.bfloat16, device="cuda")
+        b = torch.empty(32, 16, dtype=torch.bfloat16, device="cuda")
+        seen["device"] = a.device.type
+        seen["sms"] = torch.cuda.get_device_properties(a.device).multi_processor_count
+        out = torch.empty(64, 16, dtype=torch.bfloat16, device=a.device)  # allocation: no launch
+        out.addmm_(a, b, beta=0, alpha=2.0)
+        a.t()  # a view: no launch
+        a.float().sum(0)
+
+    launches = launch_capture.record(call)
+    assert seen == {"device": "cuda", "sms": 132}
+    assert [la.kernel for la in launches] == ["torch.addmm_", "torch._to_copy", "torch.sum"]
+    mm, cast, total = launches
+    assert mm.flops == 2 * 64 * 32 * 16 and mm.bytes == 2 * (64 * 32 + 32 * 16 + 64 * 16)
+    assert cast.flops == 0 and cast.bytes == 64 * 32 * (2 + 4)
+    assert total.bytes == 64 * 32 * 4 + 32 * 4
+
+
+# -- trip counts -----------------------------------------------------------------------------------
+
+
+def test_trip_counts_from_the_kernel_source():
+    import trip_count
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _mma(a, b, acc):
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _kernel(x_ptr, K, k_slice, BLOCK_K: tl.constexpr, HAS_TAIL: tl.constexpr):
+        split = tl.program_id(1)
+        k_start = split * k_slice
+        acc = tl.zeros((16, 16), dtype=tl.float32)
+        for k0 in range(k_start, tl.minimum(k_start + k_slice, K), BLOCK_K):
+            a = tl.load(x_ptr + k0 + tl.arange(0, 16)[:, None] + tl.arange(0, 16)[None, :])
+            acc = _mma(a, a, acc)
+        if HAS_TAIL:
+            for _r in range(0, tl.cdiv(K, 1024)):
+                acc = tl.dot(a, a, acc)
+        for _i in range(0, 3):
+            acc += 1.0
+        tl.store(x_ptr + tl.arange(0, 16)[:, None] + tl.arange(0, 16)[None, :], acc)
+
+    args = {"x_ptr": None, "K": 4096, "k_slice": 832, "BLOCK_K": 32, "HAS_TAIL": True}
+    trips, loop = trip_count.main_loop(_kernel, args, (32, 5, 1))
+    assert trips == 26 and loop.has_dot and "k_slice" in loop.source
+    found = trip_count.loops(_kernel, args, (32, 5, 1))
+    assert sorted(lp.trips for lp in found) == [3, 4, 26]
+
+    @triton.jit
+    def _unknown(x_ptr, BLOCK: tl.constexpr):
+        n = tl.load(x_ptr)
+        acc = tl.zeros((16, 16), dtype=tl.float32)
+        for _i in range(0, n):
+            a = tl.load(x_ptr + tl.arange(0, 16)[:, None] + tl.arange(0, 16)[None, :])
+            acc = tl.dot(a, a, acc)
+        tl.store(x_ptr + tl.arange(0, 16)[:, None] + tl.arange(0, 16)[None, :], acc)
+
+    with pytest.raises(trip_count.TripCountError, match="TRIP_OVERRIDES"):
+        trip_count.main_loop(_unknown, {"x_ptr": None, "BLOCK": 16}, (1, 1, 1))
+
+
+# -- end to end: one small kernel compiled for sm_90 -------------------------------------------------
+
+
+_JIT_CHECK = f"""
+import json, sys
+sys.path[:0] = [{str(ROOT)!r}, {str(SCRIPTS)!r}]
+import torch, sm90
+launch = json.load(open(sys.argv[1]))["ops"][0]["launches"][0]
+spec = sm90.KernelSpec.from_json(launch)
+args = {{n: sm90.PointerStub(torch.bfloat16) for n in ("a_ptr", "b_ptr", "c_ptr")}}
+args |= dict(M=4096, N=4096, K=4096, stride_am=4096, stride_bk=4096, stride_cm=4096) | spec.constexprs
+jit = sm90.jit_compile(sm90.resolve(spec.kernel), args, spec.options)
+print("same cubin" if jit.asm["cubin"] == sm90.compile_spec(spec).asm["cubin"] else "different cubin")
+"""
+
+
+def _script_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _cuobjdump() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+@pytest.mark.skipif(not _cuobjdump().exists(), reason="Triton's cuobjdump is missing: cannot read SASS")
+def test_report_json_contract_and_recompile_round_trip(tmp_path):
+    """The tutorial GEMM alone: report keys, calibration ratio, and --recompile from the report's spec."""
+    run = lambda *a: subprocess.run([sys.executable, str(SCRIPTS / "hopper_report.py"), *a], env=_script_env(),
+                                    capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = run("--out", str(tmp_path), "--ops", "dense_tutorial_gemm", "--jobs", "1", "--no-sass")
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((tmp_path / "hopper-report.json").read_text())
+    assert {"triton", "target", "ceilings", "ops"} <= report.keys() and report["target"] == "cuda:90"
+    assert set(report["ceilings"]) == {"clock_hz", "sms", "bf16_flops_per_s", "hbm_bytes_per_s", "copy_bytes_per_s"}
+    (op,) = report["ops"]
+    op_keys = {"op", "M", "N", "K", "r", "dtype", "base", "dropout", "floor_us", "predicted_us", "ratio", "launches"}
+    assert op_keys <= op.keys()
+    (launch,) = op["launches"]
+    launch_keys = {"kernel", "signature", "constexprs", "divisible_by_16", "num_warps", "num_stages", "options", "grid",
+                   "loop_trips", "ctas_per_sm", "regs", "spill_bytes", "smem", "hgmma", "kloop_instr_per_warp",
+                   "predicted_us"}  # fmt: skip
+    assert launch_keys <= launch.keys()
+    assert launch["kernel"] == "dense_tutorial_gemm:matmul_kernel" and launch["hgmma"] and launch["loop_trips"] == 64
+    # The JIT's specialisation: strides of 1 become constexprs, multiples of 16 get the hint.
+    assert launch["constexprs"]["stride_ak"] == 1 and "K" in launch["divisible_by_16"]
+    assert 1.0 <= op["ratio"] <= 1.06
+    assert (tmp_path / "hopper-report.md").read_text().startswith("# Static Hopper")
+
+    # The spec compiles to the very cubin the JIT's own path (JITFunction.warmup) builds.
+    jit = subprocess.run([sys.executable, "-c", _JIT_CHECK, str(tmp_path / "hopper-report.json")], env=_script_env(),
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert jit.returncode == 0 and jit.stdout.strip() == "same cubin", jit.stdout + jit.stderr
+    # Recompiling from the report's own spec gives the same binary; a tampered report is caught.
+    launch["regs"] += 1
+    tampered = tmp_path / "tampered.json"
+    tampered.write_text(json.dumps(report))
+    check = run("--recompile", str(tmp_path / "hopper-report.json"), str(tampered), "--jobs", "1")
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert "hopper-report.json: 0 mismatches" in check.stdout
+    assert "tampered.json: 1 mismatches" in check.stdout and "registers" in check.stdout
