@@ -13,6 +13,9 @@ sees single ops. The backend follows :func:`peft_fast.ops.backend_name`: the Tri
 ``peft_fast/kernels/adapter.py`` / ``ia3.py`` on CUDA or under the interpreter, plain torch with
 the same math on CPU. The torch backend computes the base matmul exactly as ``nn.Linear`` and
 ``NF4Linear`` do, so an (IA)³ vector of ones leaves outputs bit-identical there.
+
+Under ``torch.autocast`` both compute in the autocast dtype, as the ``nn.Linear`` layers they
+stand for would (see :mod:`peft_fast.ops`); the op bodies run with autocast off.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 
 from peft_fast.config import ADAPTER_NON_LINEARITIES
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
-from peft_fast.ops import backend_name, dropout_mask
+from peft_fast.ops import autocast_dtype, autocast_inputs, backend_name, dropout_mask, no_autocast
 
 __all__ = ["bottleneck_adapter", "ia3_linear"]
 
@@ -163,9 +166,10 @@ def _bottleneck_adapter_op(
     """(y, z, mean, rstd); z, mean and rstd exist for the backward only."""
     args = (x, residual, ln_weight, ln_bias, ln_eps, down_weight, down_bias, up_weight, up_bias, scale, activation,
             dropout_p, int(seed))  # fmt: skip
-    if backend_name(x.device) == "torch-cpu":
-        return _torch_adapter_forward(*args)
-    return _adapter_kernels().bottleneck_adapter_forward(*args)
+    with no_autocast(x.device):
+        if backend_name(x.device) == "torch-cpu":
+            return _torch_adapter_forward(*args)
+        return _adapter_kernels().bottleneck_adapter_forward(*args)
 
 
 @_bottleneck_adapter_op.register_fake
@@ -203,14 +207,15 @@ def _bottleneck_adapter_backward_op(
 ) -> list[torch.Tensor]:
     """[dx, dln_weight, dln_bias, ddown_weight, ddown_bias, dup_weight, dup_bias]; empty where not needed."""
     flags = (residual_is_x, needs_dx, needs_dln, needs_ddown, needs_dup)
-    if backend_name(x.device) == "torch-cpu":
-        grads = _torch_adapter_backward(grad_y, x, z, mean, rstd, ln_weight, ln_bias, ln_eps, down_weight, up_weight,
-                                        scale, activation, dropout_p, int(seed), *flags)  # fmt: skip
-    else:
-        grads = _adapter_kernels().bottleneck_adapter_backward(
-            grad_y, x, z, mean, rstd, ln_weight, ln_bias, down_weight, up_weight, scale, activation, dropout_p,
-            int(seed), *flags,
-        )  # fmt: skip
+    with no_autocast(x.device):
+        if backend_name(x.device) == "torch-cpu":
+            grads = _torch_adapter_backward(grad_y, x, z, mean, rstd, ln_weight, ln_bias, ln_eps, down_weight,
+                                            up_weight, scale, activation, dropout_p, int(seed), *flags)  # fmt: skip
+        else:
+            grads = _adapter_kernels().bottleneck_adapter_backward(
+                grad_y, x, z, mean, rstd, ln_weight, ln_bias, down_weight, up_weight, scale, activation, dropout_p,
+                int(seed), *flags,
+            )  # fmt: skip
     needs_dln = needs_dln and ln_weight is not None
     wanted = (needs_dx, needs_dln, needs_dln, needs_ddown, needs_ddown, needs_dup, needs_dup)
     return [g if needed and g is not None else x.new_empty(0) for g, needed in zip(grads, wanted, strict=True)]
@@ -314,7 +319,33 @@ def bottleneck_adapter(
         activation: "relu", "gelu" (exact, erf form) or "swish" (x·σ(x)).
         dropout_p: dropout on the adapter's output, applied only when ``training``; ``seed``
             fixes its mask (drawn from torch's generator when None).
+
+    Under ``torch.autocast`` x, the weights (LayerNorm's too) and any fp32 / fp16 / bf16 dtype mix
+    are cast to the autocast dtype and the adapter computes in it, as ``nn.Linear`` layers would;
+    the residual keeps its own precision: a residual (x, for a serial adapter) wider than the
+    autocast dtype is added to the adapter's output outside the op, in the promoted dtype, as
+    ``residual + adapter(x)`` gives under autocast. Gradients come back in each tensor's dtype.
     """
+    cast = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
+    if cast is not None:
+        wide = x if residual is None else residual
+        if isinstance(wide, torch.Tensor) and wide.dtype != cast and torch.promote_types(wide.dtype, cast) != cast:
+            # Rounding the residual stream to the autocast dtype would lose what autocast keeps:
+            # the op adds its update to zeros, and the wide residual is added here.
+            if tuple(wide.shape) != tuple(x.shape):
+                raise ValueError(f"residual must have shape {tuple(x.shape)}, got {tuple(wide.shape)}")
+            if wide.device != x.device:
+                raise ValueError(f"residual is on {wide.device} but x is on {x.device}")
+            zeros = torch.zeros(x.shape, dtype=cast, device=x.device)
+            update = bottleneck_adapter(
+                x.to(cast), down_weight, down_bias, up_weight, up_bias, residual=zeros, ln_weight=ln_weight,
+                ln_bias=ln_bias, ln_eps=ln_eps, scale=scale, activation=activation, dropout_p=dropout_p,
+                training=training, seed=seed,
+            )  # fmt: skip
+            return wide + update
+        x, residual, ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias = autocast_inputs(
+            cast, x, residual, ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias
+        )
     _check_adapter_inputs(x, down_weight, down_bias, up_weight, up_bias, residual, ln_weight, ln_bias, activation)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -410,9 +441,10 @@ def _ia3_linear_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, y0): y0 is the unscaled output, kept for the backward of output scaling (else empty)."""
     base = _as_base(weight, absmax, nested_absmax, nested_offset, blocksize, out_features, in_features)
-    if backend_name(x.device) == "torch-cpu":
-        return _torch_ia3_forward(x, base, ia3_scale, bias, scale_input)
-    y, y0 = _ia3_kernels().ia3_linear_forward(_flat(x), base, ia3_scale, bias, scale_input)
+    with no_autocast(x.device):
+        if backend_name(x.device) == "torch-cpu":
+            return _torch_ia3_forward(x, base, ia3_scale, bias, scale_input)
+        y, y0 = _ia3_kernels().ia3_linear_forward(_flat(x), base, ia3_scale, bias, scale_input)
     lead = x.shape[:-1]
     return y.reshape(*lead, out_features), (x.new_empty(0) if scale_input else y0.reshape(*lead, out_features))
 
@@ -442,12 +474,13 @@ def _ia3_linear_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dl); a gradient that is not needed comes back as an empty tensor."""
     base = _as_base(weight, absmax, nested_absmax, nested_offset, blocksize, out_features, in_features)
-    if backend_name(grad_y.device) == "torch-cpu":
-        dx, dl = _torch_ia3_backward(grad_y, saved, base, ia3_scale, scale_input, needs_dx, needs_dl)
-    else:
-        dx, dl = _ia3_kernels().ia3_linear_backward(_flat(grad_y), _flat(saved), base, ia3_scale, scale_input,
-                                                    needs_dx, needs_dl)  # fmt: skip
-        dx = None if dx is None else dx.reshape(*grad_y.shape[:-1], in_features)
+    with no_autocast(grad_y.device):
+        if backend_name(grad_y.device) == "torch-cpu":
+            dx, dl = _torch_ia3_backward(grad_y, saved, base, ia3_scale, scale_input, needs_dx, needs_dl)
+        else:
+            dx, dl = _ia3_kernels().ia3_linear_backward(_flat(grad_y), _flat(saved), base, ia3_scale, scale_input,
+                                                        needs_dx, needs_dl)  # fmt: skip
+            dx = None if dx is None else dx.reshape(*grad_y.shape[:-1], in_features)
     return (grad_y.new_empty(0) if dx is None else dx), (ia3_scale.new_empty(0) if dl is None else dl)
 
 
@@ -502,11 +535,19 @@ def ia3_linear(
         ia3_scale: l, a vector of N entries (K with ``scale_input``) in any float dtype; it is
             applied in fp32 (fp64 for fp64 x), and its gradient comes back in its own dtype.
         bias: optional [N] in x's dtype; gets a gradient if it requires one. W never does.
+
+    Under ``torch.autocast`` x, a dense W and the bias are cast to the autocast dtype (the NF4
+    scales never are), so the GEMM runs and y comes out in it, as PEFT's (IA)³ over ``nn.Linear``;
+    l is still applied in fp32 and its gradient comes back in its own dtype.
     """
     if not isinstance(base, (torch.Tensor, NF4Weight)):
         raise TypeError(f"base must be a torch.Tensor or an NF4Weight, got {type(base).__name__}")
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.dtype not in _FLOAT_DTYPES:
         raise TypeError("x must be a float tensor of shape [..., in_features]")
+    cast = autocast_dtype(x)
+    x, bias = autocast_inputs(cast, x, bias)
+    if isinstance(base, torch.Tensor):
+        (base,) = autocast_inputs(cast, base)
     out_features, in_features = base.shape
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features but the base weight expects {in_features}")

@@ -133,8 +133,10 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         from peft_fast.adapter_ops import bottleneck_adapter
+        from peft_fast.ops import autocast_dtype
 
-        cast = lambda t: None if t is None else t.to(x.dtype)
+        dtype = autocast_dtype(x) or x.dtype  # inside torch.autocast: its dtype (x is cast by the op)
+        cast = lambda t: None if t is None else t.to(dtype)
         norm = self.adapter_norm_before
         down, up = self.adapter_down[0], self.adapter_up
         return bottleneck_adapter(

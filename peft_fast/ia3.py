@@ -106,18 +106,23 @@ class IA3Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from peft_fast.adapter_ops import ia3_linear
-        from peft_fast.ops import base_linear, check_input
+        from peft_fast.ops import autocast_dtype, base_linear, check_input
 
         check_input(x, self.in_features)  # before the casts to x's dtype below (an int x: int weights)
+        # Inside torch.autocast: computed in its dtype, returned in it over a dense base (nn.Linear)
+        # and in x's dtype over NF4 (bitsandbytes' Linear4bit), as PEFT's (IA)³ over either.
+        dtype = autocast_dtype(x) or x.dtype
+        out_dtype = x.dtype if isinstance(self.base_layer, NF4Linear) else dtype
+        x = x.to(dtype)
         base, bias = self.base_weight(), self.base_layer.bias
-        if isinstance(base, torch.Tensor) and base.dtype != x.dtype:
-            base = base.to(x.dtype)
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
+        if isinstance(base, torch.Tensor) and base.dtype != dtype:
+            base = base.to(dtype)
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
         scale = self.scale_vector()
         if scale is None:
-            return base_linear(x, base, bias)
-        return ia3_linear(x, base, scale, bias, scale_input=self.is_feedforward)
+            return base_linear(x, base, bias).to(out_dtype)
+        return ia3_linear(x, base, scale, bias, scale_input=self.is_feedforward).to(out_dtype)
 
     def merged_weight_and_bias(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W', b'): diag(l)·W and l ⊙ b for output scaling, W·diag(l) and b for input scaling.

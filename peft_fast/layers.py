@@ -19,7 +19,11 @@ _NF4_BUFFERS = ("packed", "absmax", "nested_absmax", "nested_offset")
 
 
 class NF4Linear(nn.Module):
-    """``y = x · deq(W)ᵀ + b`` for a frozen NF4 weight W [out_features, in_features]."""
+    """``y = x · deq(W)ᵀ + b`` for a frozen NF4 weight W [out_features, in_features].
+
+    Under ``torch.autocast`` it computes in the autocast dtype and returns x's dtype, as
+    bitsandbytes' ``Linear4bit`` does (so do :class:`LoraLinear` and (IA)³ layers over it).
+    """
 
     def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -55,7 +59,8 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from peft_fast.ops import base_linear
 
-        return base_linear(x, self.nf4, self.bias)
+        y = base_linear(x, self.nf4, self.bias)
+        return y if y.dtype == x.dtype else y.to(x.dtype)  # autocast: computed in its dtype, as bitsandbytes
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.weight_nested_absmax is not None else ""
@@ -195,29 +200,36 @@ class LoraLinear(nn.Module):
         self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from peft_fast.ops import base_linear, check_input, lora_linear
+        from peft_fast.ops import autocast_dtype, base_linear, check_input, lora_linear
 
         # Checked before the casts below, which would otherwise turn the weights into x's dtype
         # (an integer x gave an integer matmul with truncated weights when adapters were disabled).
         check_input(x, self.in_features)
+        # The compute dtype: x's, or the autocast dtype inside torch.autocast, as nn.Linear + PEFT
+        # (base, A and B all in it; fp32 parameters still get fp32 gradients, through the casts).
+        # The output is in it too over a dense base; over NF4 it is returned in x's dtype, as
+        # bitsandbytes' Linear4bit and PEFT's LoRA layer over it do.
+        dtype = autocast_dtype(x) or x.dtype
+        out_dtype = x.dtype if isinstance(self.base_layer, NF4Linear) else dtype
+        x = x.to(dtype)
         base, bias = self.base_weight(), self.base_layer.bias
-        if isinstance(base, torch.Tensor) and base.dtype != x.dtype:
-            base = base.to(x.dtype)
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
+        if isinstance(base, torch.Tensor) and base.dtype != dtype:
+            base = base.to(dtype)
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
         active = [] if self.disable_adapters else [a for a in self.active_adapters if a in self.lora_A]
         if not active:
-            return base_linear(x, base, bias)
+            return base_linear(x, base, bias).to(out_dtype)
         first, *others = active
         y = lora_linear(
-            x, base, self.lora_A[first].weight.to(x.dtype), self.lora_B[first].weight.to(x.dtype), bias,
+            x, base, self.lora_A[first].weight.to(dtype), self.lora_B[first].weight.to(dtype), bias,
             scale=self.scaling[first], dropout_p=self.lora_dropout_p[first], training=self.training,
         )  # fmt: skip
         for name in others:
             dropped = nn.functional.dropout(x, self.lora_dropout_p[name], self.training)
-            lora_a, lora_b = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
+            lora_a, lora_b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
             y = y + self.scaling[name] * (dropped @ lora_a.t() @ lora_b.t())
-        return y
+        return y.to(out_dtype)
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W + Σ s·B·A over the active adapters, dense, in ``dtype`` (default: the base's dtype)."""

@@ -14,10 +14,17 @@ Backends, chosen per call from the input's device:
 
 Saved for backward in every backend: X, H = drop(X)·Aᵀ and the seed, plus references to the
 weights themselves; never deq(W), the dropout mask or a dropped copy of X.
+
+Under ``torch.autocast`` the public functions behave as ``nn.Linear`` does: their floating inputs
+(x, the dense base, A, B, the bias; never the NF4 scales) are cast to the autocast dtype, so the op
+computes and returns that dtype, and each parameter's gradient comes back through the cast in its
+own dtype. The op bodies themselves run with autocast off, so their outputs always have the dtypes
+their fake implementations promise (a matmul inside them is never silently recast).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -26,9 +33,22 @@ import torch
 
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
-__all__ = ["backend_name", "base_linear", "check_input", "dropout_mask", "lora_linear", "merge_lora"]
+__all__ = [
+    "autocast_dtype",
+    "autocast_inputs",
+    "backend_name",
+    "base_linear",
+    "check_input",
+    "dropout_mask",
+    "lora_linear",
+    "merge_lora",
+    "no_autocast",
+]
 
 _SEED_BOUND = 2**31 - 1
+
+# The dtypes autocast recasts (it leaves float64, and every non-float tensor, alone).
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def backend_name(device: torch.device | str | None = None) -> str:
@@ -49,6 +69,40 @@ def _kernels():
     from peft_fast.kernels import lora_linear as kernels
 
     return kernels
+
+
+# -- torch.autocast -----------------------------------------------------------------------
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes a linear layer of ``x`` in, or None where it casts nothing.
+
+    None when autocast is off for ``x``'s device type or ``x`` is not fp32 / fp16 / bf16 (autocast
+    leaves fp64 alone). Works under ``torch.compile``, which guards on the autocast state.
+    """
+    device_type = x.device.type
+    if x.dtype not in _AUTOCAST_DTYPES or not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_inputs(dtype: torch.dtype | None, *tensors):
+    """``tensors`` with every fp32 / fp16 / bf16 tensor cast to ``dtype`` (all unchanged when None).
+
+    The cast is differentiable: a parameter's gradient flows back through it in its own dtype.
+    """
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_DTYPES else t for t in tensors)
+
+
+def no_autocast(device: torch.device):
+    """A context in which autocast is off for ``device``: op bodies compute in their inputs' dtypes."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # -- the base weight travels through the custom op as plain tensors -----------------------
@@ -143,7 +197,8 @@ def _lora_linear_op(
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     base = _args_to_base(weight, absmax, nested_absmax, nested_offset, blocksize, lora_b.shape[0], x.shape[1])
-    return _forward_impl(x, base, lora_a, lora_b, bias, scale, dropout_p, int(seed))
+    with no_autocast(x.device):
+        return _forward_impl(x, base, lora_a, lora_b, bias, scale, dropout_p, int(seed))
 
 
 @_lora_linear_op.register_fake
@@ -173,10 +228,11 @@ def _lora_linear_backward_op(
     """(dX, dA, dB); a gradient that is not needed comes back as an empty tensor."""
     base = _args_to_base(weight, absmax, nested_absmax, nested_offset, blocksize, lora_b.shape[0], x.shape[1])
     args = (grad_y, x, h, base, lora_a, lora_b, scale, dropout_p, int(seed), needs_dx, needs_da, needs_db)
-    if backend_name(x.device) == "torch-cpu":
-        grads = _torch_backward(*args)
-    else:
-        grads = _kernels().lora_linear_backward(*args)
+    with no_autocast(x.device):  # backward may run inside an autocast region (a loop calling it there)
+        if backend_name(x.device) == "torch-cpu":
+            grads = _torch_backward(*args)
+        else:
+            grads = _kernels().lora_linear_backward(*args)
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
@@ -290,7 +346,10 @@ def lora_linear(
     Args:
         x: activations [..., K] (fp32, fp16 or bf16).
         base: the frozen weight W [N, K]: a dense tensor or an :class:`NF4Weight`.
-        lora_a, lora_b: the adapter, A [r, K] and B [N, r], in x's dtype.
+        lora_a, lora_b: the adapter, A [r, K] and B [N, r], in x's dtype. Under ``torch.autocast``
+            x, a dense W, A, B and the bias may be of any of fp32 / fp16 / bf16: all are cast to
+            the autocast dtype, which Y is in (as ``nn.Linear``); gradients come back in each
+            tensor's own dtype.
         bias: optional [N]; gets a gradient if it requires one. W never does.
         scale: s = lora_alpha / r (or lora_alpha / √r with rsLoRA).
         dropout_p: dropout on the LoRA path's input; applied only when ``training``.
@@ -299,6 +358,11 @@ def lora_linear(
     """
     if not isinstance(base, (torch.Tensor, NF4Weight)):
         raise TypeError(f"base must be a torch.Tensor or an NF4Weight, got {type(base).__name__}")
+    if isinstance(x, torch.Tensor):
+        cast = autocast_dtype(x)
+        x, lora_a, lora_b, bias = autocast_inputs(cast, x, lora_a, lora_b, bias)
+        if isinstance(base, torch.Tensor):
+            (base,) = autocast_inputs(cast, base)
     _check_lora_inputs(x, base, lora_a, lora_b, bias)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
@@ -339,8 +403,9 @@ def _nf4_matmul_op(
 ) -> torch.Tensor:
     """``x · deq(W)ᵀ`` (or ``x · deq(W)`` when ``transposed``) with W dequantized on the fly."""
     nf4 = NF4Weight(packed, absmax, (out_features, in_features), torch.float32, blocksize, nested_absmax, nested_offset)
-    weight = _dequantize(nf4, x.dtype)
-    return x @ weight if transposed else x @ weight.t()
+    with no_autocast(x.device):
+        weight = _dequantize(nf4, x.dtype)
+        return x @ weight if transposed else x @ weight.t()
 
 
 @_nf4_matmul_op.register_fake
@@ -374,11 +439,15 @@ def _dequantize(nf4: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def base_linear(x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x · deq(W)ᵀ + b`` without an adapter; for an NF4 weight never keeps deq(W) for backward."""
+    """``x · deq(W)ᵀ + b`` without an adapter; for an NF4 weight never keeps deq(W) for backward.
+
+    Under ``torch.autocast`` an NF4 layer computes in the autocast dtype, as ``nn.Linear`` does.
+    """
     out_features, in_features = base.shape
     check_input(x, in_features)
     if not isinstance(base, NF4Weight):
-        return torch.nn.functional.linear(x, base, bias)
+        return torch.nn.functional.linear(x, base, bias)  # autocast casts this one itself
+    x, bias = autocast_inputs(autocast_dtype(x), x, bias)
     y = _nf4_matmul_op(x, *_base_to_args(base)[:5], out_features, in_features, False)
     return y if bias is None else y + bias
 
