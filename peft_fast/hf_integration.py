@@ -1,0 +1,410 @@
+"""Hugging Face ``Trainer`` (and TRL) integration: a patched model saves and reloads its adapter.
+
+A LoRA / QLoRA model made by :func:`peft_fast.patch` keeps its Hugging Face class, so without
+this module ``Trainer`` treats it as a plain model: every checkpoint and ``save_model`` writes
+``model.safetensors`` with the whole base (the NF4 buffers included: gigabytes for a 7B model at
+every ``save_steps``). With it, checkpoints and ``save_model`` hold what PEFT users get,
+``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format, beside the optimizer,
+scheduler and RNG state Trainer adds), and ``resume_from_checkpoint`` / ``load_best_model_at_end``
+load the adapter back in place. No Trainer subclass is needed; ``trl.SFTTrainer`` (a Trainer)
+works the same way.
+
+Hooks, and why these:
+
+1. On the model instance (installed by ``patch``; ``unpatch`` and ``merge`` remove them):
+
+   - ``save_pretrained``: ``Trainer._save`` (behind ``save_model`` and every checkpoint) calls
+     ``model.save_pretrained(dir, state_dict=..., is_main_process=...)`` on any ``PreTrainedModel``.
+     Ours writes the adapters in PEFT's layout, as ``PeftModel.save_pretrained`` does: adapter
+     ``"default"`` at the top of ``dir``, any other adapter in ``dir/<name>/``; never the base
+     weights. This is also what a user's own ``model.save_pretrained(dir)`` does on a patched
+     model; for a full model, ``peft_fast.merge(model).save_pretrained(dir)``.
+   - ``load_adapter``, ``set_adapter``, ``active_adapters``: the adapter API every HF model has
+     (``transformers.integrations.PeftAdapterMixin``). transformers' own versions would inject
+     peft's layers on top of ours; these act on peft_fast's adapters instead (``load_adapter``
+     with an existing adapter's name reloads its tensors in place, as PEFT's does).
+
+2. On ``transformers.Trainer``, once per process: ``_load_from_checkpoint`` and
+   ``_load_best_model``. An instance hook cannot reach these: in transformers 5.24 both take their
+   adapter path (``model.load_adapter``) only when ``isinstance(model, peft.PeftModel)``, and any
+   other model must bring ``model.safetensors`` or a weights index (a model with transformers' own
+   ``add_adapter`` cannot resume either). The wrappers act only for a model patched by peft_fast
+   whose checkpoint holds adapter files and no full weights, outside DeepSpeed / FSDP / SageMaker
+   MP: they call ``model.load_adapter`` for each adapter in the checkpoint. Everything else runs
+   transformers' own code unchanged (so an old checkpoint with ``model.safetensors`` still
+   resumes). ``patch`` installs them at once if ``transformers.trainer`` is already imported, and
+   otherwise right after it is imported (importing Trainer costs seconds, which ``patch`` should
+   not). They stay installed after ``unpatch``: with no patched model they do nothing.
+
+Not covered: (IA)³, bottleneck adapters and prompt methods (their ``save_pretrained`` is still
+transformers'); Trainer with DeepSpeed or FSDP (saving takes its values from the gathered
+``state_dict`` Trainer passes, untested under either; resuming takes transformers' path, which
+expects full weights).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import inspect
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["attach", "detach", "install_trainer_hooks", "load_checkpoint_adapters", "save_pretrained"]
+
+logger = logging.getLogger(__name__)
+
+_ROOT_ADAPTER = "default"  # PEFT writes this adapter at the top of the directory, others in subdirectories
+_FULL_WEIGHTS = (
+    "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+)  # fmt: skip
+
+
+class _Hook:
+    """A method bound to one model, kept in the model's ``__dict__``.
+
+    Unlike a bound method it survives ``pickle`` (a bound method pickles as ``getattr(model, name)``,
+    which during unpickling finds the class's method) and ``copy.deepcopy`` rebinds it to the copy.
+    """
+
+    def __init__(self, function, model: nn.Module) -> None:
+        self.__func__ = function
+        self.__self__ = model
+        functools.update_wrapper(self, function)
+        del self.__wrapped__  # the signature is the method's, without the model
+        parameters = list(inspect.signature(function).parameters.values())[1:]
+        self.__signature__ = inspect.signature(function).replace(parameters=parameters)
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<peft_fast {self.__func__.__name__} of {type(self.__self__).__name__}>"
+
+
+# -- the hooks on the model ------------------------------------------------------------------
+
+
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    is_main_process: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    selected_adapters: list[str] | None = None,
+    safe_serialization: bool = True,
+    push_to_hub: bool = False,
+    **kwargs,
+) -> None:
+    """``model.save_pretrained`` of a patched model: its adapters in PEFT's format, no base weights.
+
+    Adapter ``"default"`` goes to ``save_directory``, any other to ``save_directory/<name>``
+    (``PeftModel.save_pretrained``'s layout); ``selected_adapters`` limits which. ``state_dict``
+    (what Trainer passes under DeepSpeed / FSDP: the gathered model state) supplies the values
+    when given. Always safetensors. Other keyword arguments of ``PreTrainedModel.save_pretrained``
+    (``max_shard_size``, ...) do not apply to an adapter and are ignored.
+    """
+    from peft_fast.patch import _require_state
+
+    del safe_serialization, kwargs
+    if push_to_hub:
+        raise ValueError(
+            "save_pretrained(push_to_hub=True) is not supported on a peft_fast model: save the adapter, then "
+            "upload the directory (huggingface_hub.upload_folder)"
+        )
+    if not is_main_process:
+        return
+    state = _require_state(model)
+    names = list(state.configs) if selected_adapters is None else list(selected_adapters)
+    unknown = [name for name in names if name not in state.configs]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {list(state.configs)}")
+    for name in names:
+        directory = Path(save_directory) if name == _ROOT_ADAPTER else Path(save_directory) / name
+        _write_adapter(model, directory, name, state_dict)
+
+
+def _write_adapter(model: nn.Module, directory: Path, adapter_name: str, state_dict: dict | None) -> None:
+    from peft_fast.io import adapter_state_dict, save_adapter
+
+    if state_dict is None:
+        save_adapter(model, directory, adapter_name)
+        return
+    import json
+
+    from safetensors.torch import save as safetensors_bytes
+
+    from peft_fast.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_write_files, output_directory
+    from peft_fast.patch import _require_state
+
+    directory = output_directory(directory)
+    keys = {key: _model_key(key, adapter_name) for key in adapter_state_dict(model, adapter_name)}
+    missing = [name for name in keys.values() if name not in state_dict]
+    if missing:
+        raise ValueError(f"the state_dict passed to save_pretrained lacks adapter tensors: {missing[:5]}")
+    tensors = {key: state_dict[name].detach().contiguous().cpu() for key, name in keys.items()}
+    config = _require_state(model).configs[adapter_name]
+    base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config_json = json.dumps(config.to_peft_dict(base_name), indent=2, sort_keys=True, default=str) + "\n"
+    weights = safetensors_bytes(tensors, metadata={"format": "pt"})
+    with atomic_write_files(directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG) as (weights_file, config_file):
+        weights_file.write(weights)
+        config_file.write(config_json.encode())
+
+
+def _model_key(peft_key: str, adapter_name: str) -> str:
+    """The model's parameter name for a key of a PEFT adapter file."""
+    from peft_fast.io import _PEFT_PREFIX
+
+    name = peft_key.removeprefix(_PEFT_PREFIX)
+    for part in (".lora_A.", ".lora_B."):
+        name = name.replace(part, f"{part}{adapter_name}.")
+    return name
+
+
+def load_adapter(
+    model: nn.Module,
+    peft_model_id: str | os.PathLike | None = None,
+    adapter_name: str | None = None,
+    is_trainable: bool = False,
+    **kwargs,
+) -> None:
+    """``model.load_adapter`` of a patched model (local PEFT-format LoRA directories).
+
+    An adapter the model already has is overwritten in place (its files must match its shapes
+    and scaling; trainability is unchanged), as PEFT's ``load_adapter`` does and Trainer's resume
+    relies on. A new name adds the adapter inactive and frozen, as PEFT does; make it active
+    (and trainable) with ``model.set_adapter(name)``.
+    """
+    from peft_fast.io import load_adapter as load_new
+    from peft_fast.patch import _require_state, set_adapter
+
+    unsupported = {key: value for key, value in kwargs.items() if value not in (None, False, {})}
+    if unsupported:
+        raise TypeError(
+            f"load_adapter of a peft_fast model reads a local directory; unsupported: {sorted(unsupported)}"
+        )
+    if peft_model_id is None:
+        raise TypeError("load_adapter needs the adapter's directory")
+    del is_trainable  # see the docstring: in place keeps trainability, a new adapter starts frozen
+    state = _require_state(model)
+    adapter_name = adapter_name or _ROOT_ADAPTER
+    if adapter_name in state.configs:
+        _reload_in_place(model, peft_model_id, adapter_name)
+        return
+    active = list(state.active)
+    load_new(model, peft_model_id, adapter_name, is_trainable=True)
+    set_adapter(model, active)
+
+
+def _reload_in_place(model: nn.Module, directory, adapter_name: str) -> None:
+    """Copy an adapter directory's tensors into the model's adapter ``adapter_name``."""
+    from peft_fast.config import LoraConfig
+    from peft_fast.io import adapter_state_dict, check_adapter_tensors, read_adapter
+    from peft_fast.patch import _require_state
+
+    raw_config, tensors = read_adapter(directory)
+    file_config = LoraConfig.from_peft_dict(raw_config)  # refuses other methods and unsupported features
+    ours = _require_state(model).configs[adapter_name]
+    differ = [
+        f"{key}: file {getattr(file_config, key)!r}, model {getattr(ours, key)!r}"
+        for key in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias")
+        if getattr(file_config, key) != getattr(ours, key)
+    ]
+    if differ:
+        raise ValueError(f"the adapter at {directory} does not match adapter {adapter_name!r}: {'; '.join(differ)}")
+    # PEFT's bias="all" files also hold copies inside modules_to_save wrappers (see io.load_adapter).
+    tensors = {k: v for k, v in tensors.items() if ".modules_to_save." not in k and ".original_module." not in k}
+    expected = {key: tuple(value.shape) for key, value in adapter_state_dict(model, adapter_name).items()}
+    check_adapter_tensors(tensors, expected, f"adapter at {directory}", model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            params[_model_key(key, adapter_name)].copy_(tensor)
+
+
+def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
+    """``model.set_adapter`` of a patched model: :func:`peft_fast.set_adapter`."""
+    from peft_fast.patch import set_adapter as set_active
+
+    set_active(model, adapter_name)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """``model.active_adapters()`` of a patched model: the names of its active adapters."""
+    from peft_fast.patch import _require_state
+
+    return list(_require_state(model).active)
+
+
+_MODEL_HOOKS = {
+    "save_pretrained": save_pretrained,
+    "load_adapter": load_adapter,
+    "set_adapter": set_adapter,
+    "active_adapters": active_adapters,
+}
+
+
+def attach(model: nn.Module) -> None:
+    """Install the instance hooks on a patched Hugging Face model, and the Trainer hooks (``patch`` calls it)."""
+    if not callable(getattr(model, "save_pretrained", None)):
+        return  # not a Hugging Face model: nothing calls these
+    for name, function in _MODEL_HOOKS.items():
+        model.__dict__[name] = _Hook(function, model)
+    install_trainer_hooks()
+
+
+def detach(model: nn.Module) -> None:
+    """Remove what :func:`attach` put on the model (``unpatch`` and ``merge`` call it)."""
+    for name in _MODEL_HOOKS:
+        if isinstance(model.__dict__.get(name), _Hook):
+            del model.__dict__[name]
+
+
+def is_attached(model: nn.Module) -> bool:
+    return isinstance(model.__dict__.get("save_pretrained"), _Hook)
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+
+def checkpoint_adapters(directory: str | os.PathLike) -> dict[str, Path]:
+    """adapter name -> directory, for the PEFT-format adapters saved under ``directory``."""
+    from peft_fast.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    directory = Path(directory)
+    found: dict[str, Path] = {}
+    if not directory.is_dir():
+        return found
+    if (directory / ADAPTER_WEIGHTS).is_file() and (directory / ADAPTER_CONFIG).is_file():
+        found[_ROOT_ADAPTER] = directory
+    for sub in sorted(directory.iterdir()):
+        if sub.is_dir() and (sub / ADAPTER_WEIGHTS).is_file() and (sub / ADAPTER_CONFIG).is_file():
+            found.setdefault(sub.name, sub)
+    return found
+
+
+def load_checkpoint_adapters(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Load the adapters ``save_pretrained`` wrote to ``directory`` back into ``model``, in place.
+
+    The checkpoint must hold exactly the model's adapters (a resume restores, it does not add);
+    which adapters are active and trainable stays as it was. Returns the adapter names.
+    """
+    from peft_fast.patch import _require_state
+
+    state = _require_state(model)
+    found = checkpoint_adapters(directory)
+    if set(found) != set(state.configs):
+        raise ValueError(
+            f"{directory} holds adapter(s) {sorted(found)} but the model has {sorted(state.configs)}; "
+            "resume with the model patched as it was for the run that wrote the checkpoint"
+        )
+    for name, path in found.items():
+        _reload_in_place(model, path, name)
+    return list(found)
+
+
+def _patched(model) -> nn.Module | None:
+    """The peft_fast-patched model inside ``model`` (DDP / DataParallel unwrapped), else None."""
+    from peft_fast.patch import _state
+
+    while model is not None and _state(model) is None and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model if model is not None and _state(model) is not None and is_attached(model) else None
+
+
+def _adapter_checkpoint(trainer, directory, model) -> nn.Module | None:
+    """The patched model to load ``directory`` into ourselves, or None to let transformers do it."""
+    if directory is None or _patched(model) is None:
+        return None
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    from transformers.utils import is_sagemaker_mp_enabled
+
+    if is_sagemaker_mp_enabled():
+        return None
+    if any(os.path.isfile(os.path.join(directory, name)) for name in _FULL_WEIGHTS):
+        return None  # a full checkpoint (written before these hooks): transformers loads it
+    return _patched(model) if checkpoint_adapters(directory) else None
+
+
+def _wrap_load_from_checkpoint(original):
+    @functools.wraps(original)
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = _adapter_checkpoint(self, resume_from_checkpoint, self.model if model is None else model)
+        if target is None:
+            return original(self, resume_from_checkpoint, model)
+        logger.info("Loading the peft_fast adapter(s) from %s.", resume_from_checkpoint)
+        load_checkpoint_adapters(target, resume_from_checkpoint)
+        return None
+
+    _load_from_checkpoint.__peft_fast_original__ = original
+    return _load_from_checkpoint
+
+
+def _wrap_load_best_model(original):
+    @functools.wraps(original)
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        target = _adapter_checkpoint(self, best, self.model)
+        if target is None:
+            return original(self)
+        logger.info("Loading the best peft_fast adapter(s) from %s (score: %s).", best, self.state.best_metric)
+        load_checkpoint_adapters(target, best)
+        return None
+
+    _load_best_model.__peft_fast_original__ = original
+    return _load_best_model
+
+
+def _wrap_trainer(trainer_class) -> None:
+    for name, wrap in (
+        ("_load_from_checkpoint", _wrap_load_from_checkpoint),
+        ("_load_best_model", _wrap_load_best_model),
+    ):
+        method = trainer_class.__dict__.get(name)
+        if method is not None and not hasattr(method, "__peft_fast_original__"):
+            setattr(trainer_class, name, wrap(method))
+
+
+class _TrainerImportHook(importlib.abc.MetaPathFinder):
+    """Wraps ``transformers.Trainer`` right after ``transformers.trainer`` is imported, then leaves.
+
+    The module is found and loaded by the usual finder and loader (its ``__loader__`` is theirs);
+    only that one loader's ``exec_module`` is wrapped.
+    """
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "transformers.trainer":
+            return None
+        _remove_import_hook()
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _wrap_trainer(module.Trainer)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _remove_import_hook() -> None:
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _TrainerImportHook)]
+
+
+def install_trainer_hooks() -> None:
+    """Wrap ``Trainer._load_from_checkpoint`` / ``_load_best_model`` (now, or once Trainer is imported)."""
+    module = sys.modules.get("transformers.trainer")
+    if module is not None and hasattr(module, "Trainer"):
+        _remove_import_hook()
+        _wrap_trainer(module.Trainer)
+    elif not any(isinstance(finder, _TrainerImportHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _TrainerImportHook())
