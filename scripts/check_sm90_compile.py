@@ -50,7 +50,7 @@ import sm90
 import torch
 import triton
 
-from peft_fast.kernels import adapter, ia3, lora_linear, nf4_dequant, nf4_gemm
+from peft_fast.kernels import adapter, adapter_gemms, ia3, lora_gemms, lora_linear, nf4_dequant, nf4_gemm
 from peft_fast.nf4 import NESTED_BLOCKSIZE
 
 H100_MAX_SHARED = 232448  # bytes of shared memory a block may opt into on sm_90 (227 KB)
@@ -162,7 +162,7 @@ def pick(configs: list[triton.Config], full: bool) -> list[triton.Config]:
 
 
 def lora_linear_jobs(act: str, precision: str, full: bool) -> list[Job]:
-    L = lora_linear
+    L, G = lora_linear, lora_gemms
     jobs = []
     # BLOCK_R = the rank chunk: 16 is the tl.dot minimum (ranks <= 16 are padded to it), 64 the maximum.
     ranks = (16, 32, 64) if full else (16, 64)
@@ -170,13 +170,13 @@ def lora_linear_jobs(act: str, precision: str, full: bool) -> list[Job]:
         common = dict(HAS_DROPOUT=True, DROPOUT_TILED=True, DOT_PRECISION=precision, BLOCK_R=block_r)
         rank_types = i32("M", "K", "R", "seed", "threshold", "m_bucket") | f32("inv_keep")
         # H is written in the activation dtype (one K slice) or as fp32 partials (split over K).
-        for cfg, h_type in itertools.product(pick(L._LORA_DOWN_CONFIGS, full), sorted({act, "fp32"})):
+        for cfg, h_type in itertools.product(pick(G._LORA_DOWN_CONFIGS, full), sorted({act, "fp32"})):
             types = ptrs(act, "x_ptr", "a_ptr") | ptrs(h_type, "h_ptr") | rank_types | i32("k_slice")
-            jobs.append(Job(L._lora_down_kernel, act, "-", types, common, cfg))
+            jobs.append(Job(G._lora_down_kernel, act, "-", types, common, cfg))
         # dA is written in the activation dtype (one M range) or as fp32 partials (split over M).
-        for cfg, da_type in itertools.product(pick(L._DA_CONFIGS, full), sorted({act, "fp32"})):
+        for cfg, da_type in itertools.product(pick(G._DA_CONFIGS, full), sorted({act, "fp32"})):
             types = ptrs(act, "dh_ptr", "x_ptr") | ptrs(da_type, "da_ptr") | rank_types | i32("m_per_split")
-            jobs.append(Job(L._lora_da_kernel, act, "-", types, common, cfg))
+            jobs.append(Job(G._lora_da_kernel, act, "-", types, common, cfg))
         # The split-K epilogue is launched with fixed blocks and Triton's default num_warps/stages.
         types = ptrs("fp32", "partial_ptr") | ptrs(act, "h_ptr", "lora_b_ptr", "bias_ptr", "y_ptr")
         types |= i32("M", "N", "R", "n_splits") | f32("scale")
@@ -184,7 +184,7 @@ def lora_linear_jobs(act: str, precision: str, full: bool) -> list[Job]:
             HAS_BIAS=True, DOT_PRECISION=precision, BLOCK_R=block_r,
             BLOCK_M=L.SMALL_M_MAX, BLOCK_N=L._SPLITK_EPILOGUE_BLOCK_N,
         )  # fmt: skip
-        jobs.append(Job(L._splitk_epilogue_kernel, act, "-", types, consts))
+        jobs.append(Job(G._splitk_epilogue_kernel, act, "-", types, consts))
 
     for base in BASES:
         aligned = (True, False) if full and base != "dense" else (True,)
@@ -193,14 +193,14 @@ def lora_linear_jobs(act: str, precision: str, full: bool) -> list[Job]:
             types = ptrs(act, "x_ptr", "h_ptr", "lora_b_ptr", "bias_ptr", "y_ptr") | btypes
             types |= i32("M", "N", "K", "R", "m_bucket") | f32("scale")
             consts = bmeta | dict(HAS_BIAS=True, DOT_PRECISION=precision, BLOCK_R=block_r)
-            for cfg in pick(L._GEMM_CONFIGS, full):
-                jobs.append(Job(L._lora_linear_fwd_kernel, act, base, types, consts, cfg, opts))
+            for cfg in pick(G._GEMM_CONFIGS, full):
+                jobs.append(Job(G._lora_linear_fwd_kernel, act, base, types, consts, cfg, opts))
 
             types = ptrs(act, "dy_ptr", "dh_ptr", "a_ptr", "dx_ptr") | btypes
             types |= i32("M", "N", "K", "R", "seed", "threshold", "m_bucket") | f32("inv_keep")
             consts = bmeta | dict(HAS_DROPOUT=True, DROPOUT_TILED=True, DOT_PRECISION=precision, BLOCK_R=block_r)
-            for cfg in pick(L._GEMM_CONFIGS, full):
-                jobs.append(Job(L._lora_linear_dx_kernel, act, base, types, consts, cfg, opts))
+            for cfg in pick(G._GEMM_CONFIGS, full):
+                jobs.append(Job(G._lora_linear_dx_kernel, act, base, types, consts, cfg, opts))
 
         for blocks_in_rows in aligned:
             btypes, bmeta, opts = base_args(base, act, blocks_in_rows)
@@ -209,8 +209,8 @@ def lora_linear_jobs(act: str, precision: str, full: bool) -> list[Job]:
                 ptrs(act, "x_ptr") | btypes | ptrs("fp32", "partial_ptr") | i32("M", "N", "K", "k_slice", "m_bucket")
             )
             consts = bmeta | dict(DOT_PRECISION=precision, BLOCK_M=L.SMALL_M_MAX)
-            for cfg in pick(L._SPLITK_CONFIGS, full):
-                jobs.append(Job(L._splitk_partial_kernel, act, base, types, consts, cfg, opts))
+            for cfg in pick(G._SPLITK_CONFIGS, full):
+                jobs.append(Job(G._splitk_partial_kernel, act, base, types, consts, cfg, opts))
         if base != "dense":
             jobs += nf4_rows_jobs(act, precision, base, ranks, full)
     return jobs
@@ -243,19 +243,19 @@ def ia3_jobs(act: str, precision: str, full: bool) -> list[Job]:
         types = ptrs(act, "x_ptr", "bias_ptr", "y_ptr", "y0_ptr") | btypes | ptrs("fp32", "l_ptr")
         types |= i32("M", "N", "K", "m_bucket")
         consts = bmeta | dict(SCALE_INPUT=scale_input, HAS_BIAS=True, DOT_PRECISION=precision)
-        for cfg in pick(lora_linear._GEMM_CONFIGS, full):
+        for cfg in pick(lora_gemms._GEMM_CONFIGS, full):
             jobs.append(Job(ia3._ia3_linear_fwd_kernel, act, base, types, consts, cfg, opts))
 
         types = ptrs(act, "dy_ptr", "saved_ptr", "dx_ptr") | btypes | ptrs("fp32", "l_ptr", "dl_part_ptr")
         types |= i32("M", "N", "K", "m_bucket")
         consts = bmeta | dict(SCALE_INPUT=scale_input, STORE_DX=True, NEEDS_DL=True, DOT_PRECISION=precision)
-        for cfg in pick(lora_linear._GEMM_CONFIGS, full):
+        for cfg in pick(lora_gemms._GEMM_CONFIGS, full):
             jobs.append(Job(ia3._ia3_linear_dx_kernel, act, base, types, consts, cfg, opts))
     return jobs
 
 
 def adapter_jobs(act: str, precision: str, full: bool) -> list[Job]:
-    A = adapter
+    A, AG = adapter, adapter_gemms
     jobs = []
     # BLOCK_B = the bottleneck chunk (_block_r of B): 16 for small bottlenecks, up to 64.
     widths = (16, 32, 64) if full else (16, 64)
@@ -266,22 +266,22 @@ def adapter_jobs(act: str, precision: str, full: bool) -> list[Job]:
             types = ptrs(act, "x_ptr", "ln_w_ptr", "ln_b_ptr", "wd_ptr", "bd_ptr", "z_ptr") | stats
             types |= i32("M", "D", "B", "m_bucket") | f32("eps")
             consts = dict(HAS_LN=has_ln, DOT_PRECISION=precision, BLOCK_B=block_b)
-            for cfg in pick(A._ROW_CONFIGS, full):
-                jobs.append(Job(A._adapter_down_kernel, act, "-", types, consts, cfg))
+            for cfg in pick(AG._ROW_CONFIGS, full):
+                jobs.append(Job(AG._adapter_down_kernel, act, "-", types, consts, cfg))
 
             types = ptrs(act, "dz_ptr", "x_ptr", "ln_w_ptr", "ln_b_ptr", "dwd_ptr", "dbd_ptr") | stats
             types |= i32("M", "D", "B", "m_bucket")
-            for cfg in pick(A._WEIGHT_GRAD_CONFIGS, full):
-                jobs.append(Job(A._adapter_ddown_kernel, act, "-", types, consts, cfg))
+            for cfg in pick(AG._WEIGHT_GRAD_CONFIGS, full):
+                jobs.append(Job(AG._adapter_ddown_kernel, act, "-", types, consts, cfg))
 
             # dX is launched with fixed tiles (_DX_LAUNCH), not autotuned; LN and no-LN are two code paths.
             for add_grad_y in (True, False) if full else (True,):
                 types = ptrs(act, "dz_ptr", "wd_ptr", "dy_ptr", "x_ptr", "ln_w_ptr", "dx_ptr") | stats
                 types |= ptrs("fp32", "dgamma_ptr", "dbeta_ptr") | i32("M", "D", "B")
-                launch = dict(A._DX_LAUNCH)
+                launch = dict(AG._DX_LAUNCH)
                 options = {"num_warps": launch.pop("num_warps"), "num_stages": launch.pop("num_stages")}
                 consts = dict(HAS_LN=has_ln, ADD_GRAD_Y=add_grad_y, DOT_PRECISION=precision, BLOCK_B=block_b, **launch)
-                jobs.append(Job(A._adapter_dx_kernel, act, "-", types, consts, None, options))
+                jobs.append(Job(AG._adapter_dx_kernel, act, "-", types, consts, None, options))
 
         for activation in activations:
             consts = dict(
@@ -289,23 +289,23 @@ def adapter_jobs(act: str, precision: str, full: bool) -> list[Job]:
             )
             types = ptrs(act, "z_ptr", "wu_ptr", "bu_ptr", "r_ptr", "y_ptr")
             types |= i32("M", "D", "B", "seed", "threshold", "m_bucket") | f32("scale", "inv_keep")
-            for cfg in pick(A._UP_CONFIGS, full):
-                jobs.append(Job(A._adapter_up_kernel, act, "-", types, consts, cfg))
+            for cfg in pick(AG._UP_CONFIGS, full):
+                jobs.append(Job(AG._adapter_up_kernel, act, "-", types, consts, cfg))
 
             types = ptrs(act, "dy_ptr", "wu_ptr", "z_ptr", "dz_ptr") | i32(
                 "M", "D", "B", "seed", "threshold", "m_bucket"
             )
             types |= f32("grad_scale")
-            for cfg in pick(A._ROW_CONFIGS, full):
-                jobs.append(Job(A._adapter_dz_kernel, act, "-", types, consts, cfg))
+            for cfg in pick(AG._ROW_CONFIGS, full):
+                jobs.append(Job(AG._adapter_dz_kernel, act, "-", types, consts, cfg))
 
             types = ptrs(act, "dy_ptr", "z_ptr", "dwu_ptr", "dbu_ptr") | i32(
                 "M", "D", "B", "seed", "threshold", "m_bucket"
             )
             types |= f32("grad_scale")
             dup_consts = {name: value for name, value in consts.items() if name != "DROPOUT_TILED"}
-            for cfg in pick(A._WEIGHT_GRAD_CONFIGS, full):
-                jobs.append(Job(A._adapter_dup_kernel, act, "-", types, dup_consts, cfg))
+            for cfg in pick(AG._WEIGHT_GRAD_CONFIGS, full):
+                jobs.append(Job(AG._adapter_dup_kernel, act, "-", types, dup_consts, cfg))
     return jobs
 
 

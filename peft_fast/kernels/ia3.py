@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from peft_fast.kernels.common import _DOT_PRECISION, _INTERPRET, _SUPPORTED_DTYPES, _dot, _grouped_tile, _m_bucket
-from peft_fast.kernels.lora_linear import _GEMM_CONFIGS, _dense_base_for
+from peft_fast.kernels.lora_gemms import _GEMM_CONFIGS
+from peft_fast.kernels.lora_linear import _dense_base_for
 from peft_fast.kernels.nf4_tiles import _base_args, _compile_options, _load_weight_tile
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 

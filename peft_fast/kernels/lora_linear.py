@@ -9,17 +9,11 @@ Dropout is inverted dropout on the LoRA input only, with the Philox mask of
 1/(1-p). The mask is regenerated from the seed wherever it is needed (down-projection, dA, dX)
 and never stored; :func:`dropout_mask` replays it in plain torch, bit for bit.
 
-Kernels, in the order the ops use them:
-
-* ``_lora_down_kernel``       H = drop(X)·Aᵀ, a thin GEMM [M, r] with r padded to >= 16.
-* ``_lora_linear_fwd_kernel`` tiled Y GEMM with the NF4 dequant in the K loop and the
-  ``b + s·H·Bᵀ`` epilogue.
-* ``_splitk_partial_kernel`` + ``_splitk_epilogue_kernel``  the small-M (decode, M <= 16) path:
-  split-K GEMV that reads each weight byte once, then a fixed-order (deterministic) reduction of
-  the partial sums with the same epilogue.
-* ``_lora_linear_dx_kernel``  dX = dY·deq(W) + (dH·A) ⊙ mask/(1-p).
-* ``_lora_da_kernel``         dA = dHᵀ·drop(X); split over M (fp32 partials summed in a fixed
-  order) when r x K tiles alone would leave most of the GPU idle.
+The kernels live in :mod:`peft_fast.kernels.lora_gemms` (general layout) and
+:mod:`peft_fast.kernels.nf4_gemm` (NF4 streamed by rows); this module launches them, choosing per M:
+M <= 16 the split-K GEMV, 16 < M < DEQUANT_GEMM_MIN_M the fused NF4 GEMM, larger M a scratch
+dequantization and the dense GEMM. H is split over K and dA over M when their thin outputs alone
+would leave most of the GPU idle (fp32 partials summed in a fixed order).
 dH = s·dY·B and dB = s·dYᵀ·H are thin library GEMMs in the activation dtype (fp32 accumulation).
 For M >= DEQUANT_GEMM_MIN_M the NF4 forward and dX GEMMs dequantize W once into a scratch buffer
 and stream it dense (see ``_dense_base_for``).
@@ -34,21 +28,25 @@ import functools
 
 import torch
 import triton
-import triton.language as tl
 
 from peft_fast.kernels.common import (
     _DOT_PRECISION,
     _INTERPRET,
     _SUPPORTED_DTYPES,
-    _add_bias_and_lora_up,
     _block_r,
-    _cfg,
-    _configs,
-    _dot,
-    _grouped_tile,
     _m_bucket,
 )
-from peft_fast.kernels.dropout import dropout_keep_block, dropout_mask, dropout_threshold, dropout_tiled
+from peft_fast.kernels.dropout import dropout_mask, dropout_threshold, dropout_tiled
+from peft_fast.kernels.lora_gemms import (
+    _DA_CONFIGS,
+    _LORA_DOWN_CONFIGS,
+    _lora_da_kernel,
+    _lora_down_kernel,
+    _lora_linear_dx_kernel,
+    _lora_linear_fwd_kernel,
+    _splitk_epilogue_kernel,
+    _splitk_partial_kernel,
+)
 from peft_fast.kernels.nf4_dequant import dequantize_nf4_triton
 from peft_fast.kernels.nf4_gemm import (
     ROWS_FWD_CONFIGS,
@@ -56,7 +54,7 @@ from peft_fast.kernels.nf4_gemm import (
     _nf4_rows_fwd_kernel,
     _nf4_rows_splitk_kernel,
 )
-from peft_fast.kernels.nf4_tiles import _base_args, _compile_options, _load_weight_tile, rows_base_args, rows_scaled
+from peft_fast.kernels.nf4_tiles import _base_args, _compile_options, rows_base_args, rows_scaled
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
 __all__ = ["dropout_mask", "lora_linear_backward", "lora_linear_forward", "lora_linear_reference"]
@@ -65,49 +63,6 @@ SMALL_M_MAX = 16  # rows at or below which the forward takes the split-K GEMV pa
 DEQUANT_GEMM_MIN_M = 2048  # rows from which NF4 GEMMs dequantize W once, then run dense (_dense_base_for)
 _MAX_SEED = 2**63
 
-# -- autotuning -------------------------------------------------------------------------------
-
-
-_GEMM_CONFIGS = _configs(
-    [_cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)],
-    [
-        _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
-        _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-        _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-        _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-        _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
-    ],
-)
-_LORA_DOWN_CONFIGS = _configs(
-    [_cfg(BLOCK_M=32, BLOCK_K=32, num_stages=1)],
-    [
-        _cfg(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    ],
-)
-_DA_CONFIGS = _configs(
-    [_cfg(BLOCK_M=32, BLOCK_K=32, num_stages=1)],
-    [
-        _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        _cfg(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4),
-    ],
-)
-_SPLITK_CONFIGS = _configs(
-    [_cfg(BLOCK_N=32, BLOCK_K=32, num_stages=1)],
-    # BLOCK_K <= 64, the usual NF4 blocksize: each tile row then needs a single scale.
-    [
-        _cfg(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=4),
-        _cfg(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-        _cfg(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-        _cfg(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        _cfg(BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=4),
-    ],
-)
 # The row-streaming NF4 kernels need tiles no wider than a quantization block.
 _ROWS_FWD_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in ROWS_FWD_CONFIGS)
 _ROWS_SPLITK_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in ROWS_SPLITK_CONFIGS)
@@ -123,213 +78,6 @@ _SPLITK_EPILOGUE_BLOCK_N = 32 if _INTERPRET else 64
 # and _DA_MIN_BLOCK_K is the narrowest BLOCK_K there (the most column tiles a launch can have).
 _DA_MIN_SPLIT_ROWS = max(c.kwargs["BLOCK_M"] for c in _DA_CONFIGS) * (1 if _INTERPRET else 4)
 _DA_MIN_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in _DA_CONFIGS)
-
-
-# -- shared device helpers --------------------------------------------------------------------
-
-# -- kernels ----------------------------------------------------------------------------------
-
-
-@triton.autotune(configs=_LORA_DOWN_CONFIGS, key=["m_bucket", "R", "K", "k_slice"])
-@triton.jit
-def _lora_down_kernel(
-    x_ptr, a_ptr, h_ptr, M, K, R, seed, threshold, inv_keep, m_bucket, k_slice,
-    HAS_DROPOUT: tl.constexpr, DROPOUT_TILED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """H[m, j] = Σ_k drop(X)[m, k]·A[j, k], the dropout mask regenerated per X tile.
-
-    Program (row tile, rank tile, split s) sums K slice s into ``h_ptr`` + s·M·R: H itself with
-    one split, else an fp32 partial the launcher reduces (``k_slice`` is a multiple of BLOCK_K).
-    """
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    split = tl.program_id(2)
-    h_ptr += split.to(tl.int64) * M * R
-    rows = offs_m[:, None].to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    k_start = split * k_slice
-    for k0 in range(k_start, tl.minimum(k_start + k_slice, K), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=x_mask, other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(dropout_keep_block(seed, rows, k0, K, threshold, BLOCK_M, BLOCK_K, DROPOUT_TILED), x, 0.0)
-        a_mask = (offs_k[:, None] < K) & (offs_r[None, :] < R)
-        a_t = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * K + offs_k[:, None], mask=a_mask, other=0.0)
-        acc = _dot(x, a_t, acc, DOT_PRECISION)
-    if HAS_DROPOUT:
-        # 1/(1-p) once on the fp32 sum instead of on every (possibly 16-bit) X element.
-        acc = acc * inv_keep
-    h_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-    tl.store(h_ptr + rows * R + offs_r[None, :], acc.to(h_ptr.dtype.element_ty), mask=h_mask)
-
-
-@triton.autotune(configs=_GEMM_CONFIGS, key=["m_bucket", "N", "K"])
-@triton.jit
-def _lora_linear_fwd_kernel(
-    x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
-    h_ptr, lora_b_ptr, bias_ptr, y_ptr,
-    M, N, K, R, scale, m_bucket,
-    IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-    BLOCKS_IN_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    """Y tile = X·deq(W)ᵀ (dequantized in registers, one K tile at a time) + b + s·H·Bᵀ."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_m[:, None].to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        # W tile transposed to [BLOCK_K, BLOCK_N]: element (k, n) is W[n, k].
-        w_t = _load_weight_tile(
-            w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
-            offs_n[None, :], offs_k[:, None], k0, N, K,
-            IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED, BLOCKS_IN_ROWS, BLOCK_K,
-        )  # fmt: skip
-        # Round the dequantized weight to the activation dtype, as a bf16/fp16 matmul would.
-        acc = _dot(x, w_t.to(x.dtype), acc, DOT_PRECISION)
-    acc = _add_bias_and_lora_up(
-        acc, offs_m, offs_n, M, N, R, scale, h_ptr, lora_b_ptr, bias_ptr, HAS_BIAS, DOT_PRECISION, BLOCK_R
-    )
-    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(y_ptr + rows * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-
-
-@triton.autotune(configs=_SPLITK_CONFIGS, key=["m_bucket", "N", "K", "k_slice"])
-@triton.jit
-def _splitk_partial_kernel(
-    x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr, partial_ptr,
-    M, N, K, k_slice, m_bucket,
-    IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-    BLOCKS_IN_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """partial[s, m, n] = Σ_{k in slice s} X[m, k]·deq(W)[n, k] for all M (<= BLOCK_M) rows.
-
-    Program (n tile, slice s) is the only one to read its weight bytes, so W is read once.
-    """
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    split = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
-    rows = offs_m[:, None].to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = split * k_slice
-    for k0 in range(k_start, tl.minimum(k_start + k_slice, K), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w_t = _load_weight_tile(
-            w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
-            offs_n[None, :], offs_k[:, None], k0, N, K,
-            IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED, BLOCKS_IN_ROWS, BLOCK_K,
-        )  # fmt: skip
-        acc = _dot(x, w_t.to(x.dtype), acc, DOT_PRECISION)
-    out = partial_ptr + split.to(tl.int64) * M * N + rows * N + offs_n[None, :]
-    tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
-
-@triton.jit
-def _splitk_epilogue_kernel(
-    partial_ptr, h_ptr, lora_b_ptr, bias_ptr, y_ptr, M, N, R, n_splits, scale,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """Y = Σ_s partial[s] (always in the same order, so results are reproducible) + b + s·H·Bᵀ."""
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_m[:, None].to(tl.int64)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    partial_ptrs = partial_ptr + rows * N + offs_n[None, :]
-    for _ in range(0, n_splits):
-        acc += tl.load(partial_ptrs, mask=mask, other=0.0)
-        partial_ptrs += M * N  # M <= 16: no int32 overflow
-    acc = _add_bias_and_lora_up(
-        acc, offs_m, offs_n, M, N, R, scale, h_ptr, lora_b_ptr, bias_ptr, HAS_BIAS, DOT_PRECISION, BLOCK_R
-    )
-    tl.store(y_ptr + rows * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.autotune(configs=_GEMM_CONFIGS, key=["m_bucket", "N", "K"])
-@triton.jit
-def _lora_linear_dx_kernel(
-    dy_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
-    dh_ptr, a_ptr, dx_ptr,
-    M, N, K, R, seed, threshold, inv_keep, m_bucket,
-    IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-    BLOCKS_IN_ROWS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT_TILED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    """dX tile = dY·deq(W) (dequantized in the N loop) + (dH·A) ⊙ mask/(1-p)."""
-    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rows = offs_m[:, None].to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + rows * N + offs_n[None, :], mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-        w = _load_weight_tile(
-            w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
-            offs_n[:, None], offs_k[None, :], pid_k * BLOCK_K, N, K,
-            IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED, BLOCKS_IN_ROWS, BLOCK_K,
-        )  # fmt: skip
-        acc = _dot(dy, w.to(dy.dtype), acc, DOT_PRECISION)
-    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        dh = tl.load(dh_ptr + rows * R + offs_r[None, :], mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
-        a_mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
-        a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :], mask=a_mask, other=0.0)
-        lora = _dot(dh, a, lora, DOT_PRECISION)
-    if HAS_DROPOUT:
-        keep = dropout_keep_block(seed, rows, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K, DROPOUT_TILED)
-        lora = tl.where(keep, lora * inv_keep, 0.0)
-    acc += lora
-    dx_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    tl.store(dx_ptr + rows * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
-
-
-@triton.autotune(configs=_DA_CONFIGS, key=["m_bucket", "R", "K"])
-@triton.jit
-def _lora_da_kernel(
-    dh_ptr, x_ptr, da_ptr, M, K, R, seed, threshold, inv_keep, m_bucket, m_per_split,
-    HAS_DROPOUT: tl.constexpr, DROPOUT_TILED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """dA[j, k] = Σ_m dH[m, j]·drop(X)[m, k], the dropout mask regenerated per X tile.
-
-    Program (r tile, k tile, split) sums rows [split·m_per_split, (split+1)·m_per_split) into
-    ``da_ptr`` + split·R·K: dA itself with one split, else an fp32 partial the launcher reduces.
-    ``m_per_split`` is a multiple of every BLOCK_M, so splits never share a row tile.
-    """
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    split = tl.program_id(2)
-    m_start = split * m_per_split
-    m_end = tl.minimum(M, m_start + m_per_split)
-    da_ptr += split.to(tl.int64) * R * K
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        dh_mask = (offs_r[:, None] < R) & (offs_m[None, :] < m_end)
-        dh_t = tl.load(dh_ptr + offs_m[None, :].to(tl.int64) * R + offs_r[:, None], mask=dh_mask, other=0.0)
-        rows = offs_m[:, None].to(tl.int64)
-        x_mask = (offs_m[:, None] < m_end) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=x_mask, other=0.0)
-        if HAS_DROPOUT:
-            col0 = tl.program_id(1) * BLOCK_K
-            keep = dropout_keep_block(seed, rows, col0, K, threshold, BLOCK_M, BLOCK_K, DROPOUT_TILED)
-            x = tl.where(keep, x, 0.0)
-        acc = _dot(dh_t, x, acc, DOT_PRECISION)
-    if HAS_DROPOUT:
-        acc = acc * inv_keep
-    da_mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
-    tl.store(da_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :], acc.to(da_ptr.dtype.element_ty), mask=da_mask)
 
 
 # -- launchers --------------------------------------------------------------------------------
