@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call for a session that has a GPU (issue "GPU proof"): the CUDA test suite and
-# the full benchmark, everything written under $OUT. Run from the repository root on the device:
+# the static report's ops timed beside their predictions, and the full benchmark, everything
+# written under $OUT (under 10 minutes in all). Run from the repository root on the device:
 #
 #   here, once:  echo /.whl/ >> .git/info/exclude
 #                python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -26,8 +27,10 @@ for m in ("peft", "bitsandbytes"):
     except Exception as e:
         print(m, "missing", e)
 PY
-PYTHONUNBUFFERED=1 timeout 330 python3 -m pytest -q -x -p no:cacheprovider tests \
+PYTHONUNBUFFERED=1 timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests \
   --ignore=tests/test_train.py 2>&1 | tee "$OUT/pytest-cuda.log" | tail -30
+# The static Hopper report's ops, timed with L2 rotation beside its predictions (issue 15, part 4).
+PYTHONUNBUFFERED=1 timeout 120 python3 scripts/time_hopper_ops.py --out "$OUT/hopper" 2>&1 | tail -25
 # bench rewrites its JSON/markdown after each suite: a timeout keeps what was measured.
-PYTHONUNBUFFERED=1 timeout 240 python3 -m peft_fast.cli bench --out "$OUT" 2>&1 | tail -80 > "$OUT/bench.log"
+PYTHONUNBUFFERED=1 timeout 180 python3 -m peft_fast.cli bench --out "$OUT" 2>&1 | tail -80 > "$OUT/bench.log"
 tail -60 "$OUT/bench.log"
