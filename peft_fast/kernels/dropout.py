@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "check_dropout_args",
     "dropout_keep",
     "dropout_keep_block",
     "dropout_keep_tile",
@@ -120,7 +121,8 @@ def philox4x32(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return c0, c1, c2, c3
 
 
-def _check(p, seed) -> None:
+def check_dropout_args(p, seed) -> None:
+    """Raise ValueError/TypeError unless p is a number in [0, 1) and seed an int in [0, 2**63)."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {p!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -134,7 +136,7 @@ def dropout_mask(seed: int, m: int, k: int, p: float, device: torch.device | str
 
     Plain torch, so it runs on any device; a few int64 temporaries per eight elements.
     """
-    _check(p, seed)
+    check_dropout_args(p, seed)
     n = m * k
     counters = torch.arange((n + 7) // 8, dtype=torch.int64, device=device)
     words = philox4x32(seed, counters)

@@ -36,7 +36,7 @@ from peft_fast.kernels.common import (
     _block_r,
     _m_bucket,
 )
-from peft_fast.kernels.dropout import dropout_mask, dropout_threshold, dropout_tiled
+from peft_fast.kernels.dropout import check_dropout_args, dropout_mask, dropout_threshold, dropout_tiled
 from peft_fast.kernels.lora_gemms import (
     _DA_CONFIGS,
     _LORA_DOWN_CONFIGS,
@@ -61,7 +61,6 @@ __all__ = ["dropout_mask", "lora_linear_backward", "lora_linear_forward", "lora_
 
 SMALL_M_MAX = 16  # rows at or below which the forward takes the split-K GEMV path
 DEQUANT_GEMM_MIN_M = 2048  # rows from which NF4 GEMMs dequantize W once, then run dense (_dense_base_for)
-_MAX_SEED = 2**63
 
 # The row-streaming NF4 kernels need tiles no wider than a quantization block.
 _ROWS_FWD_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in ROWS_FWD_CONFIGS)
@@ -352,16 +351,7 @@ def _check_inputs(x, base, lora_a, lora_b, bias, dropout_p, seed) -> None:
         raise ValueError(f"all operands must be on one device, got {sorted(str(d) for d in devices)}")
     if x.device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 at import), got {x.device}")
-    _check_dropout(dropout_p, seed)
-
-
-def _check_dropout(dropout_p, seed) -> None:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < _MAX_SEED:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    check_dropout_args(dropout_p, seed)
 
 
 def _contiguous(t):
