@@ -6,7 +6,7 @@ steps, left padding, an NF4 base, and the errors for bad input.
 
 Generation is compared with greedy argmax decoding over PEFT's *forward*: PEFT 0.21's own
 ``generate`` mishandles prompt methods under transformers 5.24 (it looks for the renamed
-``past_key_values`` input; see peft_fast/prompt_methods.py), which one test records.
+``past_key_values`` input; see peft_fast/prompt_methods/), which one test records.
 """
 
 from __future__ import annotations

@@ -1,0 +1,234 @@
+"""Resuming a train job: the run record, what may change on resume, and the atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from peft_fast import distributed
+from peft_fast.io import atomic_write, respect_umask
+from peft_fast.train_setup import CHECKPOINT, RUN_MARKER, TrainArgs, UsageError, _demo_model_dir, _first_line
+
+# -- resuming: the run record and what may change ---------------------------------------------
+
+# Settings that decide the adapter's shape or meaning: a checkpoint cannot continue under others.
+FIXED_ON_RESUME = ("model", "method", "r", "alpha", "target_modules", "num_virtual_tokens")
+# Settings a resumed run may change; each change is reported on one line.
+CHANGEABLE_ON_RESUME = ("lr", "batch_size", "grad_accum", "epochs", "max_steps", "dropout", "seq_len", "data",
+                        "eval_data", "seed", "packing", "gradient_checkpointing", "warmup_ratio")  # fmt: skip
+# How this invocation runs, not what it trains: never compared, never taken from the record.
+NOT_RECORDED = ("output", "resume", "overwrite", "progress", "log_every", "log_every_seconds", "fsdp", "extra")
+
+
+def read_run_record(directory: str | Path) -> dict | None:
+    """The run record (``peft_fast_run.json``) our train job wrote into ``directory``, or None."""
+    path = Path(directory) / RUN_MARKER
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path} is damaged ({exc}); it is the record of the run in {directory}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("args"), dict):
+        raise UsageError(f"{path} is damaged (no 'args' mapping); it is the record of the run in {directory}")
+    return record
+
+
+def _model_dir(model: str | None) -> Path:
+    return _demo_model_dir() if model is None else Path(model)
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _show(name: str, value) -> str:
+    if name == "model" and value is None:
+        return "the embedded demo model"
+    if name in ("data", "eval_data") and value is None:
+        return "none" if name == "eval_data" else "the demo data"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _resume_changes(args: TrainArgs, record: dict, world: int) -> list[str]:
+    """Refuse settings a checkpoint cannot continue under; describe the allowed changes.
+
+    Raises UsageError naming every fixed setting that differs from the run record; returns
+    ``["lr 0.003 -> 0.001", ...]`` for the changeable ones. A ``seq_len`` of None takes the
+    recorded value.
+    """
+    recorded = record["args"]
+    base_model = record.get("base_model")
+
+    def differs(name: str) -> bool:
+        old, new = recorded.get(name), getattr(args, name)
+        if name == "model":
+            current = None if new is None else str(Path(new).expanduser().resolve())
+            if base_model is not None and current is not None:
+                return not _same_path(base_model, current)
+            return not _same_path(old, new)
+        if name in ("data", "eval_data"):
+            return not _same_path(old, new)
+        if name == "target_modules" and isinstance(old, list) and isinstance(new, list):
+            return sorted(old) != sorted(new)
+        if isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(new, bool):
+            return float(old) != float(new)
+        return old != new
+
+    if args.seq_len is None and recorded.get("seq_len") is not None:
+        args.seq_len = recorded["seq_len"]
+    fixed = [f"{_flag(n)} {_show(n, getattr(args, n))} (the run used {_show(n, recorded.get(n))})"
+             for n in FIXED_ON_RESUME if n in recorded and differs(n)]  # fmt: skip
+    if fixed:
+        raise UsageError(
+            f"cannot resume {args.output}: {'; '.join(fixed)}; a checkpoint continues only with the settings "
+            "that shaped its adapter (drop those flags, or train into a new --output)"
+        )
+    changes = []
+    for name in CHANGEABLE_ON_RESUME:
+        if name == "batch_size":
+            old_global = recorded.get("batch_size", args.batch_size) * record.get("world_size", 1)
+            if old_global != args.batch_size * world:
+                changes.append(f"batch size {old_global} -> {args.batch_size * world} (examples per step, all ranks)")
+        elif name in recorded and differs(name):
+            changes.append(
+                f"{name.replace('_', ' ')} {_show(name, recorded[name])} -> {_show(name, getattr(args, name))}"
+            )
+    return changes
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def _save_checkpoint(
+    out: Path, model, optimizer, scheduler, step: int, micro_step: int, rank: int = 0, global_batch: int | None = None
+) -> None:
+    """Write <out>/checkpoint atomically: into a temporary directory, then swapped in.
+
+    It holds every trainable tensor by name (whatever the method), the optimizer and scheduler
+    state, the RNG states and the data position; safetensors and JSON only. Called on every rank
+    (FSDP gathers sharded tensors, a collective); rank 0 writes.
+    """
+    from safetensors.torch import save_file
+
+    def full(tensor: torch.Tensor) -> torch.Tensor:
+        return distributed.full_tensor(tensor.detach()).cpu().contiguous()
+
+    tensors = {f"param.{n}": full(p) for n, p in model.named_parameters() if p.requires_grad}
+    opt_state = optimizer.state_dict()
+    scalars: dict[str, dict] = {}
+    for index, state in opt_state["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = full(value)
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    if rank != 0:
+        return
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    staging = out / f".{CHECKPOINT}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file(tensors, staging / "trainer_state.safetensors")
+    respect_umask(staging / "trainer_state.safetensors")  # safetensors creates its files 0600
+    state = {"step": step, "micro_step": micro_step, "param_groups": opt_state["param_groups"],
+             "optimizer_scalars": scalars, "scheduler": scheduler.state_dict(),
+             "python_random": repr(random.getstate()), "global_batch": global_batch}  # fmt: skip
+    with atomic_write(staging / "trainer_state.json", "w") as handle:
+        json.dump(state, handle, default=str)
+    final, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(out: Path, model, optimizer, scheduler) -> tuple[int, int, dict]:
+    """Restore what :func:`_save_checkpoint` wrote; under FSDP each rank keeps its shard of the full tensors.
+
+    Returns (step, micro_step, the saved JSON state). A checkpoint whose tensors do not fit the
+    model (another rank, other target modules, another model) is a UsageError, before anything
+    is copied.
+    """
+    import ast
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = out / CHECKPOINT
+    try:
+        tensors = load_file(directory / "trainer_state.safetensors")
+        state = json.loads((directory / "trainer_state.json").read_text())
+    except (OSError, SafetensorError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot resume: {directory} is incomplete or damaged ({_first_line(exc)})") from None
+    params = dict(model.named_parameters())
+    trainable = {n: p for n, p in params.items() if p.requires_grad}
+    saved = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+    problems = [f"missing {n}" for n in trainable if n not in saved]
+    problems += [f"unexpected {n}" for n in saved if n not in trainable]
+    problems += [f"{n} is {tuple(saved[n].shape)}, the model needs {tuple(p.shape)}"  # a DTensor's shape is global
+                 for n, p in trainable.items() if n in saved and saved[n].shape != p.shape]  # fmt: skip
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UsageError(
+            f"cannot resume: {directory} does not fit this model and method: {'; '.join(problems[:3])}{more}"
+        )
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            if key.startswith("param."):
+                param = params[key.removeprefix("param.")]
+                param.copy_(distributed.shard_like(tensor, param))
+    by_index = [p for group in optimizer.param_groups for p in group["params"]]
+    opt_state: dict = {"state": {}, "param_groups": state["param_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            opt_state["state"].setdefault(int(index), {})[name] = distributed.shard_like(value, by_index[int(index)])
+    for index, values in state["optimizer_scalars"].items():
+        opt_state["state"].setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    random.setstate(ast.literal_eval(state["python_random"]))
+    return state["step"], state["micro_step"], state
+
+
+def _moved_data_position(micro_step: int, old_global: int, new_global: int, n_examples: int) -> int:
+    """The micro step of a new global batch size at the same place in the same epoch.
+
+    The position is the micro step (``epoch * per_epoch + index``); with another batch size the
+    same number would land elsewhere. Examples not yet seen this epoch stay unseen (rounded up to
+    a whole batch).
+    """
+    old_per_epoch, new_per_epoch = max(1, n_examples // old_global), max(1, n_examples // new_global)
+    epoch, index = divmod(micro_step, old_per_epoch)
+    new_index = -(-index * old_global // new_global)
+    if new_index >= new_per_epoch:
+        return (epoch + 1) * new_per_epoch
+    return epoch * new_per_epoch + new_index
+
+
+def _set_learning_rate(optimizer, scheduler, lr: float) -> None:
+    """A new peak learning rate for a resumed run: the schedule continues at the same point."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, schedule in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -1,0 +1,147 @@
+"""Shared pieces of the prompt methods: constants, model geometry, the prompt encoder and the adapter's state."""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from peft_fast.prompt_methods.patching import PromptConfig
+
+
+PEFT_VERSION = "0.21.2"
+_STATE_ATTR = "peft_fast_prompt"  # the submodule holding our state (and the prompt parameters)
+_PEFT_PREFIX = "base_model.model."
+
+
+# -- config checks ---------------------------------------------------------------------------
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# -- model geometry --------------------------------------------------------------------------
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _geometry(model: nn.Module) -> dict[str, int]:
+    """num_layers, hidden (token_dim), heads, and the per-layer KV geometry (GQA aware)."""
+    config = _text_config(model)
+    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
+    hidden = get("hidden_size", "n_embd", "d_model")
+    heads = get("num_attention_heads", "n_head", "num_heads")
+    layers = get("num_hidden_layers", "n_layer", "num_layers")
+    if None in (hidden, heads, layers):
+        raise ValueError(f"cannot read hidden size / heads / layers from {type(config).__name__}")
+    head_dim = get("head_dim") or hidden // heads
+    kv_heads = get("num_key_value_heads") or heads
+    return {"layers": layers, "hidden": hidden, "heads": heads, "head_dim": head_dim, "kv_heads": kv_heads}
+
+
+def _forward_parameters(model: nn.Module) -> list[str]:
+    return list(inspect.signature(model.forward).parameters)
+
+
+# -- prompt encoders (parameter names are PEFT's, so state can be exchanged with PEFT modules) ----
+
+
+class PromptEncoder(nn.Module):
+    """Produces the method's learned tensor, [num_virtual_tokens, dim], from its parameters.
+
+    ``embedding.weight`` alone when ``reparameterization`` is None (prompt tuning, a plain or loaded
+    prefix, a loaded P-tuning prompt); otherwise PEFT's ``transform`` (prefix MLP), ``mlp_head`` or
+    ``lstm_head`` + ``mlp_head`` (P-tuning).
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        dim: int,
+        reparameterization: str | None = None,
+        *,
+        token_dim: int = 0,
+        hidden: int = 0,
+        lstm_layers: int = 2,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.reparameterization = reparameterization
+        if reparameterization is None:
+            self.embedding = nn.Embedding(num_tokens, dim)
+        elif reparameterization == "prefix_mlp":
+            self.embedding = nn.Embedding(num_tokens, token_dim)
+            self.transform = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, dim))
+        elif reparameterization == "MLP":
+            self.embedding = nn.Embedding(num_tokens, dim)
+            self.mlp_head = nn.Sequential(
+                nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim)
+            )
+        elif reparameterization == "LSTM":
+            self.embedding = nn.Embedding(num_tokens, dim)
+            self.lstm_head = nn.LSTM(
+                dim, hidden, num_layers=lstm_layers, dropout=dropout, bidirectional=True, batch_first=True
+            )
+            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim))
+        else:
+            raise ValueError(f"unknown reparameterization {reparameterization!r}")
+
+    def forward(self) -> torch.Tensor:
+        """The [num_virtual_tokens, dim] tensor the model consumes (batch-free: callers expand it)."""
+        weight = self.embedding.weight
+        if self.reparameterization is None:
+            return weight
+        if self.reparameterization == "prefix_mlp":
+            return self.transform(weight)
+        if self.reparameterization == "MLP":
+            return self.mlp_head(weight)
+        return self.mlp_head(self.lstm_head(weight.unsqueeze(0))[0])[0]
+
+
+class _PromptState(nn.Module):
+    """Registered on the model as ``peft_fast_prompt``: config, encoder (if any), hooks."""
+
+    def __init__(self, config: PromptConfig, adapter_name: str, encoder: PromptEncoder | None) -> None:
+        super().__init__()
+        self.config = config
+        self.adapter_name = adapter_name
+        self.encoder = encoder
+        self.hooks: list[Any] = []
+        self.requires_grad_before: dict[str, bool] = {}
+        self.attention_names: list[str] = []
+        self.checkpoint_layers: list[nn.Module] = []
+        self.forward_parameters: list[str] = []
+        self.geometry: dict[str, int] = {}
+
+
+def _state(model: nn.Module) -> _PromptState | None:
+    return getattr(model, _STATE_ATTR, None)
+
+
+def _require_state(model: nn.Module) -> _PromptState:
+    state = _state(model)
+    if state is None:
+        raise ValueError("the model has no prompt adapter (call patch_prompt or load_prompt_adapter first)")
+    return state
+
+
+# -- helpers of the forward pre-hook ----------------------------------------------------------
+
+
+def _cache_kwarg(parameters: list[str]) -> str:
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _positions_from_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions that padding does not advance (HF generate's rule), for the last ``length`` slots."""
+    positions = mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(mask == 0, 1)
+    return positions[:, -length:]
