@@ -60,14 +60,15 @@ def cost_candidate(launch: Launch, cand: Candidate, analysis: dict[str, Any]) ->
     trips, loop = trip_count.main_loop(kernel, cand.args, cand.grid)
     if not sass["has_loop"]:
         trips = 1  # no loop in the SASS (none in the source, or fully unrolled): the body counts once
+    trips, extra_instr, extra_flops, loop_trips = _other_mma_loops(kernel, cand, sass, trips)
     cost = KernelCost(
         num_warps=analysis["num_warps"],
         regs=analysis["regs"],
         smem=analysis["smem"],
         kloop_instr=sass["kloop_instr"],
-        other_instr=sass["body_instr"] - sass["kloop_instr"] if sass["has_loop"] else 0,
+        other_instr=(sass["body_instr"] - sass["kloop_instr"] if sass["has_loop"] else 0) + extra_instr,
         kloop_mma_flops=sass["kloop_mma_flops"],
-        other_mma_flops=sass["other_mma_flops"],
+        other_mma_flops=sass["other_mma_flops"] + extra_flops,
         trips=trips,
         wgmma_wait=sass["wgmma_wait"],
     )
@@ -87,6 +88,7 @@ def cost_candidate(launch: Launch, cand: Candidate, analysis: dict[str, Any]) ->
         mma_cycles_per_cta=_round(pred.mma_cycles, 1),
         loop_trips=trips,
         loop_source=f"{loop.where} {loop.source}" if loop else None,
+        mma_loop_trips=loop_trips,
         regs=analysis["regs"],
         spill_bytes=analysis["stack_bytes"],
         smem=analysis["smem"],
@@ -107,6 +109,29 @@ def cost_candidate(launch: Launch, cand: Candidate, analysis: dict[str, Any]) ->
         sass_file=f"sass/{analysis['sass_file']}" if analysis.get("sass_file") else None,  # relative to the report
     )
     return row
+
+
+def _other_mma_loops(kernel, cand: Candidate, sass: dict[str, Any], trips: int) -> tuple[int, int, int, list]:
+    """(K-loop trips, extra instructions, extra MMA FLOPs, [trips of each MMA loop]) per CTA.
+
+    "Every other instruction once" undercounts a kernel with several MMA loops in sequence (a
+    two-pass kernel). When the SASS has as many innermost MMA loops as the source has innermost
+    ``tl.dot`` loops, they are paired in order and each loop beyond the K-loop adds its
+    instructions and MMA FLOPs (trips - 1) more times; otherwise nothing changes.
+    """
+    mma_loops = sass.get("mma_loops") or []
+    index = sass.get("kloop_index")
+    if not sass["has_loop"] or index is None or len(mma_loops) < 2:
+        return trips, 0, 0, []
+    source = trip_count.dot_loops(kernel, cand.args, cand.grid)
+    if len(source) != len(mma_loops) or any(loop.total is None for loop in source):
+        return trips, 0, 0, []
+    extra_instr = extra_flops = 0
+    for i, ((instr, flops), loop) in enumerate(zip(mma_loops, source, strict=True)):
+        if i != index:
+            extra_instr += instr * (loop.total - 1)
+            extra_flops += flops * (loop.total - 1)
+    return int(source[index].total), extra_instr, extra_flops, [int(loop.total) for loop in source]
 
 
 def _kernel(name: str):

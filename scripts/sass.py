@@ -140,6 +140,11 @@ class SassSummary:
     n_loops: int
     kloop_range: tuple[int, int] | None = None
     opcode_histogram: dict[str, int] = field(default_factory=dict)  # K-loop base opcodes, most common first
+    # Every innermost loop holding an MMA, in address order: (instructions per warp, MMA FLOPs of one
+    # trip); kloop_index is the K-loop's place among them. A kernel with several MMA loops in a row
+    # (say, a two-pass kernel) has each costed with its own trips when the source shows as many.
+    mma_loops: list[tuple[int, int]] = field(default_factory=list)
+    kloop_index: int | None = None
 
 
 def _innermost(loops: list[Loop]) -> list[Loop]:
@@ -177,7 +182,13 @@ def summarize(text: str, num_warps: int) -> SassSummary:
     histogram: dict[str, int] = {}
     for i in in_loop:
         histogram[i.base_op] = histogram.get(i.base_op, 0) + 1
+    with_mma = [loop for loop in loops if any(is_mma(i) for i in loop.body(instrs))]
+    mma_inner = sorted(_innermost(with_mma), key=lambda loop: loop.start)
     return SassSummary(
+        mma_loops=[
+            (len(loop.body(instrs)), sum(mma_flops(i, num_warps) for i in loop.body(instrs))) for loop in mma_inner
+        ],
+        kloop_index=mma_inner.index(kloop) if kloop in mma_inner else None,
         body_instr=len(instrs),
         kloop_instr=len(in_loop),
         has_loop=kloop is not None,

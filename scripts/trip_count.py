@@ -378,3 +378,8 @@ def main_loop(kernel: Any, args: dict[str, Any], grid: tuple[int, ...]) -> tuple
             f"add an entry for {name!r} to TRIP_OVERRIDES in scripts/trip_count.py"
         )
     return int(best.total or 0), best
+
+
+def dot_loops(kernel: Any, args: dict[str, Any], grid: tuple[int, ...]) -> list[LoopInfo]:
+    """The innermost loops holding a ``tl.dot``, in the order the kernel runs them."""
+    return [loop for loop in loops(kernel, args, grid) if loop.has_dot and loop.innermost_dot]

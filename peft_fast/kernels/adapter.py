@@ -43,6 +43,7 @@ from peft_fast.kernels.adapter_gemms import (
     _adapter_dup_kernel,
     _adapter_dx_kernel,
     _adapter_dz_kernel,
+    _adapter_fused_fwd_kernel,
     _adapter_up_kernel,
 )
 from peft_fast.kernels.common import (
@@ -165,6 +166,17 @@ def bottleneck_adapter_forward(
         return y, z, mean, rstd
     dot_precision = _DOT_PRECISION[x.dtype]
     block_b = _block_r(b)
+    p = float(dropout_p)
+    if not has_ln and residual is None and b <= block_b:
+        # Grid: one program per BLOCK_M rows, both projections in one pass over its rows.
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
+        _adapter_fused_fwd_kernel[grid](
+            x, down_weight, down_bias, up_weight, up_bias, z, y,
+            m, d, b, float(scale), seed, dropout_threshold(p), 1.0 / (1.0 - p), _m_bucket(m),
+            ACTIVATION=ACTIVATIONS[activation], HAS_DROPOUT=p > 0, DROPOUT_TILED=dropout_tiled(d),
+            DOT_PRECISION=dot_precision, BLOCK_B=block_b,
+        )  # fmt: skip
+        return y, z, mean, rstd
     # Grid: (row blocks, bottleneck blocks); B is small, so usually one bottleneck block and each
     # program streams its X rows once (three times with LN: two statistics sweeps, one GEMM sweep).
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(b, block_b))
@@ -173,7 +185,6 @@ def bottleneck_adapter_forward(
         mean if has_ln else x, rstd if has_ln else x, m, d, b, float(ln_eps), _m_bucket(m),
         HAS_LN=has_ln, DOT_PRECISION=dot_precision, BLOCK_B=block_b,
     )  # fmt: skip
-    p = float(dropout_p)
     # Grid: one program per [BLOCK_M, BLOCK_N] tile of Y, GROUP_M-swizzled so neighbours share Wu
     # tiles; each reduces over the B-wide bottleneck.
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_N"]),)
