@@ -259,6 +259,37 @@ def test_trip_counts_from_the_kernel_source():
         trip_count.main_loop(_unknown, {"x_ptr": None, "BLOCK": 16}, (1, 1, 1))
 
 
+def test_two_pass_kernels_cost_every_mma_loop_with_its_trips():
+    """A kernel with two dot loops in a row: each SASS MMA loop gets the trips of its source loop."""
+    import hopper_eval
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _two_pass(x_ptr, D, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        acc = tl.zeros((16, 16), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            a = tl.load(x_ptr + k0 + tl.arange(0, 16)[:, None] + tl.arange(0, 16)[None, :])
+            acc = tl.dot(a, a, acc)
+        for n0 in range(0, D, BLOCK_N):
+            b = tl.load(x_ptr + n0 + tl.arange(0, 16)[:, None] + tl.arange(0, 16)[None, :])
+            tl.store(x_ptr + n0 + tl.arange(0, 16)[:, None] + tl.arange(0, 16)[None, :], tl.dot(acc.to(b.dtype), b))
+
+    from types import SimpleNamespace
+
+    cand = SimpleNamespace(args={"x_ptr": None, "D": 4096, "BLOCK_K": 64, "BLOCK_N": 128}, grid=(128, 1, 1))
+
+    # SASS: two innermost MMA loops in address order, (instructions, MMA FLOPs per trip); the K-loop
+    # (the one the cost model multiplies) is the second.
+    summary = {"has_loop": True, "mma_loops": [(100, 1000), (300, 4000)], "kloop_index": 1}
+    trips, extra_instr, extra_flops, per_loop = hopper_eval._other_mma_loops(_two_pass, cand, summary, 64)
+    assert per_loop == [64, 32] and trips == 32
+    assert extra_instr == 100 * 63 and extra_flops == 1000 * 63  # the first loop's other 63 trips
+    # A SASS that does not show one loop per source dot loop (say, one was unrolled) changes nothing.
+    one = {"has_loop": True, "mma_loops": [(300, 4000)], "kloop_index": 0}
+    assert hopper_eval._other_mma_loops(_two_pass, cand, one, 32) == (32, 0, 0, [])
+
+
 # -- end to end: one small kernel compiled for sm_90 -------------------------------------------------
 
 
