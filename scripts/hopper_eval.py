@@ -163,17 +163,9 @@ def triton_launch(launch: Launch, analyses: dict[str, dict[str, Any]]) -> dict[s
         "options": spec.options,
         "grid": list(cand.grid),
     }
-    for key in (
-        "loop_trips",
-        "ctas_per_sm",
-        "regs",
-        "spill_bytes",
-        "smem",
-        "hgmma",
-        "kloop_instr_per_warp",
-        "predicted_us",
-    ):
-        out[key] = best[key]
+    for key in LAUNCH_KEYS:  # the contract's keys, in its order; the spec part is set above
+        if key not in out:
+            out[key] = best[key]
     for key, value in best.items():
         if key not in out and key not in ("config", "error"):
             out[key] = value

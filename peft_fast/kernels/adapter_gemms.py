@@ -128,6 +128,22 @@ def _dz_times_wd(
     return acc
 
 
+@triton.jit
+def _store_up_tile(
+    acc, rows, row_mask, offs_n, col0, bu_ptr, r_ptr, y_ptr, D, scale, seed, threshold, inv_keep,
+    HAS_DROPOUT: tl.constexpr, DROPOUT_TILED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Y tile = R + s·drop(acc + bu) for the up-projection tile ``acc`` at columns col0 + [0, BLOCK_N)."""
+    acc += tl.load(bu_ptr + offs_n, mask=offs_n < D, other=0.0).to(tl.float32)[None, :]
+    acc = acc * scale
+    if HAS_DROPOUT:
+        keep = dropout_keep_block(seed, rows, col0, D, threshold, BLOCK_M, BLOCK_N, DROPOUT_TILED)
+        acc = tl.where(keep, acc * inv_keep, 0.0)
+    mask = row_mask & (offs_n[None, :] < D)
+    acc += tl.load(r_ptr + rows * D + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows * D + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # -- forward kernels --------------------------------------------------------------------------
 
 
@@ -190,14 +206,10 @@ def _adapter_up_kernel(
         wu_mask = (offs_b[:, None] < B) & (offs_n[None, :] < D)
         wu_t = tl.load(wu_ptr + offs_n[None, :].to(tl.int64) * B + offs_b[:, None], mask=wu_mask, other=0.0)
         acc = _dot(a, wu_t, acc, DOT_PRECISION)
-    acc += tl.load(bu_ptr + offs_n, mask=offs_n < D, other=0.0).to(tl.float32)[None, :]
-    acc = acc * scale
-    if HAS_DROPOUT:
-        keep = dropout_keep_block(seed, rows, pid_n * BLOCK_N, D, threshold, BLOCK_M, BLOCK_N, DROPOUT_TILED)
-        acc = tl.where(keep, acc * inv_keep, 0.0)
-    mask = row_mask & (offs_n[None, :] < D)
-    acc += tl.load(r_ptr + rows * D + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows * D + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    _store_up_tile(
+        acc, rows, row_mask, offs_n, pid_n * BLOCK_N, bu_ptr, r_ptr, y_ptr, D, scale, seed, threshold, inv_keep,
+        HAS_DROPOUT, DROPOUT_TILED, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
 
 
 # One pass per row block (no LayerNorm, one bottleneck chunk): BLOCK_M rows of X are read once
@@ -250,14 +262,10 @@ def _adapter_fused_fwd_kernel(
         wu_mask = b_mask[:, None] & (offs_n[None, :] < D)
         wu_t = tl.load(wu_ptr + offs_n[None, :].to(tl.int64) * B + offs_b[:, None], mask=wu_mask, other=0.0)
         u = _dot(a, wu_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION)
-        u += tl.load(bu_ptr + offs_n, mask=offs_n < D, other=0.0).to(tl.float32)[None, :]
-        u = u * scale
-        if HAS_DROPOUT:
-            keep = dropout_keep_block(seed, rows, n0, D, threshold, BLOCK_M, BLOCK_N, DROPOUT_TILED)
-            u = tl.where(keep, u * inv_keep, 0.0)
-        mask = row_mask & (offs_n[None, :] < D)
-        u += tl.load(x_ptr + rows * D + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows * D + offs_n[None, :], u.to(y_ptr.dtype.element_ty), mask=mask)
+        _store_up_tile(
+            u, rows, row_mask, offs_n, n0, bu_ptr, x_ptr, y_ptr, D, scale, seed, threshold, inv_keep,
+            HAS_DROPOUT, DROPOUT_TILED, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
 
 
 # -- backward kernels -------------------------------------------------------------------------
