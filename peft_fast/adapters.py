@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from peft_fast.config import AdapterConfig, check_adapter_name
+from peft_fast.host import prepare_host_model, register_state_attr, set_submodule
 from peft_fast.io import (
     adapter_directory,
     atomic_write_files,
@@ -47,22 +48,23 @@ from peft_fast.io import (
     read_adapter_tensors,
     read_json,
 )
-from peft_fast.layers import NF4Linear
+from peft_fast.method import Method, flags_set
+from peft_fast.version import __version__
 
 __all__ = [
     "ADAPTER_CONFIG_FILE",
     "ADAPTER_WEIGHTS_FILE",
-    "PEFT_FAST_STATE_ATTRS",
+    "METHOD",
     "AdapterProjection",
     "AdapterSite",
     "AdapterSlot",
     "BottleneckAdapter",
+    "BottleneckMethod",
     "adapter_state_dict",
     "bottleneck_adapters",
     "hidden_size_of",
     "load_adapters",
     "patch_adapters",
-    "prepare_host_model",
     "save_adapters",
     "transformer_layers",
     "unpatch_adapters",
@@ -70,9 +72,7 @@ __all__ = [
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter.safetensors"  # AdapterHub's name for safetensors adapter weights
-_STATE_ATTR = "peft_fast_adapter_state"
-# Attributes by which peft_fast methods mark a model they patched (LoRA, (IA)³, adapters).
-PEFT_FAST_STATE_ATTRS = ("peft_fast_state", "peft_fast_ia3_state", _STATE_ATTR)
+_STATE_ATTR = register_state_attr("peft_fast_adapter_state")
 
 
 # -- modules ----------------------------------------------------------------------------------
@@ -113,6 +113,7 @@ class BottleneckAdapter(nn.Module):
         self.non_linearity = config.non_linearity
         self.scaling = config.scaling
         self.dropout_p = config.dropout
+        self.enabled = True  # False: the hooks skip it (disable_adapters, or not among the active adapters)
         self.reset_parameters(config.init_weights)
 
     def reset_parameters(self, init_weights: str) -> None:
@@ -293,31 +294,6 @@ def _state(model: nn.Module) -> AdapterState | None:
     return getattr(model, _STATE_ATTR, None)
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module | None) -> None:
-    parent, _, child = path.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    if module is None:
-        delattr(owner, child)
-    else:
-        setattr(owner, child, module)
-
-
-def prepare_host_model(model: nn.Module, quantize: str | None, blocksize: int, double_quant: bool) -> None:
-    """Ready a model for a new peft_fast method: NF4-quantize its Linear layers if asked (and not
-    done before), and freeze its parameters if no peft_fast method has patched it yet (a method
-    added on top leaves the others' trainable parameters as they are)."""
-    if quantize == "nf4" and not any(isinstance(m, NF4Linear) for m in model.modules()):
-        from peft_fast.patch import output_head_names
-        from peft_fast.quantize import quantize_model
-
-        # As LoRA's patch: heads and the model's _keep_in_fp32_modules (T5's wo) stay dense.
-        skip = (*output_head_names(model), *(getattr(model, "_keep_in_fp32_modules", None) or ()))
-        quantize_model(model, blocksize=blocksize, double_quant=double_quant, skip_modules=skip, progress=False)
-    if not any(hasattr(model, attr) for attr in PEFT_FAST_STATE_ATTRS):
-        for param in model.parameters():
-            param.requires_grad_(False)
-
-
 def _first_float_tensor(module: nn.Module) -> torch.Tensor:
     """A floating-point parameter or buffer of ``module``: where new adapters take device and dtype."""
     for tensor in (*module.parameters(), *module.buffers()):
@@ -327,12 +303,16 @@ def _first_float_tensor(module: nn.Module) -> torch.Tensor:
 
 
 def _serial_hook(adapter: BottleneckAdapter, module: nn.Module, args: tuple, output):
+    if not adapter.enabled:
+        return output
     if isinstance(output, tuple):
         return (adapter(output[0]), *output[1:])
     return adapter(output)
 
 
 def _parallel_hook(adapter: BottleneckAdapter, module: nn.Module, args: tuple, kwargs: dict, output):
+    if not adapter.enabled:
+        return output
     x = args[0] if args else kwargs["hidden_states"]
     if isinstance(output, tuple):
         return (adapter(x, residual=output[0]), *output[1:])
@@ -342,6 +322,8 @@ def _parallel_hook(adapter: BottleneckAdapter, module: nn.Module, args: tuple, k
 def _parallel_residual_hook(adapter: BottleneckAdapter, module: nn.Module, args: tuple, kwargs: dict):
     # BertSelfOutput / BertOutput(hidden_states, input_tensor) = LayerNorm(dense(h) + input_tensor):
     # input_tensor + s·A(input_tensor) adds the adapter beside the sublayer, inside the LayerNorm.
+    if not adapter.enabled:
+        return args, kwargs
     if len(args) >= 2:
         return (args[0], adapter(args[1]), *args[2:]), kwargs
     return args, {**kwargs, "input_tensor": adapter(kwargs["input_tensor"])}
@@ -364,7 +346,7 @@ def _adapter_dict(model: nn.Module, owner_path: str, state: AdapterState) -> nn.
         owner = model.get_submodule(owner_path)
     except AttributeError:
         owner = AdapterSlot()
-        _set_submodule(model, owner_path, owner)
+        set_submodule(model, owner_path, owner)
         state.created_slots.append(owner_path)
     if owner_path not in state.created_slots and owner_path not in state.owners:
         owner.adapters = nn.ModuleDict()
@@ -432,7 +414,7 @@ def unpatch_adapters(model: nn.Module) -> nn.Module:
     for path in state.owners:
         delattr(model.get_submodule(path), "adapters")
     for path in state.created_slots:
-        _set_submodule(model, path, None)
+        set_submodule(model, path, None)
     delattr(model, _STATE_ATTR)
     return model
 
@@ -452,8 +434,6 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, adapter_name: 
     Both files are written to temporaries and renamed into place only once both are complete.
     """
     from safetensors.torch import save as safetensors_bytes
-
-    from peft_fast import __version__
 
     state = _state(model)
     if state is None:
@@ -535,3 +515,53 @@ def load_adapters(
         for _, adapter in bottleneck_adapters(model, adapter_name):
             adapter.requires_grad_(False)
     return model
+
+
+class BottleneckMethod(Method):
+    """Bottleneck adapters (AdapterConfig): hooked adapters in each layer; several adapters, all active; no merge."""
+
+    name = "bottleneck adapters"
+    config_types = (AdapterConfig,)
+    state_attr = _STATE_ATTR
+    stacks = True
+
+    def patch(self, model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
+        patch_adapters(model, config, adapter_name)
+
+    def add_adapter(self, model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
+        patch_adapters(model, config, adapter_name)  # another name adds an adapter, applied after the others
+
+    def adapter_names(self, model: nn.Module) -> list[str]:
+        return list(_state(model).configs)
+
+    def active_adapters(self, model: nn.Module) -> list[str]:
+        names = self.adapter_names(model)
+        return [n for n in names if any(a.enabled for _, a in bottleneck_adapters(model, n))]
+
+    def set_adapter(self, model: nn.Module, adapter_names: list[str]) -> None:
+        for name in self.adapter_names(model):
+            for _, adapter in bottleneck_adapters(model, name):
+                adapter.enabled = name in adapter_names
+                adapter.requires_grad_(name in adapter_names)
+
+    def disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return flags_set([adapter for _, adapter in bottleneck_adapters(model)], "enabled", False)
+
+    def unpatch(self, model: nn.Module) -> None:
+        unpatch_adapters(model)
+
+    def state_dict(self, model: nn.Module, adapter_name: str) -> dict:
+        return adapter_state_dict(model, adapter_name)
+
+    def reads(self, adapter_config: dict) -> bool:
+        # Our own format (docs/adapters.md): no peft_type, the adapter's config and the host's hidden size.
+        return adapter_config.get("peft_type") is None and {"hidden_size", "config"} <= adapter_config.keys()
+
+    def save(self, model: nn.Module, directory: Path, adapter_name: str) -> Path:
+        return save_adapters(model, directory, adapter_name)
+
+    def load(self, model: nn.Module, directory, adapter_name: str | None, is_trainable: bool):
+        return load_adapters(model, directory, adapter_name, is_trainable)
+
+
+METHOD = BottleneckMethod()

@@ -294,11 +294,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
             model = getattr(transformers, class_name).from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot load {model_dir} as {class_name} ({_first_line(exc)})") from None
-    from peft_fast import load_adapter, merge, merge_ia3
+    from peft_fast import load_adapter, merge
 
     try:
         load_adapter(model, adapter_dir)
-        merged = merge_ia3(model) if peft_type == "IA3" else merge(model)
+        merged = merge(model)  # any mergeable method ((IA)³ or LoRA)
     except (OSError, ValueError, TypeError) as exc:
         raise UsageError(
             f"--adapter {adapter_dir} does not fit {model_dir} as {class_name}: {_first_line(exc)}"

@@ -56,6 +56,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peft_fast.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_directory, read_json
+from peft_fast.lora.files import adapter_state_dict, model_key, reload_in_place, save_lora, write_lora_files
+from peft_fast.lora.patching import _require_state, _state, set_lora_adapter
+from peft_fast.registry import method_for_file
+
 __all__ = ["attach", "detach", "install_trainer_hooks", "load_checkpoint_adapters", "save_pretrained"]
 
 logger = logging.getLogger(__name__)
@@ -109,8 +114,6 @@ def save_pretrained(
     when given. Always safetensors. Other keyword arguments of ``PreTrainedModel.save_pretrained``
     (``max_shard_size``, ...) do not apply to an adapter and are ignored.
     """
-    from peft_fast.patch import _require_state
-
     del safe_serialization, kwargs
     if push_to_hub:
         raise ValueError(
@@ -130,41 +133,15 @@ def save_pretrained(
 
 
 def _write_adapter(model: nn.Module, directory: Path, adapter_name: str, state_dict: dict | None) -> None:
-    from peft_fast.io import adapter_state_dict, save_adapter
-
     if state_dict is None:
-        save_adapter(model, directory, adapter_name)
+        save_lora(model, directory, adapter_name)
         return
-    import json
-
-    from safetensors.torch import save as safetensors_bytes
-
-    from peft_fast.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_write_files, output_directory
-    from peft_fast.patch import _require_state
-
-    directory = output_directory(directory)
-    keys = {key: _model_key(key, adapter_name) for key in adapter_state_dict(model, adapter_name)}
+    keys = {key: model_key(key, adapter_name) for key in adapter_state_dict(model, adapter_name)}
     missing = [name for name in keys.values() if name not in state_dict]
     if missing:
         raise ValueError(f"the state_dict passed to save_pretrained lacks adapter tensors: {missing[:5]}")
     tensors = {key: state_dict[name].detach().contiguous().cpu() for key, name in keys.items()}
-    config = _require_state(model).configs[adapter_name]
-    base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    config_json = json.dumps(config.to_peft_dict(base_name), indent=2, sort_keys=True, default=str) + "\n"
-    weights = safetensors_bytes(tensors, metadata={"format": "pt"})
-    with atomic_write_files(directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG) as (weights_file, config_file):
-        weights_file.write(weights)
-        config_file.write(config_json.encode())
-
-
-def _model_key(peft_key: str, adapter_name: str) -> str:
-    """The model's parameter name for a key of a PEFT adapter file."""
-    from peft_fast.io import _PEFT_PREFIX
-
-    name = peft_key.removeprefix(_PEFT_PREFIX)
-    for part in (".lora_A.", ".lora_B."):
-        name = name.replace(part, f"{part}{adapter_name}.")
-    return name
+    write_lora_files(model, directory, adapter_name, tensors)
 
 
 def load_adapter(
@@ -181,9 +158,6 @@ def load_adapter(
     relies on. A new name adds the adapter inactive and frozen, as PEFT does; make it active
     (and trainable) with ``model.set_adapter(name)``.
     """
-    from peft_fast.io import load_adapter as load_new
-    from peft_fast.patch import _require_state, set_adapter
-
     unsupported = {key: value for key, value in kwargs.items() if value not in (None, False, {})}
     if unsupported:
         raise TypeError(
@@ -195,50 +169,23 @@ def load_adapter(
     state = _require_state(model)
     adapter_name = adapter_name or _ROOT_ADAPTER
     if adapter_name in state.configs:
-        _reload_in_place(model, peft_model_id, adapter_name)
+        reload_in_place(model, peft_model_id, adapter_name)
         return
     active = list(state.active)
-    load_new(model, peft_model_id, adapter_name, is_trainable=True)
-    set_adapter(model, active)
-
-
-def _reload_in_place(model: nn.Module, directory, adapter_name: str) -> None:
-    """Copy an adapter directory's tensors into the model's adapter ``adapter_name``."""
-    from peft_fast.config import LoraConfig
-    from peft_fast.io import adapter_state_dict, check_adapter_tensors, read_adapter
-    from peft_fast.patch import _require_state
-
-    raw_config, tensors = read_adapter(directory)
-    file_config = LoraConfig.from_peft_dict(raw_config)  # refuses other methods and unsupported features
-    ours = _require_state(model).configs[adapter_name]
-    differ = [
-        f"{key}: file {getattr(file_config, key)!r}, model {getattr(ours, key)!r}"
-        for key in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias")
-        if getattr(file_config, key) != getattr(ours, key)
-    ]
-    if differ:
-        raise ValueError(f"the adapter at {directory} does not match adapter {adapter_name!r}: {'; '.join(differ)}")
-    # PEFT's bias="all" files also hold copies inside modules_to_save wrappers (see io.load_adapter).
-    tensors = {k: v for k, v in tensors.items() if ".modules_to_save." not in k and ".original_module." not in k}
-    expected = {key: tuple(value.shape) for key, value in adapter_state_dict(model, adapter_name).items()}
-    check_adapter_tensors(tensors, expected, f"adapter at {directory}", model)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            params[_model_key(key, adapter_name)].copy_(tensor)
+    directory = adapter_directory(peft_model_id)
+    config_path = directory / ADAPTER_CONFIG
+    document = read_json(config_path) if config_path.is_file() else {}
+    method_for_file(document).load(model, directory, adapter_name, True)
+    set_lora_adapter(model, active)
 
 
 def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
-    """``model.set_adapter`` of a patched model: :func:`peft_fast.set_adapter`."""
-    from peft_fast.patch import set_adapter as set_active
-
-    set_active(model, adapter_name)
+    """``model.set_adapter`` of a patched model: the active LoRA adapter(s), as :func:`peft_fast.set_adapter`."""
+    set_lora_adapter(model, adapter_name)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
     """``model.active_adapters()`` of a patched model: the names of its active adapters."""
-    from peft_fast.patch import _require_state
-
     return list(_require_state(model).active)
 
 
@@ -275,8 +222,6 @@ def is_attached(model: nn.Module) -> bool:
 
 def checkpoint_adapters(directory: str | os.PathLike) -> dict[str, Path]:
     """adapter name -> directory, for the PEFT-format adapters saved under ``directory``."""
-    from peft_fast.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
     directory = Path(directory)
     found: dict[str, Path] = {}
     if not directory.is_dir():
@@ -295,8 +240,6 @@ def load_checkpoint_adapters(model: nn.Module, directory: str | os.PathLike) -> 
     The checkpoint must hold exactly the model's adapters (a resume restores, it does not add);
     which adapters are active and trainable stays as it was. Returns the adapter names.
     """
-    from peft_fast.patch import _require_state
-
     state = _require_state(model)
     found = checkpoint_adapters(directory)
     if set(found) != set(state.configs):
@@ -305,14 +248,12 @@ def load_checkpoint_adapters(model: nn.Module, directory: str | os.PathLike) -> 
             "resume with the model patched as it was for the run that wrote the checkpoint"
         )
     for name, path in found.items():
-        _reload_in_place(model, path, name)
+        reload_in_place(model, path, name)
     return list(found)
 
 
 def _patched(model) -> nn.Module | None:
     """The peft_fast-patched model inside ``model`` (DDP / DataParallel unwrapped), else None."""
-    from peft_fast.patch import _state
-
     while model is not None and _state(model) is None and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model if model is not None and _state(model) is not None and is_attached(model) else None

@@ -14,7 +14,7 @@ parameter, (IA)³ vectors included), then (IA)³ on modules LoRA left alone.
 
 from __future__ import annotations
 
-import difflib
+import contextlib
 import json
 import os
 import re
@@ -25,23 +25,37 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peft_fast.adapters import PEFT_FAST_STATE_ATTRS, prepare_host_model
 from peft_fast.config import IA3Config, check_adapter_name
+from peft_fast.host import (
+    as_linear,
+    conv1d_names,
+    dequantize_nf4_layers,
+    has_method,
+    plain_layer,
+    prepare_host_model,
+    register_state_attr,
+    restore_base,
+    set_submodule,
+)
 from peft_fast.io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
     atomic_write_files,
     check_adapter_tensors,
+    module_features,
     output_directory,
     read_adapter,
 )
 from peft_fast.layers import LoraLinear, NF4Linear
+from peft_fast.method import Method, flags_set
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
-from peft_fast.patch import _as_linear, _matches, _restore_base, _set_submodule, output_head_names
-from peft_fast.quantize import is_quantizable_linear
+from peft_fast.targeting import is_base_linear, matches, no_match_error, output_head_names
 
 __all__ = [
+    "METHOD",
     "IA3Linear",
+    "IA3Method",
     "find_ia3_targets",
     "ia3_layers",
     "ia3_state_dict",
@@ -52,8 +66,8 @@ __all__ = [
     "unpatch_ia3",
 ]
 
-_STATE_ATTR = "peft_fast_ia3_state"
-_PEFT_PREFIX = "base_model.model."
+_STATE_ATTR = register_state_attr("peft_fast_ia3_state")
+_PEFT_PREFIX = PEFT_PREFIX
 
 
 class IA3Linear(nn.Module):
@@ -180,10 +194,6 @@ def _is_feedforward(name: str, feedforward_modules: list[str] | str | None) -> b
     return any(name.endswith(entry) for entry in feedforward_modules)
 
 
-def _is_base_linear(module: nn.Module) -> bool:
-    return is_quantizable_linear(module) or isinstance(module, NF4Linear)
-
-
 def find_ia3_targets(model: nn.Module, config: IA3Config) -> list[tuple[str, bool]]:
     """(name, is_feedforward) of every module ``config`` targets; config's targets must be resolved.
 
@@ -197,28 +207,22 @@ def find_ia3_targets(model: nn.Module, config: IA3Config) -> list[tuple[str, boo
         if not name or any(name.startswith(w + ".") for w in wrappers):
             continue
         if config.target_modules == "all-linear":
-            chosen = _is_base_linear(module) and name not in heads
+            chosen = is_base_linear(module) and name not in heads
         else:
-            chosen = _matches(name, config.target_modules)
-        if not chosen or _matches(name, config.exclude_modules):
+            chosen = matches(name, config.target_modules)
+        if not chosen or matches(name, config.exclude_modules):
             continue
         if isinstance(module, (LoraLinear, IA3Linear)):
             method = "LoRA" if isinstance(module, LoraLinear) else "(IA)³"
             refused.append(f"{name} (already a {method} layer; (IA)³ and LoRA must target different modules)")
-        elif not _is_base_linear(module):
+        elif not is_base_linear(module):
             refused.append(f"{name} ({type(module).__name__}, not a Linear / Conv1D)")
         else:
             found.append((name, _is_feedforward(name, config.feedforward_modules)))
     if refused:
         raise ValueError("cannot add (IA)³ to: " + "; ".join(refused[:8]))
     if not found:
-        leaf_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_base_linear(m)})
-        wanted = config.target_modules if isinstance(config.target_modules, list) else [str(config.target_modules)]
-        close = sorted({c for w in wanted for c in difflib.get_close_matches(w, leaf_names, n=5, cutoff=0.3)})
-        raise ValueError(
-            f"target_modules {config.target_modules!r} matches no module of {type(model).__name__}. "
-            f"Close names: {close or leaf_names[:12]}"
-        )
+        raise no_match_error(model, config.target_modules)
     return found
 
 
@@ -242,14 +246,12 @@ def patch_ia3(model: nn.Module, config: IA3Config, adapter_name: str = "default"
     targets = find_ia3_targets(model, config)
     state = IA3State(config=config, adapter_name=adapter_name)
     # Note GPT-2 Conv1D layers before NF4 quantization turns them into NF4Linear, for unpatch / merge.
-    state.conv1d_names = {
-        n for n, m in model.named_modules() if is_quantizable_linear(m) and not isinstance(m, nn.Linear)
-    }
+    state.conv1d_names = conv1d_names(model)
     prepare_host_model(model, config.quantize, config.blocksize, config.double_quant)
     for name, is_feedforward in targets:
-        layer = IA3Linear(_as_linear(model.get_submodule(name)), is_feedforward)
+        layer = IA3Linear(as_linear(model.get_submodule(name)), is_feedforward)
         layer.update_layer(adapter_name, config.init_ia3_weights)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     setattr(model, _STATE_ATTR, state)
     return model
 
@@ -258,27 +260,22 @@ def unpatch_ia3(model: nn.Module) -> nn.Module:
     """Remove the (IA)³ adapter and put the base layers back (NF4 bases stay NF4Linear)."""
     state = _state(model)
     for name, layer in list(ia3_layers(model)):
-        _set_submodule(model, name, _restore_base(layer, name in state.conv1d_names, None, None))
+        set_submodule(model, name, restore_base(layer, name in state.conv1d_names, None, None))
     delattr(model, _STATE_ATTR)
     return model
 
 
-def _plain_layer(weight: torch.Tensor, bias: torch.Tensor | None, as_conv1d: bool) -> nn.Module:
-    """A frozen nn.Linear (weight [out, in]) or GPT-2 Conv1D (stored [in, out]) holding ``weight``."""
-    if as_conv1d:
-        from transformers.pytorch_utils import Conv1D
+def fold_ia3(model: nn.Module, dtype: torch.dtype | None = None) -> set[str]:
+    """Replace every IA3Linear by a plain layer holding its merged weight; remove (IA)³'s state.
 
-        layer = Conv1D(weight.shape[0], weight.shape[1]).to(device=weight.device, dtype=weight.dtype)
-        layer.weight = nn.Parameter(weight.t().contiguous())
-        layer.bias = nn.Parameter(bias.clone() if bias is not None else torch.zeros_like(weight[:, 0]))
-    else:
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                          dtype=weight.dtype)  # fmt: skip
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-            if bias is not None:
-                layer.bias.copy_(bias)
-    return layer.requires_grad_(False)
+    Returns the names of the model's GPT-2 Conv1D layers (noted at patch time) for the caller.
+    """
+    state = _state(model)
+    for name, layer in list(ia3_layers(model)):
+        weight, bias = layer.merged_weight_and_bias(dtype)
+        set_submodule(model, name, plain_layer(weight, bias, name in state.conv1d_names))
+    delattr(model, _STATE_ATTR)
+    return state.conv1d_names
 
 
 def merge_ia3(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -288,17 +285,9 @@ def merge_ia3(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     peft_fast method remains on the model, every other NF4 layer is dequantized too, so the result
     is a plain Hugging Face model.
     """
-    state = _state(model)
-    for name, layer in list(ia3_layers(model)):
-        weight, bias = layer.merged_weight_and_bias(dtype)
-        _set_submodule(model, name, _plain_layer(weight, bias, name in state.conv1d_names))
-    delattr(model, _STATE_ATTR)
-    if not any(hasattr(model, attr) for attr in PEFT_FAST_STATE_ATTRS):
-        for name, module in list(model.named_modules()):
-            if isinstance(module, NF4Linear):
-                bias = None if module.bias is None else module.bias.detach()
-                plain = _plain_layer(module.dequantized_weight(dtype), bias, name in state.conv1d_names)
-                _set_submodule(model, name, plain)
+    conv1d = fold_ia3(model, dtype)
+    if not has_method(model):
+        dequantize_nf4_layers(model, dtype, conv1d)
     return model
 
 
@@ -334,13 +323,6 @@ def save_ia3(model: nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def _features(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear, NF4Linear or GPT-2 Conv1D (weight [in, out])."""
-    if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return module.out_features, module.in_features
-    return module.weight.shape[1], module.weight.shape[0]
-
-
 def load_ia3(
     model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
 ) -> nn.Module:
@@ -355,7 +337,7 @@ def load_ia3(
         raise ValueError(f"the model already has the (IA)³ adapter {_state(model).adapter_name!r}")
     expected = {}
     for name, is_feedforward in find_ia3_targets(model, config):
-        out_features, in_features = _features(model.get_submodule(name))
+        out_features, in_features = module_features(model.get_submodule(name))
         expected[f"{_PEFT_PREFIX}{name}.ia3_l"] = (1, in_features) if is_feedforward else (out_features, 1)
     check_adapter_tensors(tensors, expected, f"(IA)³ adapter at {directory}", model)
     patch_ia3(model, config, adapter_name)
@@ -365,3 +347,55 @@ def load_ia3(
             vector.copy_(tensors[f"{_PEFT_PREFIX}{name}.ia3_l"].to(vector.dtype))
             vector.requires_grad_(is_trainable)
     return model
+
+
+class IA3Method(Method):
+    """(IA)³ (IA3Config): IA3Linear layers around the targets; one adapter per model; merges."""
+
+    name = "(IA)³"
+    config_types = (IA3Config,)
+    state_attr = _STATE_ATTR
+    mergeable = True
+
+    def patch(self, model: nn.Module, config: IA3Config, adapter_name: str) -> None:
+        patch_ia3(model, config, adapter_name)
+
+    def adapter_names(self, model: nn.Module) -> list[str]:
+        return [_state(model).adapter_name]
+
+    def active_adapters(self, model: nn.Module) -> list[str]:
+        return next((list(layer.active_adapters) for _, layer in ia3_layers(model)), [])
+
+    def set_adapter(self, model: nn.Module, adapter_names: list[str]) -> None:
+        for _, layer in ia3_layers(model):
+            layer.active_adapters = [name for name in adapter_names if name in layer.ia3_l]
+            for name, vector in layer.ia3_l.items():
+                vector.requires_grad_(name in adapter_names)
+
+    def disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        _state(model)
+        return flags_set([layer for _, layer in ia3_layers(model)], "disable_adapters", True)
+
+    def merge(self, model: nn.Module, dtype) -> None:
+        fold_ia3(model, dtype)
+
+    def unpatch(self, model: nn.Module) -> None:
+        unpatch_ia3(model)
+
+    def conv1d_names(self, model: nn.Module) -> set[str]:
+        return set(_state(model).conv1d_names)
+
+    def state_dict(self, model: nn.Module, adapter_name: str) -> dict:
+        return ia3_state_dict(model)
+
+    def reads(self, adapter_config: dict) -> bool:
+        return adapter_config.get("peft_type") == "IA3"
+
+    def save(self, model: nn.Module, directory: Path, adapter_name: str) -> Path:
+        return save_ia3(model, directory)
+
+    def load(self, model: nn.Module, directory, adapter_name: str | None, is_trainable: bool):
+        return load_ia3(model, directory, adapter_name or "default", is_trainable)
+
+
+METHOD = IA3Method()

@@ -40,7 +40,8 @@ from peft_fast.checkpoints import (
     _set_learning_rate,
     read_run_record,
 )
-from peft_fast.io import atomic_write, save_adapter
+from peft_fast.io import atomic_write
+from peft_fast.patch import save_adapter
 from peft_fast.train_setup import (
     CHECKPOINT,
     RUN_MARKER,

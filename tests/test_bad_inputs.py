@@ -543,8 +543,25 @@ def _bad_offsets(directory):
             r"model\.safetensors: not a safetensors file \(its header is not JSON\)",
         ),
         (_bad_offsets, None, ValueError, r"has data_offsets \[.*\] that do not fit shape"),
+        (
+            # A header length past the end of the file: the reader once took the short read as the header.
+            lambda c: (c / "model.safetensors").write_bytes((1000).to_bytes(8, "little") + b"{}"),
+            None,
+            ValueError,
+            r"model\.safetensors: not a safetensors file \(its header runs past the end of the file",
+        ),
     ],
-    ids=["missing", "a-file", "no-config", "missing-shard", "index-no-map", "index-not-json", "header", "offsets"],
+    ids=[
+        "missing",
+        "a-file",
+        "no-config",
+        "missing-shard",
+        "index-no-map",
+        "index-not-json",
+        "header",
+        "offsets",
+        "short-header",
+    ],
 )
 def test_quantize_model_rejects_a_bad_checkpoint(checkpoint, tmp_path, damage, target, error, match):
     path = _copy(checkpoint, tmp_path)

@@ -24,7 +24,7 @@ import transformers
 from safetensors.torch import load_file
 
 import peft_fast
-from peft_fast.io import adapter_state_dict
+from peft_fast.lora import adapter_state_dict
 from peft_fast.patch import lora_layers
 
 VOCAB = 1024

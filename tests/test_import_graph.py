@@ -1,9 +1,9 @@
 """Imports go one way: the package's import graph, read from the source (imports inside functions
-too, not those under ``if TYPE_CHECKING:``), has no circle beyond the one left to undo.
+too, not those under ``if TYPE_CHECKING:``), has no circle, and the layers import only downwards.
 
-The method-interface issue removes the last circle (patch, io and the methods importing each
-other); until then this test fails when a new circle appears or a module joins that one, and
-when that circle shrinks it says so, so the allowance below is tightened as the work lands.
+The layers (README "Layout"): the package and the applications (cli, train, benchmark) on top; the
+front doors (patch) over the registry and the Hugging Face hooks; the methods (lora, ia3, adapters,
+prompt_methods) over the shared pieces (method, targeting, host); then layers, ops, kernels.
 """
 
 from __future__ import annotations
@@ -12,18 +12,16 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peft_fast"
-# The circle the method registry removes (issue: one method interface, imports one way).
-ALLOWED_CIRCLE = {
-    "peft_fast",
-    "peft_fast.adapters",
-    "peft_fast.hf_integration",
-    "peft_fast.ia3",
-    "peft_fast.io",
-    "peft_fast.patch",
-    "peft_fast.prompt_methods",
-    "peft_fast.prompt_methods.files",
-    "peft_fast.quantize",
-}
+# What may not import what: a shared piece or a method never imports a method, the registry or a
+# front door (that was the circle: patch <-> io <-> every method).
+METHOD_MODULES = ("peft_fast.lora", "peft_fast.ia3", "peft_fast.adapters", "peft_fast.prompt_methods")
+SHARED_MODULES = ("peft_fast.method", "peft_fast.targeting", "peft_fast.host", "peft_fast.io", "peft_fast.config",
+                  "peft_fast.quantize", "peft_fast.layers")  # fmt: skip
+ABOVE_METHODS = ("peft_fast.registry", "peft_fast.patch", "peft_fast.hf_integration")
+
+
+def _is_in(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
 
 
 def _module_name(path: Path) -> str:
@@ -110,14 +108,22 @@ def test_the_graph_sees_imports_inside_functions():
     assert "peft_fast.kernels.lora_gemms" in graph["peft_fast.kernels.lora_linear"]
 
 
-def test_no_new_import_circles():
+def test_no_import_circles():
     found = circles(import_graph())
-    outside = [sorted(c) for c in found if not c <= ALLOWED_CIRCLE]
-    assert not outside, f"import circles: {outside}"
-    inside = [c for c in found if c <= ALLOWED_CIRCLE]
-    assert len(inside) <= 1 and all(c == ALLOWED_CIRCLE for c in inside), (
-        f"the allowed circle shrank to {[sorted(c) for c in inside]}: tighten ALLOWED_CIRCLE"
-    )
+    assert not found, f"import circles: {[sorted(c) for c in found]}"
+
+
+def test_methods_and_shared_pieces_import_nothing_above_them():
+    graph = import_graph()
+    for name, imported in graph.items():
+        if _is_in(name, SHARED_MODULES):
+            above = {m for m in imported if _is_in(m, METHOD_MODULES + ABOVE_METHODS) or m == "peft_fast"}
+            assert not above, f"shared module {name} imports {sorted(above)}"
+        if _is_in(name, METHOD_MODULES):
+            method = next(p for p in METHOD_MODULES if _is_in(name, (p,)))
+            others = {m for m in imported if _is_in(m, METHOD_MODULES) and not _is_in(m, (method,))}
+            above = {m for m in imported if _is_in(m, ABOVE_METHODS) or m == "peft_fast"}
+            assert not others | above, f"method module {name} imports {sorted(others | above)}"
 
 
 def test_kernels_import_nothing_above_them():

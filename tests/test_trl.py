@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import peft_fast
-from peft_fast.io import adapter_state_dict
+from peft_fast.lora import adapter_state_dict
 
 TEXTS = [
     f"the {animal} {verb} and is {mood} today"

@@ -8,13 +8,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from peft_fast.host import register_state_attr
+from peft_fast.io import PEFT_PREFIX as _PEFT_PREFIX  # noqa: F401 (the prompt methods import it from here)
+
 if TYPE_CHECKING:
     from peft_fast.prompt_methods.patching import PromptConfig
 
 
 PEFT_VERSION = "0.21.2"
-_STATE_ATTR = "peft_fast_prompt"  # the submodule holding our state (and the prompt parameters)
-_PEFT_PREFIX = "base_model.model."
+# The submodule holding our state (and the prompt parameters).
+_STATE_ATTR = register_state_attr("peft_fast_prompt")
 
 
 # -- config checks ---------------------------------------------------------------------------
