@@ -38,16 +38,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from peft_fast.config import AdapterConfig, check_adapter_name
-from peft_fast.host import prepare_host_model, register_state_attr, set_submodule
-from peft_fast.io import (
+from peft_fast.adapter_files import (
     adapter_directory,
-    atomic_write_files,
     check_adapter_tensors,
     output_directory,
-    read_adapter_tensors,
-    read_json,
+    read_adapter_pair,
+    write_adapter_pair,
 )
+from peft_fast.config import AdapterConfig, check_adapter_name
+from peft_fast.host import prepare_host_model, register_state_attr, set_submodule
 from peft_fast.method import Method, flags_set
 from peft_fast.version import __version__
 
@@ -431,10 +430,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
 def save_adapters(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter.safetensors`` (format: docs/adapters.md).
 
-    Both files are written to temporaries and renamed into place only once both are complete.
+    One pair (:func:`peft_fast.adapter_files.write_adapter_pair`): both complete before either is renamed,
+    the config's digest in the weights' metadata, under the directory's lock.
     """
-    from safetensors.torch import save as safetensors_bytes
-
     state = _state(model)
     if state is None:
         raise ValueError("this model has no bottleneck adapters (call peft_fast.patch_adapters first)")
@@ -455,16 +453,10 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, adapter_name: 
         "name": adapter_name,
         "version": f"peft_fast.{__version__}",
     }
-    weights = safetensors_bytes(adapter_state_dict(model, adapter_name), metadata={"format": "pt"})
+    config_bytes = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+    tensors = adapter_state_dict(model, adapter_name)
     directory = output_directory(directory)
-    # Both temporaries are complete (and fsynced) before either is renamed over its target.
-    with atomic_write_files(directory / ADAPTER_WEIGHTS_FILE, directory / ADAPTER_CONFIG_FILE) as (
-        weights_file,
-        config_file,
-    ):
-        weights_file.write(weights)
-        config_file.write((json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
-    return directory
+    return write_adapter_pair(directory, ADAPTER_WEIGHTS_FILE, tensors, config_bytes, ADAPTER_CONFIG_FILE)
 
 
 def _expected_shapes(model: nn.Module, config: AdapterConfig, adapter_name: str) -> dict[str, tuple[int, ...]]:
@@ -495,16 +487,17 @@ def load_adapters(
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{directory} has no {path.name}")
-    document = read_json(config_path)
+    files = read_adapter_pair(directory, ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE)  # together, under the lock
+    document, tensors = files.config, files.tensors
     config = AdapterConfig.from_dict(document.get("config", {}))
     saved_name = document.get("name", "default")
     adapter_name = adapter_name or saved_name
     hidden = hidden_size_of(model)
     if document.get("hidden_size", hidden) != hidden:
         raise ValueError(f"the adapter at {directory} is for hidden size {document['hidden_size']}, not {hidden}")
-    tensors = read_adapter_tensors(weights_path)
     expected = _expected_shapes(model, config, saved_name)
     check_adapter_tensors(tensors, expected, f"adapter at {directory}", model)
+    files.check_written_together()  # an interrupted or concurrent save: refused before the model changes
     patch_adapters(model, config, adapter_name)
     params = dict(model.named_parameters())
     with torch.no_grad():

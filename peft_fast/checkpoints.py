@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -111,6 +112,53 @@ def _resume_changes(args: TrainArgs, record: dict, world: int) -> list[str]:
 
 # -- checkpoints -----------------------------------------------------------------------------
 
+# The swap of _save_checkpoint: a complete copy is written to STAGING, then CHECKPOINT is renamed
+# to OLD, STAGING to CHECKPOINT, and OLD removed. A kill at any point leaves at least one complete
+# copy among the three; recover_checkpoint finishes the swap from whichever is newest.
+_STAGING, _OLD = f".{CHECKPOINT}.tmp", f".{CHECKPOINT}.old"
+_STATE_FILES = ("trainer_state.safetensors", "trainer_state.json")  # the json is written last
+
+
+def _complete_step(directory: Path) -> int | None:
+    """The step of a complete checkpoint copy (both files, the json written last and whole), else None."""
+    try:
+        if not (directory / _STATE_FILES[0]).is_file():
+            return None
+        step = json.loads((directory / _STATE_FILES[1]).read_text(encoding="utf-8"))["step"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def recover_checkpoint(out: Path, rank: int = 0, world: int = 1) -> Path | None:
+    """Finish a checkpoint swap a kill interrupted: ``<out>/checkpoint`` becomes the newest complete copy.
+
+    The candidates are ``checkpoint``, the staging copy ``.checkpoint.tmp`` and the previous one
+    ``.checkpoint.old``; complete ones (:func:`_complete_step`) are ranked by step, ``checkpoint``
+    first on a tie. The best is renamed into place (the same swap, so a kill here is recovered
+    too) and the other copies are removed. Returns ``<out>/checkpoint``, or None when no copy is
+    complete (nothing is touched then). Rank 0 acts; under torchrun every rank waits for it.
+    """
+    final = out / CHECKPOINT
+    result = None
+    if rank == 0:
+        copies = [final, out / _STAGING, out / _OLD]
+        complete = [(step, -i, copy) for i, copy in enumerate(copies) if (step := _complete_step(copy)) is not None]
+        if complete:
+            best = max(complete)[2]
+            if best != final:
+                spare = next(copy for copy in copies[1:] if copy != best)  # emptied, then it holds the old copy
+                shutil.rmtree(spare, ignore_errors=True)
+                if final.exists():
+                    os.replace(final, spare)
+                os.replace(best, final)
+            for copy in copies[1:]:
+                shutil.rmtree(copy, ignore_errors=True)
+            result = final
+    if world > 1:
+        torch.distributed.barrier()
+    return result
+
 
 def _save_checkpoint(
     out: Path, model, optimizer, scheduler, step: int, micro_step: int, rank: int = 0, global_batch: int | None = None
@@ -140,21 +188,24 @@ def _save_checkpoint(
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    staging = out / f".{CHECKPOINT}.tmp"
+    recover_checkpoint(out)  # a swap a kill interrupted: finished first, so the staging copy is never the only one
+    staging = out / _STAGING
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file(tensors, staging / "trainer_state.safetensors")
     respect_umask(staging / "trainer_state.safetensors")  # safetensors creates its files 0600
+    with open(staging / "trainer_state.safetensors", "rb") as handle:  # on disk before the json marks it complete
+        os.fsync(handle.fileno())
     state = {"step": step, "micro_step": micro_step, "param_groups": opt_state["param_groups"],
              "optimizer_scalars": scalars, "scheduler": scheduler.state_dict(),
              "python_random": repr(random.getstate()), "global_batch": global_batch}  # fmt: skip
-    with atomic_write(staging / "trainer_state.json", "w") as handle:
+    with atomic_write(staging / "trainer_state.json", "w") as handle:  # last: the copy is complete
         json.dump(state, handle, default=str)
-    final, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
+    final, old = out / CHECKPOINT, out / _OLD
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
-        final.rename(old)
-    staging.rename(final)
+        os.replace(final, old)
+    os.replace(staging, final)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -187,7 +187,7 @@ def _head_rows(adapter_dir: Path, config: dict) -> int | None:
     """Rows of the trained classification head in the adapter file (= num_labels), if it has one."""
     from safetensors import safe_open
 
-    from peft_fast.io import ADAPTER_WEIGHTS
+    from peft_fast.adapter_files import ADAPTER_WEIGHTS
 
     try:
         with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as handle:
@@ -256,7 +256,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Rebuild the model the adapter was trained on, fold the adapter in, save a plain checkpoint."""
     import transformers
 
-    from peft_fast.io import ADAPTER_CONFIG, read_json, respect_umask
+    from peft_fast.adapter_files import ADAPTER_CONFIG
+    from peft_fast.io import read_json, respect_umask
     from peft_fast.train import (
         UsageError,
         _first_line,

@@ -101,6 +101,15 @@ def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> A
     return default
 
 
+# The heads PEFT adds to modules_to_save for a task type (PeftModelForSequenceClassification & co.),
+# so that they train and are saved; the model has one of them.
+TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
 @dataclass
 class LoraConfig:
     """LoRA / QLoRA settings; field names and meanings are Hugging Face PEFT's.
@@ -170,6 +179,15 @@ class LoraConfig:
             raise ValueError("layers_pattern cannot be used when target_modules is a str (a regex or 'all-linear')")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("when layers_pattern is given, layers_to_transform must be given too")
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if value is None:  # an adapter_config.json may hold null: no pattern
+                setattr(self, name, {})
+            elif not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+                raise TypeError(
+                    f"{name} must be a dict of module-name pattern -> {'rank' if name == 'rank_pattern' else 'alpha'}"
+                    f" (e.g. {{'q_proj': 16}}), got {value!r}"
+                )
         for name, value in self.rank_pattern.items():
             check_positive_int(f"rank_pattern[{name!r}]", value)
         for name, value in self.alpha_pattern.items():
@@ -208,9 +226,15 @@ class LoraConfig:
         """Read an adapter_config.json written by PEFT (or by us); refuse what we cannot run."""
         if data.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"not a LoRA adapter: peft_type is {data.get('peft_type')!r}")
-        for key in _UNSUPPORTED_WHEN_SET:
-            if data.get(key) not in (None, False, {}, []):
-                raise ValueError(f"this adapter uses PEFT's {key}={data[key]!r}, which peft_fast does not support")
+        ours = {f.name for f in fields(cls)}
+        # The listed features, and any other PEFT variant we do not know: a `*_config` sub-config or a
+        # `use_*` switch that is set (KaSA, VeLoRA, MonteCLoRA, ... are configured that way).
+        variant = lambda key: key in _UNSUPPORTED_WHEN_SET or key.endswith("_config") or key.startswith("use_")
+        unset = (None, False, {}, [])
+        unsupported = [key for key in data if key not in ours and variant(key) and data[key] not in unset]
+        if unsupported:
+            key = unsupported[0]
+            raise ValueError(f"this adapter uses PEFT's {key}={data[key]!r}, which peft_fast does not support")
         ours_only = {"quantize", "double_quant", "blocksize", "compute_dtype"}
         kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data and f.name not in ours_only}
         return cls(**kwargs)

@@ -56,7 +56,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peft_fast.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_directory, read_json
+from peft_fast.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_directory
+from peft_fast.io import read_json
 from peft_fast.lora.files import adapter_state_dict, model_key, reload_in_place, save_lora, write_lora_files
 from peft_fast.lora.patching import _require_state, _state, set_lora_adapter
 from peft_fast.registry import method_for_file

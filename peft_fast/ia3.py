@@ -25,6 +25,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peft_fast.adapter_files import (
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    check_adapter_tensors,
+    module_features,
+    output_directory,
+    read_adapter_files,
+    write_adapter_pair,
+)
 from peft_fast.config import IA3Config, check_adapter_name
 from peft_fast.host import (
     as_linear,
@@ -36,16 +45,6 @@ from peft_fast.host import (
     register_state_attr,
     restore_base,
     set_submodule,
-)
-from peft_fast.io import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    PEFT_PREFIX,
-    atomic_write_files,
-    check_adapter_tensors,
-    module_features,
-    output_directory,
-    read_adapter,
 )
 from peft_fast.layers import LoraLinear, NF4Linear
 from peft_fast.method import Method, flags_set
@@ -251,6 +250,11 @@ def patch_ia3(model: nn.Module, config: IA3Config, adapter_name: str = "default"
     for name, is_feedforward in targets:
         layer = IA3Linear(as_linear(model.get_submodule(name)), is_feedforward)
         layer.update_layer(adapter_name, config.init_ia3_weights)
+        vector = layer.ia3_l[adapter_name]
+        if vector.dtype in (torch.float16, torch.bfloat16):
+            # PEFT's autocast_adapter_dtype: the vectors stay fp32 over an fp16 / bf16 base (the op
+            # applies them in fp32 anyway).
+            vector.data = vector.data.float()
         set_submodule(model, name, layer)
     setattr(model, _STATE_ATTR, state)
     return model
@@ -306,21 +310,18 @@ def ia3_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_ia3(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT 0.21 does for (IA)³.
 
-    Both files are written to temporaries and renamed into place only once both are complete.
+    One pair (:func:`peft_fast.adapter_files.write_adapter_pair`): both complete before either is renamed,
+    the config's digest in the weights' metadata, under the directory's lock.
     """
-    from safetensors.torch import save as safetensors_bytes
-
     state = _state(model)
     model_config = getattr(model, "config", None)
     config_dict = state.config.to_peft_dict(getattr(model_config, "_name_or_path", None) or None)
     # PEFT sets fan_in_fan_out when it wraps a Conv1D (GPT-2), and writes the config as it left it.
-    config_dict["fan_in_fan_out"] = any(name in state.conv1d_names for name, _ in ia3_layers(model))
-    weights = safetensors_bytes(ia3_state_dict(model), metadata={"format": "pt"})
-    directory = output_directory(directory)
-    with atomic_write_files(directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG) as (weights_file, config_file):
-        weights_file.write(weights)
-        config_file.write((json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode())
-    return directory
+    # (True for a Conv1D, False for a Linear: the last wrapped layer's.)
+    for name, _ in ia3_layers(model):
+        config_dict["fan_in_fan_out"] = name in state.conv1d_names
+    config_bytes = (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode()
+    return write_adapter_pair(output_directory(directory), ADAPTER_WEIGHTS, ia3_state_dict(model), config_bytes)
 
 
 def load_ia3(
@@ -331,7 +332,8 @@ def load_ia3(
     Refuses, before touching the model, a config we cannot run, targets the model lacks, and
     tensors that are missing, unexpected or of the wrong shape. Returns the model.
     """
-    raw_config, tensors = read_adapter(directory)
+    files = read_adapter_files(directory)
+    raw_config, tensors = files.config, files.tensors
     config = _resolved(model, IA3Config.from_peft_dict(raw_config))
     if getattr(model, _STATE_ATTR, None) is not None:
         raise ValueError(f"the model already has the (IA)³ adapter {_state(model).adapter_name!r}")
@@ -340,6 +342,7 @@ def load_ia3(
         out_features, in_features = module_features(model.get_submodule(name))
         expected[f"{_PEFT_PREFIX}{name}.ia3_l"] = (1, in_features) if is_feedforward else (out_features, 1)
     check_adapter_tensors(tensors, expected, f"(IA)³ adapter at {directory}", model)
+    files.check_written_together()  # an interrupted or concurrent save: refused before the model changes
     patch_ia3(model, config, adapter_name)
     with torch.no_grad():
         for name, layer in ia3_layers(model):

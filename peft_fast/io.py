@@ -1,8 +1,9 @@
-"""Files: atomic writes, a streaming safetensors reader, and the pieces of PEFT-format adapter directories.
+"""Files: atomic writes, directory locks, stale temporaries, and a streaming safetensors reader.
 
 Safetensors only: nothing here unpickles. The reader reads one tensor at a time with plain
 file reads instead of memory-mapping the whole file, so a tensor's memory is gone once the
-caller drops it (mapped pages would stay resident and count against the process).
+caller drops it (mapped pages would stay resident and count against the process). The adapter
+directories built on these are :mod:`peft_fast.adapter_files`.
 """
 
 from __future__ import annotations
@@ -11,29 +12,25 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 __all__ = [
-    "ADAPTER_CONFIG",
-    "ADAPTER_WEIGHTS",
-    "PEFT_PREFIX",
-    "adapter_directory",
+    "ADAPTER_LOCK",
     "atomic_write",
     "atomic_write_files",
-    "check_adapter_tensors",
     "current_umask",
+    "directory_lock",
     "iter_safetensors",
-    "module_features",
-    "output_directory",
-    "read_adapter",
-    "read_adapter_tensors",
     "read_json",
+    "remove_stale_temporaries",
     "respect_umask",
     "safetensors_files",
 ]
@@ -43,6 +40,9 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }  # fmt: skip
+_SAFETENSORS_DTYPES.update({name: getattr(torch, attr) for name, attr in (
+    ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+) if hasattr(torch, attr)})  # fmt: skip
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -53,10 +53,12 @@ def _create_temporary(path: Path) -> tuple[int, str]:
     kernel applies the process's umask (and a default ACL, if any), like any file a program
     writes with ``open``: an adapter saved under umask 022 is readable by the team and by a
     serving process. Reading the umask is not needed, so nothing races with other threads.
+    The name, ``.{name}.{pid}.{hex}.tmp``, carries the writer's pid, so a later save can tell
+    a killed writer's leftovers from a live writer's (:func:`remove_stale_temporaries`).
     """
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     for _ in range(100):
-        name = os.path.join(path.parent, f".{path.name}.{secrets.token_hex(4)}.tmp")
+        name = os.path.join(path.parent, f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             return os.open(name, flags, 0o666), name
         except FileExistsError:
@@ -154,6 +156,98 @@ def atomic_write_files(*paths: str | os.PathLike) -> Iterator[list]:
         raise
 
 
+ADAPTER_LOCK = ".peft_fast.lock"  # locked only where a directory itself cannot be (Linux NFS)
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike, exclusive: bool = True) -> Iterator[bool]:
+    """Hold an advisory ``flock`` on ``directory``, exclusive (writers) or shared (readers); yields whether held.
+
+    The directory itself is locked, so nothing is added to it. Where the filesystem refuses that
+    (Linux's NFS client emulates flock with POSIX locks, which need a file open for writing), a
+    hidden ``.peft_fast.lock`` file in the directory is locked instead (only writers create it).
+    Without ``fcntl`` (Windows), or when neither can be locked, nothing is (yields False). The
+    lock goes with the descriptor: a killed holder releases it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield False
+        return
+    directory = Path(directory)
+    lock_file = (os.O_RDWR | os.O_CREAT) if exclusive else os.O_RDONLY
+    fd = None
+    for path, flags in ((directory, os.O_RDONLY), (directory / ADAPTER_LOCK, lock_file)):
+        try:
+            fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            break
+        except OSError:
+            os.close(fd)
+            fd = None
+        except BaseException:
+            os.close(fd)
+            raise
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+_OLD_TEMPORARY_SECONDS = 600  # temporaries named before the pid was added: removed when older than this
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # PermissionError: it runs, as another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, names: tuple[str, ...] | list[str]) -> list[Path]:
+    """Remove the temporaries that killed saves of the files ``names`` left in ``directory``; returns them.
+
+    ``.{name}.{pid}.{hex}.tmp`` is removed when no process ``pid`` runs on this host (never this
+    process's own, nor a live writer's, e.g. another user's); ``.{name}.{hex}.tmp`` (written before
+    the pid was in the name) when it was last modified more than ten minutes ago.
+    """
+    patterns = [re.compile(rf"\.{re.escape(name)}\.(?:(\d+)\.)?[0-9a-f]{{8}}\.tmp") for name in names]
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = next((m for m in (p.fullmatch(entry.name) for p in patterns) if m), None)
+        if match is None:
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if match.group(1) is not None:
+                stale = not _process_alive(int(match.group(1)))
+            else:
+                stale = now - entry.stat(follow_symlinks=False).st_mtime > _OLD_TEMPORARY_SECONDS
+            if stale:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except FileNotFoundError:  # removed meanwhile
+            continue
+    return removed
+
+
 def safetensors_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors file(s) of a checkpoint: a file, or a directory with one file or an index."""
     path = Path(path)
@@ -182,8 +276,12 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
 
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``; a ValueError naming the file when it is not one."""
+    return _json_object(Path(path).read_bytes(), path)
+
+
+def _json_object(data: bytes, path: Path) -> dict:
     try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(document, dict):
@@ -192,6 +290,11 @@ def read_json(path: Path) -> dict:
 
 
 def _read_header(handle, path: Path) -> tuple[dict, int]:
+    header, data_start, _ = _read_header_and_metadata(handle, path)
+    return header, data_start
+
+
+def _read_header_and_metadata(handle, path: Path) -> tuple[dict, int, dict]:
     raw = handle.read(8)
     if len(raw) != 8:
         raise ValueError(f"{path}: not a safetensors file (too short)")
@@ -207,10 +310,10 @@ def _read_header(handle, path: Path) -> tuple[dict, int]:
         raise ValueError(f"{path}: not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a safetensors file (its header is not a JSON object)")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
     for name, info in header.items():
         _check_header_entry(path, name, info)
-    return header, 8 + size
+    return header, 8 + size, metadata if isinstance(metadata, dict) else {}
 
 
 def _check_header_entry(path: Path, name: str, info) -> None:
@@ -244,100 +347,18 @@ def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tenso
     for file in safetensors_files(path):
         with open(file, "rb") as handle:
             header, data_start = _read_header(handle, file)
-            for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-                begin, end = info["data_offsets"]
-                handle.seek(data_start + begin)
-                buffer = bytearray(end - begin)
-                if handle.readinto(buffer) != len(buffer):
-                    raise ValueError(f"{file}: tensor {name} is truncated")
-                if not buffer:
-                    yield name, torch.empty(info["shape"], dtype=dtype)
-                    continue
-                yield name, torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+            yield from _read_tensors(handle, file, header, data_start)
 
 
-# -- adapters in Hugging Face PEFT's layout ------------------------------------------------
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (the tuner) .model
-
-
-def output_directory(directory: str | os.PathLike) -> Path:
-    """``directory`` as a Path; a clear error when it names an existing file (saves write a directory)."""
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"directory must be a path, got {type(directory).__name__}")
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"directory {str(directory)!r} is an existing file; adapters are saved into a directory")
-    return directory
-
-
-def adapter_directory(directory: str | os.PathLike) -> Path:
-    """``directory`` as a Path, which must be an existing directory (an adapter to load)."""
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"directory must be a path, got {type(directory).__name__}")
-    directory = Path(directory)
-    if not directory.exists():
-        raise FileNotFoundError(f"no adapter directory at {directory}")
-    if not directory.is_dir():
-        raise ValueError(f"{directory} is a file; give the adapter's directory (with {ADAPTER_CONFIG})")
-    return directory
-
-
-def read_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter's safetensors file: floating point, or a ValueError naming the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(path)
-    except SafetensorError as exc:
-        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt?): {exc}") from None
-    not_float = [f"{key} ({t.dtype})" for key, t in tensors.items() if not t.is_floating_point()]
-    if not_float:
-        # copy_ would cast them silently (int adapter weights are certainly not what was trained).
-        raise ValueError(f"{path}: adapter tensors must be floating point; got {', '.join(not_float[:5])}")
-    return tensors
-
-
-def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json as a dict, tensors) of a PEFT-format adapter directory."""
-    directory = adapter_directory(directory)
-    config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} has no {ADAPTER_CONFIG}")
-    if not weights_path.is_file():
-        pickled = directory / "adapter_model.bin"
-        if pickled.is_file():
-            raise ValueError(f"{pickled} is a pickle; peft_fast loads safetensors adapters only")
-        raise FileNotFoundError(f"{directory} has no {ADAPTER_WEIGHTS}")
-    return read_json(config_path), read_adapter_tensors(weights_path)
-
-
-def check_adapter_tensors(tensors: dict, expected: dict, what: str, model) -> None:
-    """Refuse an adapter file that does not fit the model: missing, mis-shaped or unexpected tensors.
-
-    ``expected`` maps key -> shape (None: any shape); the error lists the first problems.
-    """
-    problems = [f"missing {key}" for key in expected if key not in tensors]
-    problems += [
-        f"{key}: file has {tuple(tensors[key].shape)}, model needs {shape}"
-        for key, shape in expected.items()
-        if key in tensors and shape is not None and tuple(tensors[key].shape) != tuple(shape)
-    ]
-    problems += [f"unexpected {key}" for key in sorted(set(tensors) - set(expected))[:5]]
-    if problems:
-        raise ValueError(
-            f"{what} does not fit this {type(model).__name__}: {'; '.join(problems[:8])}"
-            + ("" if len(problems) <= 8 else f" (+{len(problems) - 8} more)")
-        )
-
-
-def module_features(module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear, NF4Linear or GPT-2 Conv1D."""
-    if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return module.out_features, module.in_features
-    weight = module.weight  # Conv1D: [in, out]
-    return weight.shape[1], weight.shape[0]
+def _read_tensors(handle, file: Path, header: dict, data_start: int) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        handle.seek(data_start + begin)
+        buffer = bytearray(end - begin)
+        if handle.readinto(buffer) != len(buffer):
+            raise ValueError(f"{file}: tensor {name} is truncated")
+        if not buffer:
+            yield name, torch.empty(info["shape"], dtype=dtype)
+            continue
+        yield name, torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])

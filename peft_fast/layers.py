@@ -12,7 +12,7 @@ from torch import nn
 
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
-__all__ = ["NF4Linear"]
+__all__ = ["LoraEmbedding", "LoraLinear", "NF4Linear"]
 
 # NF4Weight fields kept as (non-persistent) buffers so that .to(), .cuda() and friends move them.
 _NF4_BUFFERS = ("packed", "absmax", "nested_absmax", "nested_offset")
@@ -185,6 +185,14 @@ class LoraLinear(nn.Module):
         base = self.base_layer
         return base.nf4 if isinstance(base, NF4Linear) else base.weight
 
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """The trainable parameters of adapter ``adapter_name``."""
+        return [*self.lora_A[adapter_name].parameters(), *self.lora_B[adapter_name].parameters()]
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``adapter_name``'s tensors under their PEFT file suffixes (``lora_A.weight``, ...)."""
+        return {"lora_A.weight": self.lora_A[adapter_name].weight, "lora_B.weight": self.lora_B[adapter_name].weight}
+
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [name for name in names if name not in self.lora_A]
@@ -243,6 +251,117 @@ class LoraLinear(nn.Module):
         for name in [] if self.disable_adapters else self.active_adapters:
             merged = merge_lora(merged, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
         return merged.to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"adapters={dict(self.r)}, active={self.active_adapters}"
+
+
+class LoraEmbedding(nn.Module):
+    """A frozen ``nn.Embedding`` plus LoRA adapters, laid out and computed as PEFT's ``lora.Embedding``.
+
+    ``lora_embedding_A[<adapter>]`` is [r, num_embeddings] and ``lora_embedding_B[<adapter>]``
+    [embedding_dim, r]: ``E(x) + s·(A[:, x]ᵀ·Bᵀ)``. Plain torch (a row gather and a rank-r matmul:
+    memory-bound, nothing for a fused kernel to win). As in PEFT, LoRA dropout does not apply to
+    embeddings, and a scaled embedding's ``embed_scale`` scales the adapter's output too.
+    """
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Embedding):
+            raise TypeError(f"LoraEmbedding wraps nn.Embedding, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.num_embeddings, self.embedding_dim = base_layer.num_embeddings, base_layer.embedding_dim
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+    ) -> None:
+        """Add adapter ``adapter_name``: A = 0, B ~ N(0, 1) as PEFT; both N(0, 1) with ``init_lora_weights=False``."""
+        from peft_fast.config import check_adapter_name, check_finite, check_positive_int
+
+        check_adapter_name(adapter_name)
+        check_positive_int("r", r)
+        check_finite("lora_alpha", lora_alpha)
+        del lora_dropout  # PEFT's Embedding keeps it but never applies it
+        weight = self.base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        lora_a = torch.randn(r, self.num_embeddings, **factory)
+        lora_b = torch.randn(self.embedding_dim, r, **factory)
+        if init_lora_weights is not False:  # True and "gaussian" both: PEFT's embedding init
+            nn.init.zeros_(lora_a)
+            nn.init.normal_(lora_b)
+        self.lora_embedding_A[adapter_name] = nn.Parameter(lora_a)
+        self.lora_embedding_B[adapter_name] = nn.Parameter(lora_b)
+        self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
+        self.scaling[adapter_name] = lora_alpha / (r**0.5 if use_rslora else r)
+        if not self.active_adapters:
+            self.active_adapters = [adapter_name]
+
+    @property
+    def lora_A(self) -> nn.ParameterDict:
+        """The adapters by name (what code common to LoRA layers looks up)."""
+        return self.lora_embedding_A
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base embedding's weight (Hugging Face code reads ``get_input_embeddings().weight``)."""
+        return self.base_layer.weight
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        return [self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]]
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return {"lora_embedding_A": self.lora_embedding_A[adapter_name],
+                "lora_embedding_B": self.lora_embedding_B[adapter_name]}  # fmt: skip
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in self.lora_embedding_A]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_embedding_A)}")
+        self.active_adapters = names
+
+    def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return nn.functional.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type,
+                                       base.scale_grad_by_freq, base.sparse)  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.disable_adapters:
+            return result
+        embed_scale = getattr(self.base_layer, "embed_scale", None)
+        for name in [a for a in self.active_adapters if a in self.lora_embedding_A]:
+            lora_a = self.lora_embedding_A[name].to(result.dtype)
+            lora_b = self.lora_embedding_B[name].to(result.dtype)
+            update = (self._embed(x, lora_a.t()) @ lora_b.t()) * self.scaling[name]
+            if isinstance(embed_scale, torch.Tensor):
+                update = update * embed_scale.to(update.dtype)
+            elif isinstance(embed_scale, (float, int)):
+                update = update * embed_scale
+            result = result + update
+        return result
+
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """E + Σ s·(B·A)ᵀ over the active adapters, in ``dtype`` (default: the base's dtype)."""
+        weight = self.base_layer.weight.detach()
+        merged = weight.float()
+        for name in [] if self.disable_adapters else self.active_adapters:
+            delta = self.lora_embedding_B[name].detach().float() @ self.lora_embedding_A[name].detach().float()
+            merged = merged + self.scaling[name] * delta.t()
+        return merged.to(dtype or weight.dtype)
 
     def extra_repr(self) -> str:
         return f"adapters={dict(self.r)}, active={self.active_adapters}"

@@ -370,6 +370,32 @@ def dequantize_absmax(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: 
     return _scale_blocks(values, nested_absmax, NESTED_BLOCKSIZE) + offset
 
 
+def check_double_quant(weight: torch.Tensor, blocksize: int) -> None:
+    """Raise the ValueError :func:`quantize_nf4` would raise for double quantization of ``weight``.
+
+    The fp32 block scales are computed in chunks exactly as :func:`quantize_nf4` stores them, and
+    their mean is checked, without quantizing: callers validate every layer of a model before
+    the first is replaced (a failure on the 5th layer must not leave the first four in NF4).
+    """
+    flat = weight.detach().reshape(-1)
+    n = flat.numel()
+    chunk = max(blocksize, _QUANT_CHUNK // blocksize * blocksize)
+    absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=weight.device)
+    for start in range(0, n, chunk):
+        part = flat[start : start + chunk].float()
+        full = part.numel() - part.numel() % blocksize
+        scales = part[:full].view(-1, blocksize).abs().amax(dim=1)
+        if full < part.numel():
+            scales = torch.cat([scales, part[full:].abs().amax().clamp(min=_ABSMAX_FLOOR).reshape(1)])
+        absmax[start // blocksize : start // blocksize + scales.numel()] = scales
+    offset = absmax.mean()
+    if not torch.isfinite(offset):
+        raise ValueError(
+            f"double quantization overflows: the mean of the block scales is {offset.item()} in fp32 (largest "
+            f"scale {absmax.max().item():.3e}); quantize with double_quant=False"
+        )
+
+
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize a float weight to NF4, byte-for-byte as bitsandbytes 0.50.2 does on CPU.
 

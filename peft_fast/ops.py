@@ -305,7 +305,8 @@ def _check_lora_inputs(x, base, lora_a, lora_b, bias) -> None:
     out_features, in_features = base.shape
     check_input(x, in_features)
     for name, tensor in (("lora_A", lora_a), ("lora_B", lora_b), ("bias", bias)):
-        if tensor is not None and not isinstance(tensor, torch.Tensor):
+        if (tensor is not None or name != "bias") and not isinstance(tensor, torch.Tensor):
+            # lora_A / lora_B are required (None too is refused here, not by an AttributeError below).
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if lora_a.dim() != 2 or lora_a.shape[1] != in_features:
         raise ValueError(f"lora_A must be [r, {in_features}], got {tuple(lora_a.shape)}")

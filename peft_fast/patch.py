@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from peft_fast import hf_integration
+from peft_fast.adapter_files import ADAPTER_CONFIG, adapter_directory, output_directory
 from peft_fast.config import check_adapter_name
 from peft_fast.host import dequantize_nf4_layers, has_method
-from peft_fast.io import ADAPTER_CONFIG, adapter_directory, output_directory, read_json
+from peft_fast.io import read_json
 from peft_fast.layers import NF4Linear
 from peft_fast.lora import lora_layers
 from peft_fast.lora.patching import _require_state

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from peft_fast.io import iter_safetensors, safetensors_files
 from peft_fast.layers import NF4Linear
-from peft_fast.nf4 import NF4Weight, _check_blocksize, quantize_nf4
+from peft_fast.nf4 import NF4Weight, _check_blocksize, check_double_quant, quantize_nf4
 
 __all__ = ["DEFAULT_SKIP_MODULES", "quantize_model"]
 
@@ -121,10 +121,11 @@ def quantize_model(
     return _quantize_checkpoint(Path(model_or_path), blocksize, double_quant, skip_modules, progress)
 
 
-def _check_quantizable(name: str, weight: torch.Tensor) -> None:
+def _check_quantizable(name: str, weight: torch.Tensor, blocksize: int, double_quant: bool) -> None:
     """Everything quantize_nf4 would refuse, found before the first layer of a model is replaced.
 
-    A model whose 5th layer is float64 or holds a NaN was left half-quantized by the error.
+    A model whose 5th layer is float64, holds a NaN, or has block scales whose double
+    quantization overflows (finite weights near the fp32 maximum) was left half-quantized by the error.
     """
     if weight.device.type == "meta":
         raise ValueError(f"{name}.weight is on the meta device (no values to quantize); load the weights first")
@@ -139,6 +140,11 @@ def _check_quantizable(name: str, weight: torch.Tensor) -> None:
     for rows in weight.split(max(1, _FINITE_CHECK_CHUNK // max(1, weight.shape[-1]))):
         if not bool(torch.isfinite(rows).all()):
             raise ValueError(f"{name}.weight holds NaN or Inf, which NF4 cannot represent")
+    if double_quant:
+        try:
+            check_double_quant(weight, blocksize)
+        except ValueError as exc:
+            raise ValueError(f"{name}.weight: {exc}") from None
 
 
 def _quantize_in_memory(
@@ -152,7 +158,7 @@ def _quantize_in_memory(
     ]
     for name in targets:
         with torch.no_grad():
-            _check_quantizable(name, model.get_submodule(name).weight)
+            _check_quantizable(name, _linear_weight(model.get_submodule(name)), blocksize, double_quant)
     for name in tqdm(targets, desc="quantizing to NF4", disable=not progress or None, leave=False):
         module = model.get_submodule(name)
         nf4 = quantize_nf4(_linear_weight(module).detach(), blocksize, double_quant)

@@ -18,15 +18,18 @@ from peft_fast.quantize import is_quantizable_linear
 
 __all__ = [
     "check_modules_to_save",
+    "inside",
     "is_base_linear",
     "layer_index_ok",
     "matches",
     "matches_modules_to_save",
+    "modules_to_save_names",
     "no_match_error",
     "output_head_names",
 ]
 
-_LAYER_INDEX = re.compile(r".*\.(?:layers|h|layer|block|blocks|decoder\.layers|encoder\.layers)\.(\d+)\.")
+# PEFT's: the lazy .*? takes the first numbered segment (a layer's, not a nested expert's or T5 sublayer's).
+_FIRST_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
 _HEAD_NAMES = ("lm_head", "embed_out", "output_layer", "score", "classifier")
 
 
@@ -67,15 +70,35 @@ def matches_modules_to_save(name: str, patterns: list[str] | None) -> bool:
 
 
 def layer_index_ok(name: str, layers_to_transform: list[int] | None, layers_pattern: str | list[str] | None) -> bool:
-    """Whether ``name`` is in one of ``layers_to_transform`` (always, when that is None)."""
+    """Whether ``name`` is in one of ``layers_to_transform`` (always, when that is None), by PEFT 0.21's rule.
+
+    The layer index is the first numbered segment of the name (``encoder.block.0.layer.1.…wi`` is
+    in layer 0: T5's ``block.N``, not its inner ``layer.N``); with ``layers_pattern`` the number
+    after the first segment so named, which may be the first segment of all (a bare ``LlamaModel``'s
+    ``layers.0.…``). Without a pattern, a name must have some segment before the numbered one.
+    """
     if layers_to_transform is None:
         return True
     if layers_pattern:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
-        match = next((m for p in patterns if (m := re.match(rf".*\.{p}\.(\d+)\.", name))), None)
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", name))), None)
     else:
-        match = _LAYER_INDEX.match(name)
+        match = _FIRST_LAYER_INDEX.match(name)
     return match is not None and int(match.group(1)) in layers_to_transform
+
+
+def inside(name: str, prefixes: list[str] | set[str]) -> bool:
+    """Whether module ``name`` is one of ``prefixes`` or lies inside one of them."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def modules_to_save_names(model: nn.Module, modules_to_save: list[str] | None) -> list[str]:
+    """The names of the modules ``modules_to_save`` selects (outermost only: none inside another)."""
+    found: list[str] = []
+    for name, _ in model.named_modules():
+        if matches_modules_to_save(name, modules_to_save) and not inside(name, found):
+            found.append(name)
+    return found
 
 
 def check_modules_to_save(model: nn.Module, modules_to_save: list[str] | None) -> None:

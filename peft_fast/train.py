@@ -22,16 +22,16 @@ import random
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from peft_fast import data as data_mod
 from peft_fast import distributed
-from peft_fast.checkpoints import CHANGEABLE_ON_RESUME as CHANGEABLE_ON_RESUME
-from peft_fast.checkpoints import FIXED_ON_RESUME as FIXED_ON_RESUME
-from peft_fast.checkpoints import NOT_RECORDED as NOT_RECORDED
 from peft_fast.checkpoints import (
+    _OLD,
+    _STAGING,
     _load_checkpoint,
     _model_dir,
     _moved_data_position,
@@ -39,7 +39,11 @@ from peft_fast.checkpoints import (
     _save_checkpoint,
     _set_learning_rate,
     read_run_record,
+    recover_checkpoint,
 )
+from peft_fast.checkpoints import CHANGEABLE_ON_RESUME as CHANGEABLE_ON_RESUME
+from peft_fast.checkpoints import FIXED_ON_RESUME as FIXED_ON_RESUME
+from peft_fast.checkpoints import NOT_RECORDED as NOT_RECORDED
 from peft_fast.io import atomic_write
 from peft_fast.patch import save_adapter
 from peft_fast.train_setup import (
@@ -132,6 +136,8 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
     """Train, evaluate and save; returns a summary. ``interrupt_at_step`` simulates Ctrl-C (tests)."""
     _check_args(args)
     rank, world = distributed.init()
+    if args.resume:  # a checkpoint swap a kill interrupted: resume from the newest complete copy
+        recover_checkpoint(Path(args.output), rank, world)
     out = _check_output_dir(args)
     run_record = read_run_record(out) if args.resume else None
     changes = _resume_changes(args, run_record, world) if run_record else []
@@ -173,7 +179,7 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if args.overwrite and not args.resume:
-            for stale in (out / CHECKPOINT, out / "log.jsonl"):
+            for stale in (out / CHECKPOINT, out / _STAGING, out / _OLD, out / "log.jsonl"):
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         # The record of the run: `--resume` compares against it, `peft-fast merge` rebuilds its model.
         record = {"args": dataclasses.asdict(args), "labels": labels, "task": task, "world_size": world,

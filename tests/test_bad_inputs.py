@@ -66,6 +66,9 @@ def module_types(model) -> dict[str, type]:
         ({"lora_alpha": "8"}, ValueError, r"lora_alpha must be a finite number, got '8'"),
         ({"alpha_pattern": {"q_proj": float("nan")}}, ValueError, r"alpha_pattern\['q_proj'\] must be a finite"),
         ({"rank_pattern": {"q_proj": True}}, ValueError, r"rank_pattern\['q_proj'\] must be a positive integer"),
+        ({"rank_pattern": [("q_proj", 4)]}, TypeError, r"rank_pattern must be a dict of module-name pattern -> rank"),
+        ({"alpha_pattern": "q_proj=4"}, TypeError, r"alpha_pattern must be a dict of module-name pattern -> alpha"),
+        ({"rank_pattern": {3: 4}}, TypeError, r"rank_pattern must be a dict of module-name pattern"),
         ({"lora_dropout": "0.1"}, ValueError, r"lora_dropout must be a number in \[0, 1\), got '0.1'"),
         ({"target_modules": 5}, TypeError, r"target_modules must be a list of module names or a regex"),
         ({"target_modules": ["q_proj", 5]}, TypeError, r"target_modules must be a list of module names"),
@@ -204,14 +207,21 @@ def _poison_nan(model):
         model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
 
 
+def _poison_huge(model):
+    # Finite weights near the fp32 maximum: the mean of the block scales overflows under double quantization.
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(3e38)
+
+
 @pytest.mark.parametrize("method", ["lora", "ia3", "quantize_model"])
 @pytest.mark.parametrize(
     ("poison", "error", "match"),
     [
         (_poison_fp64, TypeError, r"model\.layers\.1\.mlp\.down_proj\.weight is torch\.float64; cast the model"),
         (_poison_nan, ValueError, r"model\.layers\.1\.mlp\.down_proj\.weight holds NaN or Inf"),
+        (_poison_huge, ValueError, r"model\.layers\.1\.mlp\.down_proj\.weight: double quantization overflows"),
     ],
-    ids=["fp64-layer", "nan-layer"],
+    ids=["fp64-layer", "nan-layer", "double-quant-overflow"],
 )
 def test_nf4_refusal_comes_before_any_layer_is_quantized(method, poison, error, match):
     model = build("llama")
@@ -312,6 +322,8 @@ def _op_case() -> dict:
         ({"base": torch.randn(64)}, ValueError, r"the base weight must be 2-D .* got shape \(64,\)"),
         ({"lora_a": torch.randn(0, 64), "lora_b": torch.randn(16, 0)}, ValueError, r"lora_A has rank 0"),
         ({"lora_a": [[0.0] * 64] * 4}, TypeError, r"lora_A must be a torch\.Tensor, got list"),
+        ({"lora_a": None}, TypeError, r"lora_A must be a torch\.Tensor, got NoneType"),
+        ({"lora_b": None}, TypeError, r"lora_B must be a torch\.Tensor, got NoneType"),
     ],
 )
 def test_lora_linear_op_rejects(change, error, match):
@@ -415,8 +427,19 @@ def _truncate(directory):
         (lambda d: _edit_config(d, lora_dropout="0.1"), ValueError, r"lora_dropout must be a number"),
         (_truncate, ValueError, r"adapter_model\.safetensors is not a valid safetensors file"),
         (lambda d: _edit_tensors(d, lambda t: (t * 100).int()), ValueError, r"must be floating point; .*torch\.int32"),
+        (lambda d: _edit_config(d, rank_pattern=["q_proj"]), TypeError, r"rank_pattern must be a dict of module-name"),
+        (lambda d: _edit_config(d, alpha_pattern=7), TypeError, r"alpha_pattern must be a dict of module-name"),
     ],
-    ids=["config-not-json", "config-a-list", "alpha-nan", "dropout-str", "truncated", "int-tensors"],
+    ids=[
+        "config-not-json",
+        "config-a-list",
+        "alpha-nan",
+        "dropout-str",
+        "truncated",
+        "int-tensors",
+        "rank-pattern-list",
+        "alpha-pattern-int",
+    ],
 )
 def test_load_adapter_rejects_a_damaged_directory_and_changes_nothing(saved_lora, damage, error, match):
     damage(saved_lora)

@@ -15,8 +15,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "peft_fast"
 # What may not import what: a shared piece or a method never imports a method, the registry or a
 # front door (that was the circle: patch <-> io <-> every method).
 METHOD_MODULES = ("peft_fast.lora", "peft_fast.ia3", "peft_fast.adapters", "peft_fast.prompt_methods")
-SHARED_MODULES = ("peft_fast.method", "peft_fast.targeting", "peft_fast.host", "peft_fast.io", "peft_fast.config",
-                  "peft_fast.quantize", "peft_fast.layers")  # fmt: skip
+SHARED_MODULES = ("peft_fast.method", "peft_fast.targeting", "peft_fast.host", "peft_fast.io",
+                  "peft_fast.adapter_files",
+                  "peft_fast.config", "peft_fast.quantize", "peft_fast.layers")  # fmt: skip
 ABOVE_METHODS = ("peft_fast.registry", "peft_fast.patch", "peft_fast.hf_integration")
 
 

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from peft_fast.config import LoraConfig
-from peft_fast.io import (
-    ADAPTER_CONFIG,
+from peft_fast.adapter_files import (
     ADAPTER_WEIGHTS,
     PEFT_PREFIX,
-    atomic_write_files,
     check_adapter_tensors,
     module_features,
     output_directory,
-    read_adapter,
+    read_adapter_files,
+    write_adapter_pair,
 )
+from peft_fast.config import LoraConfig
+from peft_fast.layers import LoraEmbedding, LoraLinear
 from peft_fast.lora.patching import (
     _require_state,
     _state,
@@ -29,7 +29,7 @@ from peft_fast.lora.patching import (
     patch_lora,
     set_lora_adapter,
 )
-from peft_fast.targeting import matches_modules_to_save
+from peft_fast.targeting import matches, matches_modules_to_save
 
 __all__ = ["adapter_state_dict", "load_lora", "model_key", "reload_in_place", "save_lora", "write_lora_files"]
 
@@ -40,8 +40,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     out: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model):
         if adapter_name in layer.lora_A:
-            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
-            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+            for suffix, tensor in layer.adapter_tensors(adapter_name).items():
+                out[f"{PEFT_PREFIX}{name}.{suffix}"] = tensor
+            if isinstance(layer, LoraEmbedding) and _saves_embedding_base(model, config):
+                # PEFT's save_embedding_layers="auto": the base weight of a targeted embedding too.
+                out[f"{PEFT_PREFIX}{name}.base_layer.weight"] = layer.base_layer.weight
     if config.bias != "none":
         lora_names = {name for name, _ in lora_layers(model)}
         for name, param in model.named_parameters():
@@ -55,32 +58,42 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     return {key: value.detach().contiguous().cpu() for key, value in out.items()}
 
 
+def _saves_embedding_base(model: nn.Module, config: LoraConfig) -> bool:
+    """PEFT's save_embedding_layers="auto" rule: the targets name ``embed_tokens`` / ``lm_head`` (a
+    list entry, or a regex matching a module so named)."""
+    names = ("embed_tokens", "lm_head")
+    if isinstance(config.target_modules, list):
+        return any(name in config.target_modules for name in names)
+    return any(matches(module, config.target_modules) for module, _ in model.named_modules()
+               if any(re.match(rf"(.*\.)?{name}$", module) for name in names))  # fmt: skip
+
+
 def model_key(peft_key: str, adapter_name: str) -> str:
     """The model's parameter name for a key of a PEFT adapter file."""
     name = peft_key.removeprefix(PEFT_PREFIX)
     for part in (".lora_A.", ".lora_B."):
         name = name.replace(part, f"{part}{adapter_name}.")
+    for part in (".lora_embedding_A", ".lora_embedding_B"):  # an embedding's adapter is a bare parameter
+        if name.endswith(part):
+            name = f"{name}.{adapter_name}"
     return name
 
 
 def write_lora_files(model: nn.Module, directory: Path, adapter_name: str, tensors: dict[str, torch.Tensor]) -> Path:
     """Write adapter ``adapter_name``'s config and ``tensors`` (PEFT key -> tensor) into ``directory``.
 
-    Both files are written to temporaries first and renamed into place only when both are
-    complete, so an interrupted save leaves the previous adapter intact.
+    One pair (:func:`peft_fast.adapter_files.write_adapter_pair`): both complete before either is renamed,
+    the config's digest in the weights' metadata, under the directory's lock.
     """
-    from safetensors.torch import save as safetensors_bytes
-
-    config = _require_state(model).configs[adapter_name]
+    state = _require_state(model)
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    config_json = json.dumps(config.to_peft_dict(base_name), indent=2, sort_keys=True, default=str) + "\n"
-    weights = safetensors_bytes(tensors, metadata={"format": "pt"})
-    directory = output_directory(directory)
-    # Both temporaries are complete (and fsynced) before either replaces its target.
-    with atomic_write_files(directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG) as (weights_file, config_file):
-        weights_file.write(weights)
-        config_file.write(config_json.encode())
-    return directory
+    document = state.configs[adapter_name].to_peft_dict(base_name)
+    # PEFT rewrites fan_in_fan_out as it wraps each layer (True for a Conv1D, False for a Linear) and
+    # writes the config as the last wrapped layer left it.
+    for name, layer in lora_layers(model):
+        if isinstance(layer, LoraLinear) and adapter_name in layer.lora_A:
+            document["fan_in_fan_out"] = name in state.conv1d_names
+    return write_adapter_pair(output_directory(directory), ADAPTER_WEIGHTS, tensors, document)
 
 
 def save_lora(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
@@ -109,17 +122,26 @@ def load_lora(
     whose target modules are absent, or whose tensors disagree with the model's shapes or the
     config's rank. Returns the model.
     """
-    raw_config, tensors = read_adapter(directory)
-    tensors = _peft_tensors(tensors)
+    files = read_adapter_files(directory)
+    raw_config, tensors = files.config, _peft_tensors(files.tensors)
     config = LoraConfig.from_peft_dict(raw_config)
     state = _state(model)
     if state is not None and adapter_name in state.configs:
-        raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+        # PEFT's load_adapter into an existing name loads the weights into it (a resume does this);
+        # the file must match the adapter's rank and scaling. Active adapters stay as they are.
+        reload_in_place(model, directory, adapter_name)
+        if not is_trainable:
+            for param in model.parameters():
+                param.requires_grad_(False)
+        return model
     if state is not None:
         config = config.replace(quantize=next(iter(state.configs.values())).quantize)
-    targets = find_targets(model, config, among_lora_layers=state is not None)
-    expected = _expected_adapter_shapes(model, config, targets, among_lora_layers=state is not None)
+    targets = find_targets(model, config)
+    expected = _expected_adapter_shapes(model, config, targets)
+    tensors, embedding_bases = _split_embedding_bases(tensors, _embedding_base_shapes(model, targets), directory)
     check_adapter_tensors(tensors, expected, f"adapter at {directory}", model)
+    files.check_written_together()  # an interrupted or concurrent save: refused before the model changes
+    tensors = {**tensors, **embedding_bases}
     if state is None:
         patch_lora(model, config.replace(init_lora_weights=False), adapter_name)
     else:
@@ -138,7 +160,8 @@ def load_lora(
 
 def reload_in_place(model: nn.Module, directory, adapter_name: str) -> None:
     """Copy an adapter directory's tensors into the model's existing adapter ``adapter_name``."""
-    raw_config, tensors = read_adapter(directory)
+    files = read_adapter_files(directory)
+    raw_config, tensors = files.config, files.tensors
     file_config = LoraConfig.from_peft_dict(raw_config)  # refuses other methods and unsupported features
     ours = _require_state(model).configs[adapter_name]
     differ = [
@@ -150,22 +173,53 @@ def reload_in_place(model: nn.Module, directory, adapter_name: str) -> None:
         raise ValueError(f"the adapter at {directory} does not match adapter {adapter_name!r}: {'; '.join(differ)}")
     tensors = _peft_tensors(tensors)
     expected = {key: tuple(value.shape) for key, value in adapter_state_dict(model, adapter_name).items()}
+    optional = {key: expected.pop(key) for key in list(expected) if key.endswith(".base_layer.weight")
+                and isinstance(model.get_submodule(key.removeprefix(PEFT_PREFIX).removesuffix(".base_layer.weight")),
+                               LoraEmbedding)}  # fmt: skip
+    tensors, embedding_bases = _split_embedding_bases(tensors, optional, directory)
     check_adapter_tensors(tensors, expected, f"adapter at {directory}", model)
+    files.check_written_together()
+    tensors = {**tensors, **embedding_bases}
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, tensor in tensors.items():
             params[model_key(key, adapter_name)].copy_(tensor)
 
 
-def _expected_adapter_shapes(model, config, targets, among_lora_layers: bool) -> dict[str, tuple | None]:
+def _embedding_base_shapes(model: nn.Module, targets: list[str]) -> dict[str, tuple]:
+    """PEFT key -> shape of each targeted embedding's base weight (a PEFT file may hold it, or not)."""
+    shapes = {}
+    for name in targets:
+        module = model.get_submodule(name)
+        module = module.base_layer if isinstance(module, LoraEmbedding) else module
+        if isinstance(module, nn.Embedding):
+            shapes[f"{PEFT_PREFIX}{name}.base_layer.weight"] = tuple(module.weight.shape)
+    return shapes
+
+
+def _split_embedding_bases(tensors: dict, shapes: dict, directory) -> tuple[dict, dict]:
+    """(the other tensors, the embedding base weights present), the latter checked against ``shapes``."""
+    bases = {key: tensors[key] for key in shapes if key in tensors}
+    wrong = [f"{key}: file has {tuple(t.shape)}, model needs {shapes[key]}" for key, t in bases.items()
+             if tuple(t.shape) != shapes[key]]  # fmt: skip
+    if wrong:
+        raise ValueError(f"adapter at {directory}: {'; '.join(wrong[:4])}")
+    return {key: t for key, t in tensors.items() if key not in bases}, bases
+
+
+def _expected_adapter_shapes(model, config, targets) -> dict[str, tuple | None]:
     """PEFT key -> shape for every tensor the adapter must hold (None: shape not checked)."""
     shapes: dict[str, tuple | None] = {}
     for name in targets:
         module = model.get_submodule(name)
-        if among_lora_layers:
+        if isinstance(module, (LoraLinear, LoraEmbedding)):
             module = module.base_layer
-        out_features, in_features = module_features(module)
         rank = config.rank_for(name)
+        if isinstance(module, nn.Embedding):
+            shapes[f"{PEFT_PREFIX}{name}.lora_embedding_A"] = (rank, module.num_embeddings)
+            shapes[f"{PEFT_PREFIX}{name}.lora_embedding_B"] = (module.embedding_dim, rank)
+            continue
+        out_features, in_features = module_features(module)
         shapes[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (rank, in_features)
         shapes[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (out_features, rank)
     target_set = set(targets)

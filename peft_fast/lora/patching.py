@@ -9,23 +9,26 @@ before the model is touched, so a failed patch leaves the model as it was.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from peft_fast.config import LoraConfig, check_adapter_name
+from peft_fast.config import TASK_MODULES_TO_SAVE, LoraConfig, check_adapter_name
 from peft_fast.host import as_linear, conv1d_names, register_state_attr, restore_base, set_submodule, untie
-from peft_fast.layers import LoraLinear, NF4Linear
+from peft_fast.layers import LoraEmbedding, LoraLinear, NF4Linear
 from peft_fast.method import flags_set
 from peft_fast.quantize import quantize_model
 from peft_fast.targeting import (
     check_modules_to_save,
+    inside,
     is_base_linear,
     layer_index_ok,
     matches,
     matches_modules_to_save,
+    modules_to_save_names,
     no_match_error,
     output_head_names,
 )
@@ -53,6 +56,11 @@ class PatchState:
     active: list[str] = field(default_factory=list)
     conv1d_names: set[str] = field(default_factory=set)  # GPT-2 Conv1D layers turned into Linear
     quantized: bool = False
+    # modules_to_save, as PEFT's ModulesToSaveWrapper keeps them: the trained module (in place, so
+    # the model's names stay its own) and a frozen copy of the original, which the model computes
+    # with while adapters are disabled or no active adapter lists the module.
+    trained_modules: dict[str, nn.Module] = field(default_factory=dict)
+    original_modules: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def _state(model: nn.Module) -> PatchState | None:
@@ -66,29 +74,38 @@ def _require_state(model: nn.Module) -> PatchState:
     return state
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
-    """(name, layer) for every LoraLinear in the model."""
+LoraLayer = LoraLinear | LoraEmbedding
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """(name, layer) for every LoRA layer (LoraLinear, LoraEmbedding) in the model."""
     for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
+        if isinstance(module, (LoraLinear, LoraEmbedding)):
             yield name, module
 
 
-def find_targets(model: nn.Module, config: LoraConfig, among_lora_layers: bool = False) -> list[str]:
+def _is_lora_base(module: nn.Module) -> bool:
+    """A layer LoRA can wrap: Linear / Conv1D / NF4Linear, or nn.Embedding (named targets only, as PEFT)."""
+    return is_base_linear(module) or isinstance(module, nn.Embedding)
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules ``config`` targets; raises with close names when nothing matches.
 
-    With ``among_lora_layers`` the candidates are the model's LoraLinear layers (add_adapter);
-    otherwise every module not already inside one.
+    Candidates are the Linear / Conv1D / NF4Linear layers and the model's LoraLinear layers (as
+    their base: a new adapter may go on layers the first one wraps or on others, as in PEFT), never
+    a module inside another method's wrapper, and, as in PEFT, never a module inside (or equal to) a
+    module of ``modules_to_save``.
     """
     heads = output_head_names(model)
-    inside = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    wrappers = [n for n, m in model.named_modules() if isinstance(getattr(m, "base_layer", None), nn.Module)]
+    saved = modules_to_save_names(model, _with_task_modules(config).modules_to_save)
     names = []
     unsupported = []
     for name, module in model.named_modules():
-        if not name or any(name.startswith(w + ".") for w in inside):
+        if not name or any(name.startswith(w + ".") for w in wrappers) or inside(name, saved):
             continue
-        if isinstance(module, LoraLinear) != among_lora_layers:
-            continue
-        if among_lora_layers:
+        if isinstance(module, (LoraLinear, LoraEmbedding)):
             module = module.base_layer
         if config.target_modules == "all-linear":
             chosen = is_base_linear(module) and name not in heads
@@ -97,13 +114,13 @@ def find_targets(model: nn.Module, config: LoraConfig, among_lora_layers: bool =
         if (not chosen or matches(name, config.exclude_modules)
                 or not layer_index_ok(name, config.layers_to_transform, config.layers_pattern)):  # fmt: skip
             continue
-        if not is_base_linear(module):
+        if not _is_lora_base(module):
             unsupported.append(f"{name} ({type(module).__name__})")
             continue
         names.append(name)
     if unsupported:
         raise ValueError(
-            "target_modules selects modules that are not Linear / Conv1D layers: "
+            "target_modules selects modules that are not Linear / Conv1D / Embedding layers: "
             + ", ".join(unsupported[:8])
             + ("" if len(unsupported) <= 8 else f" and {len(unsupported) - 8} more")
         )
@@ -113,11 +130,37 @@ def find_targets(model: nn.Module, config: LoraConfig, among_lora_layers: bool =
     return names
 
 
-def _new_adapter(layer: LoraLinear, name: str, config: LoraConfig, adapter_name: str) -> None:
+def _with_task_modules(config: LoraConfig) -> LoraConfig:
+    """``config`` with the modules PEFT saves for its task type (SEQ_CLS: classifier / score) in modules_to_save."""
+    wanted = config.modules_to_save or []
+    extra = [name for name in TASK_MODULES_TO_SAVE.get(config.task_type, ()) if name not in wanted]
+    return config.replace(modules_to_save=[*wanted, *extra]) if extra else config
+
+
+def _check_user_modules_to_save(model: nn.Module, config: LoraConfig) -> None:
+    """Every modules_to_save entry must exist, except those the task type adds (PEFT adds both classifier
+    and score and uses the one the model has)."""
+    added = TASK_MODULES_TO_SAVE.get(config.task_type, ())
+    check_modules_to_save(model, [name for name in config.modules_to_save or () if name not in added])
+
+
+def _new_adapter(layer: LoraLayer, name: str, config: LoraConfig, adapter_name: str) -> None:
     layer.update_layer(adapter_name, config.rank_for(name), config.alpha_for(name), config.lora_dropout,
                        config.init_lora_weights, config.use_rslora)  # fmt: skip
-    if config.compute_dtype is not None:
-        layer.lora_A[adapter_name].to(config.compute_dtype), layer.lora_B[adapter_name].to(config.compute_dtype)
+    # PEFT's autocast_adapter_dtype (get_peft_model's default): over an fp16 / bf16 base the adapter
+    # is kept in fp32 (the forward casts it to the compute dtype; its gradients and optimizer state
+    # stay fp32). compute_dtype, when given, is the adapter's dtype instead.
+    for param in layer.adapter_parameters(adapter_name):
+        dtype = config.compute_dtype or (torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else None)
+        if dtype is not None and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def _wrap(module: nn.Module) -> LoraLayer:
+    """A LoRA layer around ``module`` (a Conv1D becomes an equivalent Linear first)."""
+    layer = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(as_linear(module))
+    # In the wrapped module's mode: an eval model gets no LoRA dropout (nn.Module starts in train mode).
+    return layer.train(module.training)
 
 
 def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
@@ -135,8 +178,9 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
             f"this model is already patched (adapters {list(state.configs)}); "
             f"use peft_fast.add_adapter(model, config, {adapter_name!r}) for another adapter"
         )
+    config = _with_task_modules(config)
     targets = find_targets(model, config)
-    check_modules_to_save(model, config.modules_to_save)
+    _check_user_modules_to_save(model, config)
     state = PatchState(configs={adapter_name: config}, active=[adapter_name], quantized=config.quantize == "nf4")
     # Fix: note every GPT-2 Conv1D before NF4 quantization turns it into an NF4Linear (after which
     # the check in the loop below no longer sees it), so that merge gives back Conv1D layers.
@@ -152,20 +196,20 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
         param.requires_grad_(False)
     for name in targets:
         module = model.get_submodule(name)
-        if not isinstance(module, (nn.Linear, NF4Linear)):
+        if not isinstance(module, (nn.Linear, NF4Linear, nn.Embedding)):
             state.conv1d_names.add(name)
-        layer = LoraLinear(as_linear(module))
+        layer = _wrap(module)
         _new_adapter(layer, name, config, adapter_name)
         set_submodule(model, name, layer)
-    _mark_trainable(model, config, adapter_name)
+    _mark_trainable(model, config, adapter_name, state)
     setattr(model, STATE_ATTR, state)
     return model
 
 
-def _mark_trainable(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+def _mark_trainable(model: nn.Module, config: LoraConfig, adapter_name: str, state: PatchState) -> None:
     for _, layer in lora_layers(model):
         if adapter_name in layer.lora_A:
-            for param in (*layer.lora_A[adapter_name].parameters(), *layer.lora_B[adapter_name].parameters()):
+            for param in layer.adapter_parameters(adapter_name):
                 param.requires_grad_(True)
     if config.bias == "all":
         for name, param in model.named_parameters():
@@ -173,13 +217,17 @@ def _mark_trainable(model: nn.Module, config: LoraConfig, adapter_name: str) -> 
                 param.requires_grad_(True)
     elif config.bias == "lora_only":
         for _, layer in lora_layers(model):
-            if layer.base_layer.bias is not None:
+            if getattr(layer.base_layer, "bias", None) is not None:
                 layer.base_layer.bias.requires_grad_(True)
-    for name, module in model.named_modules():
-        if matches_modules_to_save(name, config.modules_to_save):
-            untie(model, module)
-            for param in module.parameters():
-                param.requires_grad_(True)
+    for name in modules_to_save_names(model, config.modules_to_save):
+        module = model.get_submodule(name)
+        if name not in state.trained_modules:
+            # The original, frozen, for disabled adapters (PEFT's ModulesToSaveWrapper.original_module).
+            state.original_modules[name] = copy.deepcopy(module).requires_grad_(False)
+            state.trained_modules[name] = module
+        untie(model, module)
+        for param in module.parameters():
+            param.requires_grad_(True)
 
 
 def add_lora_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
@@ -192,15 +240,37 @@ def add_lora_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) ->
         raise ValueError(f"adapter {adapter_name!r} exists already")
     if config.quantize != next(iter(state.configs.values())).quantize:
         raise ValueError("every adapter of a model must agree on quantize")
-    # A new adapter lives on the layers the first patch wrapped; it starts inactive and frozen.
-    targets = find_targets(model, config, among_lora_layers=True)
+    config = _with_task_modules(config)
+    # A new adapter goes on its targets, wrapped by the first adapter or not (PEFT's "LoRA Different"
+    # case); it starts inactive and frozen.
+    targets = find_targets(model, config)
+    _check_user_modules_to_save(model, config)
     for name in targets:
         layer = model.get_submodule(name)
+        if not isinstance(layer, (LoraLinear, LoraEmbedding)):
+            if not isinstance(layer, (nn.Linear, NF4Linear, nn.Embedding)):
+                state.conv1d_names.add(name)
+            layer = _wrap(layer)
+            set_submodule(model, name, layer)
         _new_adapter(layer, name, config, adapter_name)
-        for param in (*layer.lora_A[adapter_name].parameters(), *layer.lora_B[adapter_name].parameters()):
+        layer.set_adapter([n for n in state.active if n in layer.lora_A])
+        for param in layer.adapter_parameters(adapter_name):
             param.requires_grad_(False)
+    for name in modules_to_save_names(model, config.modules_to_save):
+        if name not in state.trained_modules:
+            state.original_modules[name] = copy.deepcopy(model.get_submodule(name)).requires_grad_(False)
+            state.trained_modules[name] = model.get_submodule(name)
     state.configs[adapter_name] = config
+    _use_saved_modules(model, state, state.active)
     return model
+
+
+def _use_saved_modules(model: nn.Module, state: PatchState, active: list[str]) -> None:
+    """Put each modules_to_save module's trained copy in place if an active adapter lists it, else the original."""
+    for name, trained in state.trained_modules.items():
+        configs = [state.configs[a] for a in active if a in state.configs]
+        listed = any(matches_modules_to_save(name, config.modules_to_save) for config in configs)
+        set_submodule(model, name, trained if listed else state.original_modules[name])
 
 
 def set_lora_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
@@ -214,15 +284,23 @@ def set_lora_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
         layer.set_adapter([n for n in names if n in layer.lora_A])
         for adapter in layer.lora_A:
             trainable = adapter in names
-            for param in (*layer.lora_A[adapter].parameters(), *layer.lora_B[adapter].parameters()):
+            for param in layer.adapter_parameters(adapter):
                 param.requires_grad_(trainable)
     state.active = names
+    _use_saved_modules(model, state, names)
 
 
-def disabled(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Within the block every LoraLinear computes with its base weights only."""
-    _require_state(model)
-    return flags_set([layer for _, layer in lora_layers(model)], "disable_adapters", True)
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block every LoraLinear computes with its base weights only, and modules_to_save
+    with their originals (as PEFT's ``disable_adapter``)."""
+    state = _require_state(model)
+    with flags_set([layer for _, layer in lora_layers(model)], "disable_adapters", True):
+        _use_saved_modules(model, state, [])
+        try:
+            yield
+        finally:
+            _use_saved_modules(model, state, state.active)
 
 
 def unpatch_lora(model: nn.Module) -> nn.Module:
@@ -244,6 +322,11 @@ def merge_lora_layers(model: nn.Module, dtype: torch.dtype | None = None) -> nn.
     state = _require_state(model)
     for name, layer in list(lora_layers(model)):
         merged = layer.merged_weight(dtype)
-        set_submodule(model, name, restore_base(layer, name in state.conv1d_names, dtype, merged))
+        if isinstance(layer, LoraEmbedding):
+            # Into the base embedding itself, as PEFT merges (a tied output head sees the merge too).
+            layer.base_layer.weight.data = merged
+            set_submodule(model, name, layer.base_layer)
+        else:
+            set_submodule(model, name, restore_base(layer, name in state.conv1d_names, dtype, merged))
     delattr(model, STATE_ATTR)
     return model

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from peft_fast.adapter_files import PEFT_PREFIX as _PEFT_PREFIX  # noqa: F401 (the prompt methods import it from here)
 from peft_fast.host import register_state_attr
-from peft_fast.io import PEFT_PREFIX as _PEFT_PREFIX  # noqa: F401 (the prompt methods import it from here)
 
 if TYPE_CHECKING:
     from peft_fast.prompt_methods.patching import PromptConfig

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_fast.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_write_files, output_directory
+from peft_fast.adapter_files import ADAPTER_WEIGHTS, output_directory, write_adapter_pair
 from peft_fast.prompt_methods.base import _PEFT_PREFIX, PEFT_VERSION, _geometry, _require_state
 from peft_fast.prompt_methods.llama_adapter import AdaptionPromptConfig, _attention_targets
 from peft_fast.prompt_methods.p_tuning import PromptEncoderConfig
@@ -74,20 +74,15 @@ def _peft_config_dict(model: nn.Module, config: PromptConfig) -> dict[str, Any]:
 def save_prompt_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in HF PEFT's format.
 
-    Each file is written atomically (temporary + rename); PEFT's ``from_pretrained`` loads them.
+    One pair (:func:`peft_fast.adapter_files.write_adapter_pair`): both complete before either is renamed,
+    the config's digest in the weights' metadata, under the directory's lock; PEFT's
+    ``from_pretrained`` loads them.
     """
-    from safetensors.torch import save as safetensors_bytes
-
     state = _require_state(model)
     directory = output_directory(directory)
-    weights = safetensors_bytes(prompt_adapter_state_dict(model), metadata={"format": "pt"})
-    config_json = json.dumps(_peft_config_dict(model, state.config), indent=2, sort_keys=True) + "\n"
-    # Fix: the two files were renamed one after the other, so a failure writing the config left new
-    # weights beside the old config. Both temporaries are now complete before either is renamed.
-    with atomic_write_files(directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG) as (weights_file, config_file):
-        weights_file.write(weights)
-        config_file.write(config_json.encode())
-    return directory
+    tensors = prompt_adapter_state_dict(model)
+    config_bytes = (json.dumps(_peft_config_dict(model, state.config), indent=2, sort_keys=True) + "\n").encode()
+    return write_adapter_pair(directory, ADAPTER_WEIGHTS, tensors, config_bytes)
 
 
 def _config_from_peft(raw: dict[str, Any]) -> PromptConfig:
@@ -129,9 +124,10 @@ def load_prompt_adapter(
     are (PEFT's inference mode); with ``is_trainable`` they train directly, without the
     reparameterisation (which the file does not hold).
     """
-    from peft_fast.io import read_adapter
+    from peft_fast.adapter_files import read_adapter_files
 
-    raw, tensors = read_adapter(directory)
+    files = read_adapter_files(directory)
+    raw, tensors = files.config, files.tensors
     config = _config_from_peft(raw)
     _check_supported(model, config)
     g = _geometry(model)
@@ -154,6 +150,7 @@ def load_prompt_adapter(
     problems += [f"unexpected {key}" for key in sorted(set(tensors) - set(expected))[:5]]
     if problems:
         raise ValueError(f"adapter at {directory} does not fit this {type(model).__name__}: " + "; ".join(problems[:8]))
+    files.check_written_together()  # an interrupted or concurrent save: refused before the model changes
     patch_prompt(model, config, adapter_name, _loaded=True)
     state = _require_state(model)
     with torch.no_grad():
