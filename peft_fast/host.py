@@ -22,6 +22,7 @@ __all__ = [
     "has_method",
     "plain_layer",
     "prepare_host_model",
+    "put_bases_back",
     "register_state_attr",
     "restore_base",
     "set_submodule",
@@ -97,6 +98,12 @@ def restore_base(module: nn.Module, was_conv1d: bool, dtype: torch.dtype | None,
         if bias is not None:
             linear.bias.copy_(bias)
     return linear
+
+
+def put_bases_back(model: nn.Module, wrappers: list[tuple[str, nn.Module]], conv1d: set[str]) -> None:
+    """Replace each (name, wrapper) by its base layer: the original Linear, Conv1D (``conv1d`` names) or NF4Linear."""
+    for name, wrapper in wrappers:
+        set_submodule(model, name, restore_base(wrapper, name in conv1d, None, None))
 
 
 def plain_layer(weight: torch.Tensor, bias: torch.Tensor | None, as_conv1d: bool) -> nn.Module:

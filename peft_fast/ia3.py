@@ -42,8 +42,8 @@ from peft_fast.host import (
     has_method,
     plain_layer,
     prepare_host_model,
+    put_bases_back,
     register_state_attr,
-    restore_base,
     set_submodule,
 )
 from peft_fast.layers import LoraLinear, NF4Linear
@@ -262,9 +262,7 @@ def patch_ia3(model: nn.Module, config: IA3Config, adapter_name: str = "default"
 
 def unpatch_ia3(model: nn.Module) -> nn.Module:
     """Remove the (IA)³ adapter and put the base layers back (NF4 bases stay NF4Linear)."""
-    state = _state(model)
-    for name, layer in list(ia3_layers(model)):
-        set_submodule(model, name, restore_base(layer, name in state.conv1d_names, None, None))
+    put_bases_back(model, list(ia3_layers(model)), _state(model).conv1d_names)
     delattr(model, _STATE_ATTR)
     return model
 

@@ -100,7 +100,49 @@ class NF4Linear(nn.Module):
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
-class LoraLinear(nn.Module):
+class _LoraLayer(nn.Module):
+    """What LoRA's two layers share: the frozen ``base_layer``, per-adapter r / alpha / scaling, the active adapters.
+
+    A subclass keeps its adapters' first factor in a dict reachable as ``lora_A`` (adapter names).
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+
+    @staticmethod
+    def _check_adapter(adapter_name: str, r: int, lora_alpha: float) -> None:
+        from peft_fast.config import check_adapter_name, check_finite, check_positive_int
+
+        check_adapter_name(adapter_name)
+        check_positive_int("r", r)
+        # A NaN or infinite lora_alpha makes every output NaN (PEFT accepts it and does just that).
+        check_finite("lora_alpha", lora_alpha)
+
+    def _record(self, adapter_name: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
+        """r, alpha and the scale of a new adapter; the first adapter of a layer becomes active."""
+        self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
+        self.scaling[adapter_name] = lora_alpha / (r**0.5 if use_rslora else r)
+        if not self.active_adapters:
+            self.active_adapters = [adapter_name]
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in self.lora_A]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
+        self.active_adapters = names
+
+    def extra_repr(self) -> str:
+        return f"adapters={dict(self.r)}, active={self.active_adapters}"
+
+
+class LoraLinear(_LoraLayer):
     """A frozen base linear (dense ``nn.Linear`` or :class:`NF4Linear`) plus LoRA adapters.
 
     The module layout is PEFT's (``base_layer``, ``lora_A.<adapter>``, ``lora_B.<adapter>``), so
@@ -109,19 +151,13 @@ class LoraLinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
         if not isinstance(base_layer, (nn.Linear, NF4Linear)):
             raise TypeError(f"LoraLinear wraps nn.Linear or NF4Linear, got {type(base_layer).__name__}")
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
         self.lora_dropout_p: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.disable_adapters = False
 
     def update_layer(
         self,
@@ -133,22 +169,16 @@ class LoraLinear(nn.Module):
         use_rslora: bool = False,
     ) -> None:
         """Add (or replace) adapter ``adapter_name`` with rank ``r``, initialised as PEFT does."""
-        from peft_fast.config import check_adapter_name, check_finite, check_positive_int, check_probability
+        from peft_fast.config import check_probability
 
-        check_adapter_name(adapter_name)
-        check_positive_int("r", r)
-        # A NaN or infinite lora_alpha makes every output NaN (PEFT accepts it and does just that).
-        check_finite("lora_alpha", lora_alpha)
+        self._check_adapter(adapter_name, r, lora_alpha)
         check_probability("lora_dropout", lora_dropout)
         factory = {"device": self._base_device(), "dtype": self._base_dtype()}
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)
-        self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
-        self.scaling[adapter_name] = lora_alpha / (r**0.5 if use_rslora else r)
         self.lora_dropout_p[adapter_name] = float(lora_dropout)
+        self._record(adapter_name, r, lora_alpha, use_rslora)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
-        if not self.active_adapters:
-            self.active_adapters = [adapter_name]
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
         """PEFT's initialisation: B = 0 so the adapter starts as the identity on the base output."""
@@ -192,13 +222,6 @@ class LoraLinear(nn.Module):
     def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Adapter ``adapter_name``'s tensors under their PEFT file suffixes (``lora_A.weight``, ...)."""
         return {"lora_A.weight": self.lora_A[adapter_name].weight, "lora_B.weight": self.lora_B[adapter_name].weight}
-
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        unknown = [name for name in names if name not in self.lora_A]
-        if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
-        self.active_adapters = names
 
     def delete_adapter(self, adapter_name: str) -> None:
         for table in (self.lora_A, self.lora_B):
@@ -252,11 +275,8 @@ class LoraLinear(nn.Module):
             merged = merge_lora(merged, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
         return merged.to(out_dtype)
 
-    def extra_repr(self) -> str:
-        return f"adapters={dict(self.r)}, active={self.active_adapters}"
 
-
-class LoraEmbedding(nn.Module):
+class LoraEmbedding(_LoraLayer):
     """A frozen ``nn.Embedding`` plus LoRA adapters, laid out and computed as PEFT's ``lora.Embedding``.
 
     ``lora_embedding_A[<adapter>]`` is [r, num_embeddings] and ``lora_embedding_B[<adapter>]``
@@ -266,18 +286,12 @@ class LoraEmbedding(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Embedding) -> None:
-        super().__init__()
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"LoraEmbedding wraps nn.Embedding, got {type(base_layer).__name__}")
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.num_embeddings, self.embedding_dim = base_layer.num_embeddings, base_layer.embedding_dim
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.disable_adapters = False
 
     def update_layer(
         self,
@@ -289,11 +303,7 @@ class LoraEmbedding(nn.Module):
         use_rslora: bool = False,
     ) -> None:
         """Add adapter ``adapter_name``: A = 0, B ~ N(0, 1) as PEFT; both N(0, 1) with ``init_lora_weights=False``."""
-        from peft_fast.config import check_adapter_name, check_finite, check_positive_int
-
-        check_adapter_name(adapter_name)
-        check_positive_int("r", r)
-        check_finite("lora_alpha", lora_alpha)
+        self._check_adapter(adapter_name, r, lora_alpha)
         del lora_dropout  # PEFT's Embedding keeps it but never applies it
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
@@ -304,10 +314,7 @@ class LoraEmbedding(nn.Module):
             nn.init.normal_(lora_b)
         self.lora_embedding_A[adapter_name] = nn.Parameter(lora_a)
         self.lora_embedding_B[adapter_name] = nn.Parameter(lora_b)
-        self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
-        self.scaling[adapter_name] = lora_alpha / (r**0.5 if use_rslora else r)
-        if not self.active_adapters:
-            self.active_adapters = [adapter_name]
+        self._record(adapter_name, r, lora_alpha, use_rslora)
 
     @property
     def lora_A(self) -> nn.ParameterDict:
@@ -325,13 +332,6 @@ class LoraEmbedding(nn.Module):
     def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         return {"lora_embedding_A": self.lora_embedding_A[adapter_name],
                 "lora_embedding_B": self.lora_embedding_B[adapter_name]}  # fmt: skip
-
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        unknown = [name for name in names if name not in self.lora_embedding_A]
-        if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_embedding_A)}")
-        self.active_adapters = names
 
     def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -362,6 +362,3 @@ class LoraEmbedding(nn.Module):
             delta = self.lora_embedding_B[name].detach().float() @ self.lora_embedding_A[name].detach().float()
             merged = merged + self.scaling[name] * delta.t()
         return merged.to(dtype or weight.dtype)
-
-    def extra_repr(self) -> str:
-        return f"adapters={dict(self.r)}, active={self.active_adapters}"

@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 from peft_fast.config import TASK_MODULES_TO_SAVE, LoraConfig, check_adapter_name
-from peft_fast.host import as_linear, conv1d_names, register_state_attr, restore_base, set_submodule, untie
+from peft_fast.host import (
+    as_linear,
+    conv1d_names,
+    put_bases_back,
+    register_state_attr,
+    restore_base,
+    set_submodule,
+    untie,
+)
 from peft_fast.layers import LoraEmbedding, LoraLinear, NF4Linear
 from peft_fast.method import flags_set
 from peft_fast.quantize import quantize_model
@@ -305,9 +313,7 @@ def disabled(model: nn.Module) -> Iterator[None]:
 
 def unpatch_lora(model: nn.Module) -> nn.Module:
     """Remove every adapter and put the original modules back (NF4 bases stay NF4Linear)."""
-    state = _require_state(model)
-    for name, layer in list(lora_layers(model)):
-        set_submodule(model, name, restore_base(layer, name in state.conv1d_names, None, None))
+    put_bases_back(model, list(lora_layers(model)), _require_state(model).conv1d_names)
     delattr(model, STATE_ATTR)
     return model
 
