@@ -440,3 +440,28 @@ def test_other_methods_train_and_save(llama_dir, tmp_path, method):
     run_training(
         lm_args(llama_dir, data, tmp_path / "r", method=method, max_steps=4, num_virtual_tokens=4, resume=True)
     )
+
+
+def test_classification_with_all_linear_on_a_roberta_head_trains_and_saves(tmp_path):
+    # RoBERTa's head is a module (classifier.dense + classifier.out_proj): with "all-linear" LoRA once
+    # went inside the saved head, and the run trained, then exited 1 on "Some tensors share memory".
+    path = tmp_path / "tiny-roberta"
+    tokenizer = make_tokenizer(path)
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=80,
+                                        pad_token_id=0, num_labels=2)  # fmt: skip
+    transformers.RobertaForSequenceClassification(config).save_pretrained(path)
+    generator = torch.Generator().manual_seed(0)
+    records = [{"text": sentence(generator, 6), "label": "ab"[i % 2]} for i in range(32)]
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = lm_args(path, data, tmp_path / "run", method="lora", target_modules="all-linear", max_steps=4)
+    run_training(args)
+    import peft
+
+    adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS" and "classifier" in adapter["modules_to_save"]
+    base = transformers.RobertaForSequenceClassification.from_pretrained(path)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "run")  # PEFT reads the file: head included
+    assert not any(".classifier." in n and "lora_" in n for n, _ in loaded.named_parameters())
