@@ -132,8 +132,7 @@ class BottleneckAdapter(nn.Module):
             nn.init.zeros_(up.bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        from peft_fast.adapter_ops import bottleneck_adapter
-        from peft_fast.ops import autocast_dtype
+        from peft_fast.ops import autocast_dtype, bottleneck_adapter
 
         dtype = autocast_dtype(x) or x.dtype  # inside torch.autocast: its dtype (x is cast by the op)
         cast = lambda t: None if t is None else t.to(dtype)

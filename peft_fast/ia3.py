@@ -118,8 +118,7 @@ class IA3Linear(nn.Module):
         return scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from peft_fast.adapter_ops import ia3_linear
-        from peft_fast.ops import autocast_dtype, base_linear, check_input
+        from peft_fast.ops import autocast_dtype, base_linear, check_input, ia3_linear
 
         check_input(x, self.in_features)  # before the casts to x's dtype below (an int x: int weights)
         # Inside torch.autocast: computed in its dtype, returned in it over a dense base (nn.Linear)

@@ -19,8 +19,9 @@ from safetensors import safe_open
 from tiny_models import ARCHS, HIDDEN, VOCAB, batch, build, logits, loss_of
 
 import peft_fast
-from peft_fast import adapter_ops
+from peft_fast import ops as adapter_ops
 from peft_fast.adapters import bottleneck_adapters
+from peft_fast.ops.adapter import _bottleneck_adapter_op
 
 
 def randomize(model: torch.nn.Module, std: float = 0.1) -> None:
@@ -361,7 +362,7 @@ def test_the_custom_op_passes_opcheck():
     seed = torch.tensor([3])
     for residual, norm in ((None, [None, None]), (torch.randn(6, 24, requires_grad=True), ln)):
         args = (x, residual, *norm, *weights, 0.5, "gelu", 1e-5, 0.2, seed)
-        torch.library.opcheck(adapter_ops._bottleneck_adapter_op, args)
+        torch.library.opcheck(_bottleneck_adapter_op, args)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import transformers
 
 import peft_fast
-from peft_fast import adapter_ops
+from peft_fast import ops as adapter_ops
 from peft_fast.adapters import BottleneckAdapter, bottleneck_adapters
 from peft_fast.ia3 import IA3Linear, ia3_layers
 from peft_fast.layers import LoraLinear, NF4Linear

@@ -331,7 +331,7 @@ def test_torch_backend_gradients_pass_gradcheck_in_float64():
 
 
 def test_the_custom_op_passes_opcheck():
-    from peft_fast.adapter_ops import _ia3_linear_op
+    from peft_fast.ops.ia3 import _ia3_linear_op
 
     x = torch.randn(2, 3, 64, requires_grad=True)
     bias = torch.randn(24, requires_grad=True)

@@ -31,6 +31,7 @@ tiles load):
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -53,18 +54,15 @@ from peft_fast.kernels.common import (
     _block_r,
     _m_bucket,
 )
-from peft_fast.kernels.dropout import (
-    dropout_mask,
-    dropout_threshold,
-    dropout_tiled,
-)
+from peft_fast.kernels.dropout import dropout_threshold, dropout_tiled
 
 __all__ = [
     "ACTIVATIONS",
     "AdapterGradients",
     "bottleneck_adapter_backward",
     "bottleneck_adapter_forward",
-    "bottleneck_adapter_reference",
+    "bottleneck_adapter_reference_backward",
+    "bottleneck_adapter_reference_forward",
 ]
 
 # Activation codes passed to the kernels as a constexpr.
@@ -303,7 +301,57 @@ def bottleneck_adapter_backward(
     return AdapterGradients(dx if needs_dx else None, dgamma, dbeta, dwd, dbd, dwu, dbu)
 
 
-def bottleneck_adapter_reference(
+# -- the torch reference (also the op's torch backend) --------------------------------------------
+
+_TORCH_ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "swish": torch.nn.functional.silu}
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dropped(t: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    return t if keep is None else torch.where(keep, t / (1.0 - p), 0.0)  # a dropped element is exactly 0
+
+
+def _activation_grad(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """act'(z) in the accumulation dtype (relu' is 0 at 0, as torch's)."""
+    z = z.to(_accumulate_dtype(z.dtype))
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    if activation == "gelu":
+        return 0.5 * (1.0 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    sig = torch.sigmoid(z)
+    return sig * (1.0 + z * (1.0 - sig))
+
+
+def _layer_norm(x, ln_weight, ln_bias, ln_eps):
+    """(LN(x) in x's dtype, mean [M], rstd [M]); without LayerNorm (x, empty, empty).
+
+    Computed here rather than by torch's layer norm, whose CPU statistics for bf16 inputs are
+    themselves rounded to bf16; the kernels keep them in fp32 and so does this.
+    """
+    acc = _accumulate_dtype(x.dtype)
+    if ln_weight is None:
+        return x, x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)  # distinct: op outputs may not alias
+    xs = x.to(acc)
+    mean = xs.mean(-1)
+    rstd = torch.rsqrt((xs - mean[:, None]).square().mean(-1) + ln_eps)
+    h = (xs - mean[:, None]) * rstd[:, None] * ln_weight.to(acc) + ln_bias.to(acc)
+    return h.to(x.dtype), mean, rstd
+
+
+def _layer_norm_backward(dh, x, mean, rstd, ln_weight):
+    """(dx, dγ, dβ) of :func:`_layer_norm`: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), g = dh·γ."""
+    acc = mean.dtype
+    x_hat = (x.to(acc) - mean[:, None]) * rstd[:, None]
+    dh = dh.to(acc)
+    g = dh * ln_weight.to(acc)
+    dx = (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) * rstd[:, None]
+    return dx.to(x.dtype), (dh * x_hat).sum(0).to(x.dtype), dh.sum(0).to(x.dtype)
+
+
+def bottleneck_adapter_reference_forward(
     x: torch.Tensor,
     residual: torch.Tensor | None,
     ln_weight: torch.Tensor | None,
@@ -315,23 +363,45 @@ def bottleneck_adapter_reference(
     up_bias: torch.Tensor,
     scale: float,
     activation: str,
+    keep: torch.Tensor | None,
     dropout_p: float,
-    seed: int,
-) -> torch.Tensor:
-    """Torch reference of :func:`bottleneck_adapter_forward`'s y: the same math and roundings.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch reference of :func:`bottleneck_adapter_forward` (and the op's torch backend): (y, z, mean, rstd).
 
-    LN(X) and Z are rounded to x's dtype (as the kernels round them before their GEMMs and store
-    Z), act(Z) too; sums are fp32 and y is cast once at the end.
+    ``keep`` is the dropout keep-mask of the output [M, D] (None without dropout). The linears
+    round as ``nn.Linear`` does; LayerNorm statistics stay fp32. A zero up-projection gives
+    y == residual bit for bit.
     """
-    x32 = x.float()
-    h = x32
-    if ln_weight is not None:
-        h = torch.nn.functional.layer_norm(x32, (x.shape[1],), ln_weight.float(), ln_bias.float(), ln_eps)
-        h = h.to(x.dtype).float()
-    z = (h @ down_weight.float().t() + down_bias.float()).to(x.dtype).float()
-    act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "swish": torch.nn.functional.silu}[activation]
-    u = (act(z).to(x.dtype).float() @ up_weight.float().t() + up_bias.float()) * float(scale)
-    if dropout_p > 0:
-        keep = dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
-        u = torch.where(keep, u / (1.0 - dropout_p), 0.0)
-    return (u + (x32 if residual is None else residual.float())).to(x.dtype)
+    h, mean, rstd = _layer_norm(x, ln_weight, ln_bias, ln_eps)
+    z = torch.nn.functional.linear(h, down_weight, down_bias)
+    u = torch.nn.functional.linear(_TORCH_ACTIVATIONS[activation](z), up_weight, up_bias)
+    y = (x if residual is None else residual) + scale * _dropped(u, keep, dropout_p)
+    return y, z, mean, rstd
+
+
+def bottleneck_adapter_reference_backward(
+    grad_y, x, z, mean, rstd, ln_weight, ln_bias, ln_eps, down_weight, up_weight, scale, activation, keep, dropout_p,
+    residual_is_x, needs_dx, needs_dln, needs_ddown, needs_dup,
+):  # fmt: skip
+    """The torch reference of :func:`bottleneck_adapter_backward`: (dx, dγ, dβ, dWd, dbd, dWu, dbu) or None each."""
+    dtype, acc = x.dtype, _accumulate_dtype(x.dtype)
+    g = (scale * _dropped(grad_y, keep, dropout_p)).to(dtype)
+    d_up_w = d_up_b = d_down_w = d_down_b = dx = d_ln_w = d_ln_b = None
+    if needs_dup:
+        d_up_w = g.t() @ _TORCH_ACTIVATIONS[activation](z)
+        d_up_b = g.sum(0, dtype=acc).to(dtype)
+    if not (needs_dx or needs_dln or needs_ddown):
+        return dx, d_ln_w, d_ln_b, d_down_w, d_down_b, d_up_w, d_up_b
+    dz = ((g @ up_weight).to(acc) * _activation_grad(z, activation)).to(dtype)
+    if needs_ddown:
+        d_down_w = dz.t() @ _layer_norm(x, ln_weight, ln_bias, ln_eps)[0]
+        d_down_b = dz.sum(0, dtype=acc).to(dtype)
+    if needs_dx or needs_dln:
+        dh = dz @ down_weight
+        if ln_weight is None:
+            dx = dh
+        else:
+            dx, d_ln_w, d_ln_b = _layer_norm_backward(dh, x, mean, rstd, ln_weight)
+        if needs_dx and residual_is_x:
+            dx = dx + grad_y
+    return dx, d_ln_w, d_ln_b, d_down_w, d_down_b, d_up_w, d_up_b

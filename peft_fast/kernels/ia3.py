@@ -32,7 +32,12 @@ from peft_fast.kernels.lora_linear import _dense_base_for
 from peft_fast.kernels.nf4_tiles import _base_args, _compile_options, _load_weight_tile
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
-__all__ = ["ia3_linear_backward", "ia3_linear_forward", "ia3_linear_reference"]
+__all__ = [
+    "ia3_linear_backward",
+    "ia3_linear_forward",
+    "ia3_linear_reference_backward",
+    "ia3_linear_reference_forward",
+]
 
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=["m_bucket", "N", "K"])
@@ -259,21 +264,51 @@ def ia3_linear_backward(
     return (dx if needs_dx else None), (dl_part.sum(0) if needs_dl else None)
 
 
-def ia3_linear_reference(
+def _base_matmul(x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x·Wᵀ + b computed exactly as nn.Linear (dense) or NF4Linear (NF4) compute it."""
+    if not isinstance(base, NF4Weight):
+        return torch.nn.functional.linear(x, base, bias)
+    y = x @ dequantize_nf4(base, x.dtype).t()
+    return y if bias is None else y + bias
+
+
+def ia3_linear_reference_forward(
     x: torch.Tensor,
     base: torch.Tensor | NF4Weight,
     ia3_scale: torch.Tensor,
     bias: torch.Tensor | None,
     scale_input: bool,
-) -> torch.Tensor:
-    """Torch reference of :func:`ia3_linear_forward`'s Y: the same math and roundings (fp32 sums)."""
-    weight = dequantize_nf4(base, x.dtype) if isinstance(base, NF4Weight) else base.to(x.dtype)
-    x32 = x.float()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference of :func:`ia3_linear_forward` (and the op's torch backend): (y, y0).
+
+    The base matmul rounds as ``nn.Linear`` / ``NF4Linear`` do, so a vector of ones leaves the
+    output bit-identical to the base layer's; l is applied in ``ia3_scale``'s dtype (fp32, or
+    fp64 for fp64 x). y0 is the unscaled output (empty with ``scale_input``).
+    """
+    acc = ia3_scale.dtype
     if scale_input:
-        x32 = (x32 * ia3_scale).to(x.dtype).float()
-    y = x32 @ weight.float().t()
-    if bias is not None:
-        y = y + bias.float()
-    if not scale_input:
-        y = y * ia3_scale
-    return y.to(x.dtype)
+        return _base_matmul((x.to(acc) * ia3_scale).to(x.dtype), base, bias), x.new_empty(0)
+    y0 = _base_matmul(x, base, bias)
+    return (y0.to(acc) * ia3_scale).to(x.dtype), y0
+
+
+def ia3_linear_reference_backward(
+    grad_y: torch.Tensor,
+    saved: torch.Tensor,
+    base: torch.Tensor | NF4Weight,
+    ia3_scale: torch.Tensor,
+    scale_input: bool,
+    needs_dx: bool,
+    needs_dl: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The torch reference of :func:`ia3_linear_backward`: (dx, dl); ``saved`` is X (input scaling) or Y0."""
+    acc = ia3_scale.dtype
+    weight = dequantize_nf4(base, grad_y.dtype) if isinstance(base, NF4Weight) else base.to(grad_y.dtype)
+    if scale_input:
+        grad_in = grad_y @ weight
+        dx = (grad_in.to(acc) * ia3_scale).to(grad_y.dtype) if needs_dx else None
+        dl = (saved.to(acc) * grad_in.to(acc)).reshape(-1, weight.shape[1]).sum(0) if needs_dl else None
+        return dx, dl
+    dx = (grad_y.to(acc) * ia3_scale).to(grad_y.dtype) @ weight if needs_dx else None
+    dl = (grad_y.to(acc) * saved.to(acc)).reshape(-1, weight.shape[0]).sum(0) if needs_dl else None
+    return dx, dl

@@ -57,7 +57,13 @@ from peft_fast.kernels.nf4_gemm import (
 from peft_fast.kernels.nf4_tiles import _base_args, _compile_options, rows_base_args, rows_scaled
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
-__all__ = ["dropout_mask", "lora_linear_backward", "lora_linear_forward", "lora_linear_reference"]
+__all__ = [
+    "dropout_mask",
+    "lora_linear_backward",
+    "lora_linear_forward",
+    "lora_linear_reference_backward",
+    "lora_linear_reference_forward",
+]
 
 SMALL_M_MAX = 16  # rows at or below which the forward takes the split-K GEMV path
 DEQUANT_GEMM_MIN_M = 2048  # rows from which NF4 GEMMs dequantize W once, then run dense (_dense_base_for)
@@ -451,31 +457,57 @@ def lora_linear_backward(
     return dx, da, db
 
 
-def lora_linear_reference(
+def _dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    # A dropped element is exactly 0, even if it held NaN or Inf: the kernels do the same.
+    return x if keep is None else torch.where(keep, x / (1.0 - p), 0.0)
+
+
+def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_nf4(base, dtype) if isinstance(base, NF4Weight) else base.to(dtype)
+
+
+def lora_linear_reference_forward(
     x: torch.Tensor,
     base: torch.Tensor | NF4Weight,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     bias: torch.Tensor | None,
     scale: float,
+    keep: torch.Tensor | None,
     dropout_p: float,
-    seed: int,
-) -> torch.Tensor:
-    """Torch reference of :func:`lora_linear_forward`'s y: the same math and roundings, in fp32.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference of :func:`lora_linear_forward` (and the op's torch backend): (y, h).
 
-    W is dequantized to x's dtype (as the kernels round each tile), H is rounded to x's dtype
-    (as the kernels store it), everything else is accumulated in fp32 and cast at the end.
+    ``keep`` is the dropout keep-mask [M, K] (None without dropout): the kernels' Philox mask
+    (:func:`dropout_mask`) to compare with them, or the torch backend's own. Each product rounds
+    to x's dtype as ``nn.Linear`` + PEFT's LoRA layer do; the kernels accumulate in fp32 and round
+    once, so the two agree within the dtype's tolerance, not bit for bit.
     """
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
-    weight = dequantize_nf4(base, x.dtype) if isinstance(base, NF4Weight) else base.to(x.dtype)
-    x32 = x.float()
-    dropped = x32
-    if dropout_p > 0:
-        keep = dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
-        dropped = torch.where(keep, x32, 0.0) / (1.0 - dropout_p)
-    h = (dropped @ lora_a.float().t()).to(x.dtype).float()
-    y = x32 @ weight.float().t() + float(scale) * (h @ lora_b.float().t())
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    h = _dropped(x, keep, dropout_p) @ lora_a.t()
+    y = torch.nn.functional.linear(x, _dense(base, x.dtype), bias)
+    y = y + scale * (h @ lora_b.t())
+    return y, h
+
+
+def lora_linear_reference_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    base: torch.Tensor | NF4Weight,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    keep: torch.Tensor | None,
+    dropout_p: float,
+    needs_dx: bool,
+    needs_da: bool,
+    needs_db: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The torch reference of :func:`lora_linear_backward`: (dx, da, db), None where not needed."""
+    grad_h = scale * (grad_y @ lora_b)
+    grad_b = scale * (grad_y.t() @ h) if needs_db else None
+    grad_a = grad_h.t() @ _dropped(x, keep, dropout_p) if needs_da else None
+    grad_x = None
+    if needs_dx:
+        grad_x = grad_y @ _dense(base, grad_y.dtype) + _dropped(grad_h @ lora_a, keep, dropout_p)
+    return grad_x, grad_a, grad_b

@@ -1,0 +1,33 @@
+"""The custom ops, one module per fused op: each a ``torch.library`` custom op with a fake and an autograd formula.
+
+Every op runs the Triton kernels of ``peft_fast/kernels/<op>.py`` on CUDA (or under the
+interpreter) and that module's torch reference elsewhere; :mod:`peft_fast.ops._common` holds
+what they share (the backend choice, autocast, seeds and dropout masks).
+"""
+
+from peft_fast.ops._common import (
+    autocast_dtype,
+    autocast_inputs,
+    backend_name,
+    check_input,
+    dropout_mask,
+    no_autocast,
+)
+from peft_fast.ops.adapter import bottleneck_adapter
+from peft_fast.ops.ia3 import ia3_linear
+from peft_fast.ops.lora_linear import lora_linear, merge_lora
+from peft_fast.ops.nf4 import base_linear
+
+__all__ = [
+    "autocast_dtype",
+    "autocast_inputs",
+    "backend_name",
+    "base_linear",
+    "bottleneck_adapter",
+    "check_input",
+    "dropout_mask",
+    "ia3_linear",
+    "lora_linear",
+    "merge_lora",
+    "no_autocast",
+]
