@@ -2,11 +2,7 @@
 
 from peft_fast.adapters import BottleneckAdapter, load_adapters, patch_adapters, save_adapters, unpatch_adapters
 from peft_fast.config import AdapterConfig, IA3Config, LoraConfig
-from peft_fast.ia3 import IA3Linear, load_ia3, merge_ia3, patch_ia3, save_ia3, unpatch_ia3
-from peft_fast.layers import LoraLinear, NF4Linear
-from peft_fast.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
-from peft_fast.ops import bottleneck_adapter, ia3_linear, lora_linear, merge_lora
-from peft_fast.patch import (
+from peft_fast.front_doors import (
     add_adapter,
     disable_adapters,
     load_adapter,
@@ -18,6 +14,10 @@ from peft_fast.patch import (
     trainable_parameters,
     unpatch,
 )
+from peft_fast.ia3 import IA3Linear, load_ia3, merge_ia3, patch_ia3, save_ia3, unpatch_ia3
+from peft_fast.layers import LoraLinear, NF4Linear
+from peft_fast.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from peft_fast.ops import bottleneck_adapter, ia3_linear, lora_linear, merge_lora
 from peft_fast.prompt_methods import (
     AdaptionPromptConfig,
     PrefixTuningConfig,

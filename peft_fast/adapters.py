@@ -48,6 +48,7 @@ from peft_fast.adapter_files import (
 from peft_fast.config import AdapterConfig, check_adapter_name
 from peft_fast.host import prepare_host_model, register_state_attr, set_submodule
 from peft_fast.method import Method, flags_set
+from peft_fast.models import hidden_size
 from peft_fast.version import __version__
 
 __all__ = [
@@ -61,7 +62,6 @@ __all__ = [
     "BottleneckMethod",
     "adapter_state_dict",
     "bottleneck_adapters",
-    "hidden_size_of",
     "load_adapters",
     "patch_adapters",
     "save_adapters",
@@ -266,14 +266,6 @@ def _plan(model: nn.Module, config: AdapterConfig) -> list[_Placement]:
     ]
 
 
-def hidden_size_of(model: nn.Module) -> int:
-    """The model's hidden size, from its config (GPT-2's n_embd and T5's d_model map to it)."""
-    size = getattr(getattr(model, "config", None), "hidden_size", None)
-    if not isinstance(size, int) or size <= 0:
-        raise ValueError(f"cannot tell the hidden size of {type(model).__name__}: it has no config.hidden_size")
-    return size
-
-
 # -- patching -----------------------------------------------------------------------------------
 
 
@@ -378,7 +370,7 @@ def patch_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str = 
     state = _state(model)
     if state is not None and adapter_name in state.configs:
         raise ValueError(f"the model already has a bottleneck adapter named {adapter_name!r}")
-    hidden = hidden_size_of(model)
+    hidden = hidden_size(model)
     bottleneck = config.bottleneck_for(hidden)
     plan = _plan(model, config)
     _check_owners_free(model, plan, state)
@@ -460,7 +452,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, adapter_name: 
 
 def _expected_shapes(model: nn.Module, config: AdapterConfig, adapter_name: str) -> dict[str, tuple[int, ...]]:
     """File key -> shape for every tensor adapter ``adapter_name`` with ``config`` has in ``model``."""
-    d = hidden_size_of(model)
+    d = hidden_size(model)
     m = config.bottleneck_for(d)
     shapes = {"adapter_down.0.weight": (m, d), "adapter_down.0.bias": (m,), "adapter_up.weight": (d, m),
               "adapter_up.bias": (d,)}  # fmt: skip
@@ -491,7 +483,7 @@ def load_adapters(
     config = AdapterConfig.from_dict(document.get("config", {}))
     saved_name = document.get("name", "default")
     adapter_name = adapter_name or saved_name
-    hidden = hidden_size_of(model)
+    hidden = hidden_size(model)
     if document.get("hidden_size", hidden) != hidden:
         raise ValueError(f"the adapter at {directory} is for hidden size {document['hidden_size']}, not {hidden}")
     expected = _expected_shapes(model, config, saved_name)

@@ -2,7 +2,7 @@
 
 A method (LoRA / QLoRA, (IA)³, bottleneck adapters, the prompt methods) is one module that
 defines a :class:`Method` subclass and one instance of it; :mod:`peft_fast.registry` lists them
-by config type and by adapter-file kind. The front doors (:mod:`peft_fast.patch`) hold no
+by config type and by adapter-file kind. The front doors (:mod:`peft_fast.front_doors`) hold no
 per-method code: they find the methods on a model and call these operations.
 
 Conventions every method keeps:

@@ -14,6 +14,7 @@ import re
 from torch import nn
 
 from peft_fast.layers import NF4Linear
+from peft_fast.models import OUTPUT_HEAD_NAMES
 from peft_fast.quantize import is_quantizable_linear
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
 
 # PEFT's: the lazy .*? takes the first numbered segment (a layer's, not a nested expert's or T5 sublayer's).
 _FIRST_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
-_HEAD_NAMES = ("lm_head", "embed_out", "output_layer", "score", "classifier")
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -41,7 +41,7 @@ def output_head_names(model: nn.Module) -> set[str]:
     for name, module in model.named_modules():
         if head is not None and module is head:
             names.add(name)
-        elif name.rsplit(".", 1)[-1] in _HEAD_NAMES:
+        elif name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES:
             names.add(name)
     return names
 

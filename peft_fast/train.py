@@ -44,8 +44,8 @@ from peft_fast.checkpoints import (
 from peft_fast.checkpoints import CHANGEABLE_ON_RESUME as CHANGEABLE_ON_RESUME
 from peft_fast.checkpoints import FIXED_ON_RESUME as FIXED_ON_RESUME
 from peft_fast.checkpoints import NOT_RECORDED as NOT_RECORDED
+from peft_fast.front_doors import save_adapter
 from peft_fast.io import atomic_write
-from peft_fast.patch import save_adapter
 from peft_fast.train_setup import (
     CHECKPOINT,
     RUN_MARKER,

@@ -12,7 +12,7 @@ import torch
 
 from peft_fast import data as data_mod
 from peft_fast.config import LoraConfig
-from peft_fast.patch import patch
+from peft_fast.front_doors import patch
 
 RUN_MARKER = "peft_fast_run.json"  # marks an output directory as ours
 METHODS = ("lora", "qlora", "adapter", "ia3", "prompt-tuning", "prefix-tuning", "p-tuning", "llama-adapter")

@@ -33,9 +33,9 @@ from peft_fast import ops as adapter_ops
 from peft_fast.adapters import BottleneckAdapter, bottleneck_adapters
 from peft_fast.ia3 import IA3Linear, ia3_layers
 from peft_fast.layers import LoraLinear, NF4Linear
+from peft_fast.lora import lora_layers
 from peft_fast.nf4 import dequantize_nf4, quantize_nf4
 from peft_fast.ops import base_linear, lora_linear
-from peft_fast.patch import lora_layers
 
 peft = pytest.importorskip("peft")
 

@@ -36,7 +36,7 @@ from peft_fast import (
     quantize_model,
     quantize_nf4,
 )
-from peft_fast.patch import lora_layers
+from peft_fast.lora import lora_layers
 
 TARGETS = ["q_proj", "v_proj"]
 

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 import peft_fast
-from peft_fast.patch import lora_layers
+from peft_fast.lora import lora_layers
 
 STEPS = 30
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

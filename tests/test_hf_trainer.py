@@ -24,8 +24,7 @@ import transformers
 from safetensors.torch import load_file
 
 import peft_fast
-from peft_fast.lora import adapter_state_dict
-from peft_fast.patch import lora_layers
+from peft_fast.lora import adapter_state_dict, lora_layers
 
 VOCAB = 1024
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}

@@ -12,7 +12,7 @@ import transformers
 
 import peft_fast
 from peft_fast.layers import LoraLinear, NF4Linear
-from peft_fast.patch import lora_layers
+from peft_fast.lora import lora_layers
 
 
 def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:

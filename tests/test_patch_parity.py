@@ -30,7 +30,7 @@ import transformers
 from safetensors import safe_open
 
 import peft_fast
-from peft_fast.patch import lora_layers
+from peft_fast.lora import lora_layers
 
 VOCAB = 128
 ADAPTER = "default"

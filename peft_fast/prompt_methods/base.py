@@ -10,6 +10,7 @@ from torch import nn
 
 from peft_fast.adapter_files import PEFT_PREFIX as _PEFT_PREFIX  # noqa: F401 (the prompt methods import it from here)
 from peft_fast.host import register_state_attr
+from peft_fast.models import geometry
 
 if TYPE_CHECKING:
     from peft_fast.prompt_methods.patching import PromptConfig
@@ -31,23 +32,10 @@ def _check_positive(name: str, value: Any) -> None:
 # -- model geometry --------------------------------------------------------------------------
 
 
-def _text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _geometry(model: nn.Module) -> dict[str, int]:
-    """num_layers, hidden (token_dim), heads, and the per-layer KV geometry (GQA aware)."""
-    config = _text_config(model)
-    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
-    hidden = get("hidden_size", "n_embd", "d_model")
-    heads = get("num_attention_heads", "n_head", "num_heads")
-    layers = get("num_hidden_layers", "n_layer", "num_layers")
-    if None in (hidden, heads, layers):
-        raise ValueError(f"cannot read hidden size / heads / layers from {type(config).__name__}")
-    head_dim = get("head_dim") or hidden // heads
-    kv_heads = get("num_key_value_heads") or heads
-    return {"layers": layers, "hidden": hidden, "heads": heads, "head_dim": head_dim, "kv_heads": kv_heads}
+    """Layers, hidden (token_dim), heads and the per-layer KV geometry (GQA aware), from peft_fast.models."""
+    g = geometry(model)
+    return {"layers": g.layers, "hidden": g.hidden, "heads": g.heads, "head_dim": g.head_dim, "kv_heads": g.kv_heads}
 
 
 def _forward_parameters(model: nn.Module) -> list[str]:

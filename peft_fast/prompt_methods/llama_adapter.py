@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peft_fast.models import FAMILIES
 from peft_fast.prompt_methods.base import _check_positive
 
-_ADAPTION_MODEL_TYPES = ("llama", "mistral")  # PEFT's Llama-family list for adaption prompts
+# PEFT's Llama-family list for adaption prompts (the model table's adaption_prompt rows).
+_ADAPTION_MODEL_TYPES = tuple(t for family in FAMILIES if family.adaption_prompt for t in family.model_types)
 
 
 @dataclass

@@ -12,29 +12,26 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from peft_fast import fused as fused_step
 from peft_fast import hf_integration
 from peft_fast.adapter_files import ADAPTER_CONFIG, adapter_directory, output_directory
 from peft_fast.config import check_adapter_name
 from peft_fast.host import dequantize_nf4_layers, has_method
 from peft_fast.io import read_json
 from peft_fast.layers import NF4Linear
-from peft_fast.lora import lora_layers
-from peft_fast.lora.patching import _require_state
 from peft_fast.method import Method
 from peft_fast.registry import METHODS, method_for_config, method_for_file, methods_on
 
 __all__ = [
-    "_require_state",
     "add_adapter",
     "disable_adapters",
     "load_adapter",
-    "lora_layers",
     "merge",
     "patch",
     "print_trainable_parameters",
@@ -72,7 +69,14 @@ def _sync_trainer_hooks(model: nn.Module) -> None:
         hf_integration.detach(model)
 
 
-def patch(model: nn.Module, config=None, adapter_name: str = "default") -> nn.Module:
+def patch(
+    model: nn.Module,
+    config=None,
+    adapter_name: str = "default",
+    *,
+    fused: bool | Iterable[str] | Mapping[str, bool] = True,
+    offload_activations: bool = False,
+) -> nn.Module:
     """Give ``model`` adapter ``adapter_name`` of the method ``config`` selects, in place; returns it.
 
     ``LoraConfig`` (LoRA, or QLoRA with ``quantize="nf4"``), ``IA3Config``, ``AdapterConfig``
@@ -80,19 +84,33 @@ def patch(model: nn.Module, config=None, adapter_name: str = "default") -> nn.Mo
     parameters train. Everything is validated before the model is touched. A LoRA model gets
     Hugging Face's ``save_pretrained`` / ``load_adapter`` (adapter files only; Trainer uses them).
 
+    ``fused``: the fused training step for the families of the model table (Llama, Mistral, Qwen2,
+    Qwen3, Gemma, Gemma 2 / 3, Phi-3): RMSNorm, the residual add, RoPE, the gated MLP, the MLP tiled
+    at long context and a loss that never builds the logits (in training with labels no logits are
+    returned). True (default) for all, False for none, or pieces by name (a list, or a dict mapping a
+    piece to False to leave it out): see :mod:`peft_fast.fused`. What was fused is printed once.
+    ``offload_activations``: under gradient checkpointing, keep each layer's checkpointed input in
+    host memory until its backward (any transformers >= 5 model).
+
     ``patch(peft_model)`` (no config) instead makes an existing PEFT LoRA / QLoRA model run our
     fused op, keeping PEFT's modules and parameters: see :mod:`peft_fast.peft_interop`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
+    fused_step.resolve_pieces(fused)  # a bad value is refused before anything changes
+    if not isinstance(offload_activations, bool):
+        raise TypeError(f"offload_activations must be True or False, got {offload_activations!r}")
     interop = _peft_interop()
     if interop is not None and interop.is_peft_model(model, config):
-        return interop.patch_peft_model(model, config)
+        interop.patch_peft_model(model, config)
+        fused_step.fuse(model.get_base_model(), fused, offload_activations=offload_activations)
+        return model
     if config is None:
         raise TypeError("config is required (a peft_fast.LoraConfig, IA3Config, ...) unless model is a PEFT model")
     check_adapter_name(adapter_name)
     method_for_config(config).patch(model, config, adapter_name)
     _sync_trainer_hooks(model)
+    fused_step.fuse(model, fused, offload_activations=offload_activations)
     return model
 
 
@@ -148,10 +166,13 @@ def unpatch(model: nn.Module) -> nn.Module:
     """
     interop = _peft_interop()
     if interop is not None and not has_method(model) and interop.is_peft_model(model, None):
-        return interop.unpatch_peft_model(model)
+        interop.unpatch_peft_model(model)
+        fused_step.unfuse(model.get_base_model())
+        return model
     for method in reversed(_methods(model)):
         method.unpatch(model)
     _sync_trainer_hooks(model)
+    fused_step.unfuse(model)
     return model
 
 
@@ -175,6 +196,7 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         method.merge(model, dtype)
     dequantize_nf4_layers(model, dtype, conv1d)
     hf_integration.detach(model)  # a merged model saves in full again
+    fused_step.unfuse(model)  # a plain Hugging Face model: its own classes
     for param in model.parameters():
         param.requires_grad_(False)
     return model
@@ -199,9 +221,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     return method.save(model, directory, adapter_name)
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
-                 is_trainable: bool = False) -> nn.Module:  # fmt: skip
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    *,
+    fused: bool | Iterable[str] | Mapping[str, bool] = True,
+) -> nn.Module:
     """Load an adapter directory into ``model`` (patching it, or adding the adapter); returns the model.
+
+    ``fused`` as for :func:`patch` (a model patched already keeps what it has).
 
     The method comes from the directory's config file (LoRA, (IA)³, a prompt method, or
     bottleneck adapters). Refuses, before touching the model, an adapter whose config asks for
@@ -210,8 +240,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     directory = adapter_directory(directory)
     config_path = directory / ADAPTER_CONFIG
     method = method_for_file(read_json(config_path) if config_path.is_file() else {})
+    fused_step.resolve_pieces(fused)
     method.load(model, directory, adapter_name, is_trainable)
     _sync_trainer_hooks(model)
+    fused_step.fuse(model, fused)
     return model
 
 
