@@ -15,6 +15,7 @@ import pickle
 import pytest
 import torch
 import transformers
+from torch.overrides import TorchFunctionMode
 
 import peft_fast
 from peft_fast import fused as fused_step
@@ -58,11 +59,12 @@ def build(family: str, dtype: torch.dtype = torch.float32, **overrides) -> torch
     return model.train()
 
 
-def batch(seq: int = 12) -> dict[str, torch.Tensor]:
+def batch(seq: int = 12, padded: bool = True) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(3)
     ids = torch.randint(3, VOCAB, (2, seq), generator=generator)
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding in the second row
+    if padded:
+        mask[1, :3] = 0  # left padding in the second row
     labels = ids.clone()
     labels[1, :3] = -100
     labels[0, 5] = -100
@@ -77,8 +79,9 @@ def patched(model, fused=True, dropout=0.0, **kwargs):
 
 
 def step(model, inputs, autocast: torch.dtype | None = None):
-    """Loss and the LoRA gradients of one forward + backward."""
+    """Loss and the LoRA gradients of one forward + backward (dropout masks from a fixed seed)."""
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)
     context = torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False)
     with context:
         out = model(**inputs)
@@ -86,6 +89,19 @@ def step(model, inputs, autocast: torch.dtype | None = None):
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(g is not None for g in grads.values())
     return out, out.loss.detach(), grads
+
+
+class KeepFloat64(TorchFunctionMode):
+    """Hugging Face's modules and loss cast to fp32 even an fp64 tensor (``.float()``, ``.to(torch.float32)``);
+    inside this mode those casts leave fp64 alone, so its formulas run in fp64, as our ops compute fp64."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.to, torch.Tensor.float) and args[0].dtype == torch.float64:
+            target = kwargs.get("dtype", args[1] if len(args) > 1 else None)
+            if func is torch.Tensor.float or target == torch.float32:
+                return args[0]
+        return func(*args, **kwargs)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -147,7 +163,8 @@ def test_pieces_opt_out_and_bad_values():
     assert not peft_fast.host.has_method(model)  # refused before the model was touched
 
 
-def test_the_summary_is_printed_once(capsys):
+def test_the_summary_is_printed_once(capsys, monkeypatch):
+    monkeypatch.setattr(fused_step, "_PRINTED", set())
     patched(build("qwen2"))
     first = capsys.readouterr().err
     patched(build("qwen2"))
@@ -161,10 +178,13 @@ def test_the_summary_is_printed_once(capsys):
 def test_loss_and_lora_gradients_match_unfused_in_float64(family, backend):
     if backend == "triton":
         pytest.skip("the kernels take fp32 / fp16 / bf16; float64 runs the torch references")
-    inputs = batch()
+    # Gemma 2's eager attention takes its softmax in fp32, where an fp64 mask's minimum is -inf: a fully
+    # padded query row is NaN in Hugging Face's own model, so its fp64 case runs without padding.
+    inputs = batch(padded=family != "gemma2")
     fused = patched(build(family, torch.float64))
     plain = patched(build(family, torch.float64), fused=False)
-    assert_same_step(step(fused, inputs), step(plain, inputs), 1e-10)
+    with KeepFloat64():
+        assert_same_step(step(fused, inputs), step(plain, inputs), 1e-10)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -176,11 +196,18 @@ def test_loss_and_lora_gradients_match_unfused_in_fp32(family, backend):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "qwen3"])
-def test_bf16_autocast_matches_unfused(family, backend):
+def test_bf16_autocast_is_as_accurate_as_unfused(family, backend):
+    """Under bf16 autocast both stacks round differently (ours once per fused op, Hugging Face's once per
+    elementary op), so each is held to the fp32 step: ours must be no further from it than its own bf16
+    error allows, i.e. within 1.5x of the unfused model's error (+1e-2)."""
     inputs = batch()
-    fused = patched(build(family))
-    plain = patched(build(family), fused=False)
-    assert_same_step(step(fused, inputs, torch.bfloat16), step(plain, inputs, torch.bfloat16), 2e-2)
+    truth = step(patched(build(family), fused=False), inputs)
+    ours = step(patched(build(family)), inputs, torch.bfloat16)
+    theirs = step(patched(build(family), fused=False), inputs, torch.bfloat16)
+    assert rel_err(ours[1], truth[1]) <= 1.5 * rel_err(theirs[1], truth[1]) + 1e-3
+    for name in truth[2]:
+        error, reference = rel_err(ours[2][name], truth[2][name]), rel_err(theirs[2][name], truth[2][name])
+        assert error <= 1.5 * reference + 1e-2, (name, error, reference)
 
 
 @pytest.mark.parametrize(
@@ -204,7 +231,8 @@ def test_rope_variants_match_unfused(rope):
     overrides = {"rope_parameters": {"rope_theta": 10000.0, **rope}}
     fused = patched(build("llama", torch.float64, **overrides))
     plain = patched(build("llama", torch.float64, **overrides), fused=False)
-    assert_same_step(step(fused, inputs), step(plain, inputs), 1e-10)
+    with KeepFloat64():
+        assert_same_step(step(fused, inputs), step(plain, inputs), 1e-10)
 
 
 def test_hidden_states_and_eval_logits_match(backend):
@@ -287,16 +315,34 @@ def test_activation_offload_with_dropout_replays_the_same_masks():
 def test_tiled_mlp_matches_the_untiled_mlp(monkeypatch):
     monkeypatch.setattr(fused_step, "TILED_MLP_MIN_TOKENS", 16)
     monkeypatch.setattr(fused_step, "TILED_MLP_CHUNK_TOKENS", 7)  # 24 tokens: chunks of 7, 7, 7, 3
-    inputs = batch()
-    tiled = patched(build("llama"), dropout=0.1)
-    plain = patched(build("llama"), dropout=0.1, fused={"tiled_mlp": False})
-    calls = []
     from peft_fast.fused import mlp
 
+    calls = []
     real = mlp.tiled_mlp
     monkeypatch.setattr(mlp, "tiled_mlp", lambda *a: calls.append(a[2]) or real(*a))
-    assert_same_step(step(tiled, inputs), step(plain, inputs), 1e-6)
+    inputs = batch()
+    tiled = patched(build("llama"))
+    plain = patched(build("llama"), fused={"tiled_mlp": False})
+    assert_same_step(step(tiled, inputs), step(plain, inputs), 2e-5)  # fp32: the chunks' sums reassociate
     assert calls == [7] * LAYERS
+
+
+def test_tiled_mlp_replays_the_dropout_of_its_forward(monkeypatch):
+    """With LoRA dropout each chunk draws its own masks; the backward's recompute must draw the same ones,
+    so the gradients equal those of the same chunked forward run under plain autograd."""
+    monkeypatch.setattr(fused_step, "TILED_MLP_MIN_TOKENS", 16)
+    monkeypatch.setattr(fused_step, "TILED_MLP_CHUNK_TOKENS", 7)
+    from peft_fast.fused import mlp
+
+    inputs = batch()
+    tiled = step(patched(build("llama"), dropout=0.3), inputs)
+
+    def chunked_autograd(forward, x, chunk_tokens):
+        flat = x.reshape(-1, x.shape[-1])
+        return torch.cat([forward(part) for part in flat.split(chunk_tokens)]).reshape(*x.shape[:-1], -1)
+
+    monkeypatch.setattr(mlp, "tiled_mlp", chunked_autograd)
+    assert_same_step(tiled, step(patched(build("llama"), dropout=0.3), inputs), 1e-6)
 
 
 # -- classes back ------------------------------------------------------------------------------------

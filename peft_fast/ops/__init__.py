@@ -17,6 +17,7 @@ from peft_fast.ops.adapter import bottleneck_adapter
 from peft_fast.ops.ia3 import ia3_linear
 from peft_fast.ops.lora_linear import lora_linear, merge_lora
 from peft_fast.ops.nf4 import base_linear
+from peft_fast.ops.rms_norm import rms_norm
 
 __all__ = [
     "autocast_dtype",
@@ -30,4 +31,5 @@ __all__ = [
     "lora_linear",
     "merge_lora",
     "no_autocast",
+    "rms_norm",
 ]
