@@ -14,12 +14,15 @@ from peft_fast.ops._common import (
     no_autocast,
 )
 from peft_fast.ops.adapter import bottleneck_adapter
+from peft_fast.ops.glu import glu, glu_packed
 from peft_fast.ops.ia3 import ia3_linear
 from peft_fast.ops.lora_linear import lora_linear, merge_lora
 from peft_fast.ops.nf4 import base_linear
 from peft_fast.ops.rms_norm import rms_norm
+from peft_fast.ops.rope import apply_rope
 
 __all__ = [
+    "apply_rope",
     "autocast_dtype",
     "autocast_inputs",
     "backend_name",
@@ -27,6 +30,8 @@ __all__ = [
     "bottleneck_adapter",
     "check_input",
     "dropout_mask",
+    "glu",
+    "glu_packed",
     "ia3_linear",
     "lora_linear",
     "merge_lora",
