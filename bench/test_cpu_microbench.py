@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_fast.benchmark import _our_layer, _peft_layer
+from peft_fast.benchmark import peft_fast_lora_layer, peft_lora_layer
 from peft_fast.nf4 import dequantize_nf4, quantize_nf4
 
 K, N, M = 1024, 1024, 256
@@ -34,7 +34,7 @@ def test_dequantize_bitsandbytes(benchmark):
 @pytest.mark.parametrize("phase", ["fwd", "fwd+bwd"])
 def test_qlora_linear(benchmark, impl, phase):
     dense = torch.nn.Linear(K, N, bias=False)
-    layer = (_our_layer if impl == "peft_fast" else _peft_layer)(dense, True).train()
+    layer = (peft_fast_lora_layer if impl == "peft_fast" else peft_lora_layer)(dense, True).train()
     x = torch.randn(M, K, requires_grad=True)
     grad = torch.randn(M, N)
     benchmark(lambda: layer(x) if phase == "fwd" else layer(x).backward(grad))

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from peft_fast import io
-from peft_fast.io import _json_object, _read_header_and_metadata, _read_tensors, atomic_write_files, read_json
+from peft_fast.io import atomic_write_files, json_object, read_json, read_safetensors
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -75,12 +75,10 @@ def _read_adapter_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str
     Not ``safetensors.safe_open`` / ``load_file``: measured with safetensors 0.8.0 while another
     process replaced the file over and over, about 1 in 100 opens returned the metadata of one
     version of the file and the tensors of another (it opens the path more than once), which
-    defeats the config digest. Plain reads of one handle, as :func:`iter_safetensors`.
+    defeats the config digest. Plain reads of one handle: :func:`peft_fast.io.read_safetensors`.
     """
     try:
-        with open(path, "rb") as handle:
-            header, data_start, metadata = _read_header_and_metadata(handle, path)
-            tensors = dict(_read_tensors(handle, path, header, data_start))
+        tensors, metadata = read_safetensors(path)
     except ValueError as exc:
         detail = str(exc).removeprefix(f"{path}: ")
         raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt?): {detail}") from None
@@ -140,7 +138,7 @@ def write_adapter_pair(
     if isinstance(config, dict):
         config = (json.dumps(config, indent=2, sort_keys=True, default=str) + "\n").encode()
     # The digest of what a reader will parse from these bytes.
-    metadata = {"format": "pt", CONFIG_DIGEST_KEY: config_digest(_json_object(config, Path(config_name)))}
+    metadata = {"format": "pt", CONFIG_DIGEST_KEY: config_digest(json_object(config, Path(config_name)))}
     weights = safetensors_bytes(tensors, metadata=metadata)
     directory = output_directory(directory)
     directory.mkdir(parents=True, exist_ok=True)

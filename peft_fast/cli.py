@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -85,27 +84,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _train_args(args: argparse.Namespace):
     """TrainArgs from defaults, then the --config file, then the flags given (flags win)."""
-    from peft_fast.train import TrainArgs, UsageError
+    from peft_fast.train import TrainArgs, UsageError, read_settings_file
 
-    settings: dict = {}
     config_file = getattr(args, "config", None)
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise UsageError(f"config file {path} does not exist")
-        text = path.read_text()
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                settings = yaml.safe_load(text) or {}
-            else:
-                settings = json.loads(text)
-        except Exception as exc:
-            raise UsageError(f"config file {path} is not valid: {str(exc).splitlines()[0]}") from None
-        if not isinstance(settings, dict):
-            raise UsageError(f"config file {path} must hold a mapping of flag names to values")
-        settings = {key.replace("-", "_"): value for key, value in settings.items()}
+    settings = read_settings_file(config_file) if config_file else {}
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
     settings.update(flags)
     if settings.get("resume"):
@@ -158,9 +140,9 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{100 * summary['after']['accuracy']:.1f}% ({100 * gain:+.1f} points)")  # fmt: skip
     out = summary["output"]
     print(f"adapter saved to {out} (HF PEFT format: adapter_config.json + adapter_model.safetensors)")
-    from peft_fast.train import _demo_model_dir
+    from peft_fast.train import demo_model_dir
 
-    base = train_args.model or str(_demo_model_dir())
+    base = train_args.model or str(demo_model_dir())
     classes = f", num_labels={len(summary['labels'])}" if summary["task"] == "classification" else ""
     head = "AutoModelForSequenceClassification" if summary["task"] == "classification" else "AutoModelForCausalLM"
     print("load it with PEFT:")
@@ -179,7 +161,6 @@ _TASK_CLASSES = {
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
     "FEATURE_EXTRACTION": "AutoModel",
 }
-_RUN_TASK_CLASSES = {"classification": "SEQ_CLS", "lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 _HEADS = ("classifier", "score")  # modules_to_save of a sequence classifier (transformers' names)
 
 
@@ -204,7 +185,7 @@ def _head_rows(adapter_dir: Path, config: dict) -> int | None:
 
 def _merge_base(args: argparse.Namespace, record: dict | None, adapter_config: dict) -> Path:
     """The base model directory: --model, else the run record's, else adapter_config.json's."""
-    from peft_fast.train import UsageError, _demo_model_dir
+    from peft_fast.train import UsageError, demo_model_dir
 
     if args.model:
         return Path(args.model)
@@ -212,7 +193,7 @@ def _merge_base(args: argparse.Namespace, record: dict | None, adapter_config: d
         if record.get("base_model") and Path(record["base_model"]).is_dir():
             return Path(record["base_model"])
         if record["args"].get("model") is None:
-            return _demo_model_dir()
+            return demo_model_dir()
         return Path(record["args"]["model"])
     named = adapter_config.get("base_model_name_or_path")
     if isinstance(named, str) and Path(named).is_dir():
@@ -231,10 +212,10 @@ def _merge_class(record: dict | None, adapter_config: dict, adapter_dir: Path, c
     """
     import transformers
 
-    from peft_fast.train import _label_names
+    from peft_fast.train import TASK_TYPES, label_names
 
     labels = record.get("labels") if record else None
-    task_type = _RUN_TASK_CLASSES.get(record.get("task")) if record else None
+    task_type = TASK_TYPES.get(record.get("task")) if record else None
     task_type = task_type or adapter_config.get("task_type")
     heads = [h for h in adapter_config.get("modules_to_save") or () if h.split(".")[-1] in _HEADS]
     if task_type is None and heads:
@@ -244,7 +225,7 @@ def _merge_class(record: dict | None, adapter_config: dict, adapter_dir: Path, c
         if task_type in ("SEQ_CLS", "TOKEN_CLS"):
             rows = len(labels) if labels else _head_rows(adapter_dir, adapter_config)
             if rows:
-                kwargs = {"num_labels": rows, **_label_names(labels)}
+                kwargs = {"num_labels": rows, **label_names(labels)}
         return _TASK_CLASSES[task_type], kwargs
     architecture = (getattr(config, "architectures", None) or [None])[0]
     if architecture and hasattr(transformers, architecture):
@@ -260,10 +241,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from peft_fast.io import read_json, respect_umask
     from peft_fast.train import (
         UsageError,
-        _first_line,
-        _load_config,
-        _quiet_transformers,
+        first_line,
+        load_model_config,
         no_bars_without_terminal,
+        quiet_transformers,
         read_run_record,
     )
 
@@ -276,10 +257,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     try:
         adapter_config = read_json(adapter_dir / ADAPTER_CONFIG)
     except (OSError, ValueError) as exc:
-        raise UsageError(_first_line(exc)) from None
+        raise UsageError(first_line(exc)) from None
     record = read_run_record(adapter_dir)
     model_dir = _merge_base(args, record, adapter_config)
-    config = _load_config(model_dir)
+    config = load_model_config(model_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file; give a directory")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
@@ -291,10 +272,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise UsageError(f"--adapter {adapter_dir} is a {what}; only LoRA and (IA)³ fold into the weights")
     try:
         # A classification head absent from the base is expected: the adapter holds it.
-        with _quiet_transformers(), no_bars_without_terminal():
+        with quiet_transformers(), no_bars_without_terminal():
             model = getattr(transformers, class_name).from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot load {model_dir} as {class_name} ({_first_line(exc)})") from None
+        raise UsageError(f"cannot load {model_dir} as {class_name} ({first_line(exc)})") from None
     from peft_fast import load_adapter, merge
 
     try:
@@ -302,7 +283,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         merged = merge(model)  # any mergeable method ((IA)³ or LoRA)
     except (OSError, ValueError, TypeError) as exc:
         raise UsageError(
-            f"--adapter {adapter_dir} does not fit {model_dir} as {class_name}: {_first_line(exc)}"
+            f"--adapter {adapter_dir} does not fit {model_dir} as {class_name}: {first_line(exc)}"
         ) from None
     with no_bars_without_terminal():
         merged.save_pretrained(out, safe_serialization=True)
@@ -316,13 +297,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _add_train_flags(train: argparse.ArgumentParser) -> None:
+    from peft_fast.train import METHOD_NAMES
+
     flag = lambda *names, **kw: train.add_argument(*names, default=argparse.SUPPRESS, **kw)
     flag("--model", help="Hugging Face checkpoint directory (default: the embedded MiniLM demo)")
     flag("--data", help="jsonl with text, prompt/completion or messages records")
     flag("--eval-data", dest="eval_data", help="held-out jsonl in the same format")
     flag(
         "--method",
-        choices=["lora", "qlora", "adapter", "ia3", "prompt-tuning", "prefix-tuning", "p-tuning", "llama-adapter"],
+        choices=METHOD_NAMES,
         help="qlora (NF4 base; default), lora, adapter (bottleneck; --r is its width), ia3, or a prompt method",
     )
     flag("--num-virtual-tokens", dest="num_virtual_tokens", type=int, help="prompt methods: virtual tokens")

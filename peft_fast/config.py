@@ -79,11 +79,11 @@ def _check_names(name: str, value: Any, allow_regex: bool) -> None:
 
 def _check_nf4_storage(config: Any) -> None:
     """``quantize`` / ``blocksize`` / ``double_quant``, checked when the config is made, not at patch time."""
-    from peft_fast.nf4 import _check_blocksize
+    from peft_fast.nf4 import check_blocksize
 
     if config.quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {config.quantize!r}")
-    _check_blocksize(config.blocksize)
+    check_blocksize(config.blocksize)
     check_bool("double_quant", config.double_quant)
 
 

@@ -52,7 +52,7 @@ def wrap(model: nn.Module, world: int, fsdp: bool) -> nn.Module:
         return nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
 
-    from peft_fast.train_setup import UsageError
+    from peft_fast.train.args import UsageError
 
     try:
         for block in transformer_blocks(model):

@@ -1,5 +1,9 @@
 """Hugging Face ``Trainer`` (and TRL) integration: a patched model saves and reloads its adapter.
 
+Written against :class:`peft_fast.method.Method`: the hooks act on the method on the model whose
+``trainer_hooks`` is set (today LoRA / QLoRA alone) through its operations (adapter names, active
+adapters, ``save`` / ``save_tensors``, ``reload``, ``model_key``), never on a method's internals.
+
 A LoRA / QLoRA model made by :func:`peft_fast.patch` keeps its Hugging Face class, so without
 this module ``Trainer`` treats it as a plain model: every checkpoint and ``save_model`` writes
 ``model.safetensors`` with the whole base (the NF4 buffers included: gigabytes for a 7B model at
@@ -30,7 +34,8 @@ Hooks, and why these:
    other model must bring ``model.safetensors`` or a weights index (a model with transformers' own
    ``add_adapter`` cannot resume either). The wrappers act only for a model patched by peft_fast
    whose checkpoint holds adapter files and no full weights, outside DeepSpeed / FSDP / SageMaker
-   MP: they call ``model.load_adapter`` for each adapter in the checkpoint. Everything else runs
+   MP: they reload each adapter of the checkpoint in place (what ``model.load_adapter`` does for
+   an adapter the model has). Everything else runs
    transformers' own code unchanged (so an old checkpoint with ``model.safetensors`` still
    resumes). ``patch`` installs them at once if ``transformers.trainer`` is already imported, and
    otherwise right after it is imported (importing Trainer costs seconds, which ``patch`` should
@@ -58,9 +63,8 @@ from torch import nn
 
 from peft_fast.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_directory
 from peft_fast.io import read_json
-from peft_fast.lora.files import adapter_state_dict, model_key, reload_in_place, save_lora, write_lora_files
-from peft_fast.lora.patching import _require_state, _state, set_lora_adapter
-from peft_fast.registry import method_for_file
+from peft_fast.method import Method
+from peft_fast.registry import method_for_file, methods_on
 
 __all__ = ["attach", "detach", "install_trainer_hooks", "load_checkpoint_adapters", "save_pretrained"]
 
@@ -94,6 +98,21 @@ class _Hook:
         return f"<peft_fast {self.__func__.__name__} of {type(self.__self__).__name__}>"
 
 
+# -- the method the hooks act on -------------------------------------------------------------
+
+
+def _hooked_method(model: nn.Module) -> Method | None:
+    """The method on ``model`` that writes the hooks' files (``Method.trainer_hooks``), else None."""
+    return next((method for method in methods_on(model) if method.trainer_hooks), None)
+
+
+def _require_method(model: nn.Module) -> Method:
+    method = _hooked_method(model)
+    if method is None:
+        raise ValueError("this model is not patched by peft_fast (call peft_fast.patch first)")
+    return method
+
+
 # -- the hooks on the model ------------------------------------------------------------------
 
 
@@ -123,26 +142,29 @@ def save_pretrained(
         )
     if not is_main_process:
         return
-    state = _require_state(model)
-    names = list(state.configs) if selected_adapters is None else list(selected_adapters)
-    unknown = [name for name in names if name not in state.configs]
+    method = _require_method(model)
+    adapters = method.adapter_names(model)
+    names = list(adapters) if selected_adapters is None else list(selected_adapters)
+    unknown = [name for name in names if name not in adapters]
     if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; the model has {list(state.configs)}")
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {list(adapters)}")
     for name in names:
         directory = Path(save_directory) if name == _ROOT_ADAPTER else Path(save_directory) / name
-        _write_adapter(model, directory, name, state_dict)
+        _write_adapter(method, model, directory, name, state_dict)
 
 
-def _write_adapter(model: nn.Module, directory: Path, adapter_name: str, state_dict: dict | None) -> None:
+def _write_adapter(
+    method: Method, model: nn.Module, directory: Path, adapter_name: str, state_dict: dict | None
+) -> None:
     if state_dict is None:
-        save_lora(model, directory, adapter_name)
+        method.save(model, directory, adapter_name)
         return
-    keys = {key: model_key(key, adapter_name) for key in adapter_state_dict(model, adapter_name)}
+    keys = {key: method.model_key(key, adapter_name) for key in method.state_dict(model, adapter_name)}
     missing = [name for name in keys.values() if name not in state_dict]
     if missing:
         raise ValueError(f"the state_dict passed to save_pretrained lacks adapter tensors: {missing[:5]}")
     tensors = {key: state_dict[name].detach().contiguous().cpu() for key, name in keys.items()}
-    write_lora_files(model, directory, adapter_name, tensors)
+    method.save_tensors(model, directory, adapter_name, tensors)
 
 
 def load_adapter(
@@ -167,27 +189,28 @@ def load_adapter(
     if peft_model_id is None:
         raise TypeError("load_adapter needs the adapter's directory")
     del is_trainable  # see the docstring: in place keeps trainability, a new adapter starts frozen
-    state = _require_state(model)
+    method = _require_method(model)
     adapter_name = adapter_name or _ROOT_ADAPTER
-    if adapter_name in state.configs:
-        reload_in_place(model, peft_model_id, adapter_name)
+    if adapter_name in method.adapter_names(model):
+        method.reload(model, peft_model_id, adapter_name)
         return
-    active = list(state.active)
+    active = method.active_adapters(model)
     directory = adapter_directory(peft_model_id)
     config_path = directory / ADAPTER_CONFIG
     document = read_json(config_path) if config_path.is_file() else {}
     method_for_file(document).load(model, directory, adapter_name, True)
-    set_lora_adapter(model, active)
+    method.set_adapter(model, active)
 
 
 def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
-    """``model.set_adapter`` of a patched model: the active LoRA adapter(s), as :func:`peft_fast.set_adapter`."""
-    set_lora_adapter(model, adapter_name)
+    """``model.set_adapter`` of a patched model: its active adapter(s), as :func:`peft_fast.set_adapter`."""
+    method = _require_method(model)
+    method.set_adapter(model, [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
 
 
 def active_adapters(model: nn.Module) -> list[str]:
     """``model.active_adapters()`` of a patched model: the names of its active adapters."""
-    return list(_require_state(model).active)
+    return _require_method(model).active_adapters(model)
 
 
 _MODEL_HOOKS = {
@@ -241,23 +264,24 @@ def load_checkpoint_adapters(model: nn.Module, directory: str | os.PathLike) -> 
     The checkpoint must hold exactly the model's adapters (a resume restores, it does not add);
     which adapters are active and trainable stays as it was. Returns the adapter names.
     """
-    state = _require_state(model)
+    method = _require_method(model)
     found = checkpoint_adapters(directory)
-    if set(found) != set(state.configs):
+    adapters = method.adapter_names(model)
+    if set(found) != set(adapters):
         raise ValueError(
-            f"{directory} holds adapter(s) {sorted(found)} but the model has {sorted(state.configs)}; "
+            f"{directory} holds adapter(s) {sorted(found)} but the model has {sorted(adapters)}; "
             "resume with the model patched as it was for the run that wrote the checkpoint"
         )
     for name, path in found.items():
-        reload_in_place(model, path, name)
+        method.reload(model, path, name)
     return list(found)
 
 
 def _patched(model) -> nn.Module | None:
     """The peft_fast-patched model inside ``model`` (DDP / DataParallel unwrapped), else None."""
-    while model is not None and _state(model) is None and isinstance(getattr(model, "module", None), nn.Module):
+    while model is not None and _hooked_method(model) is None and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
-    return model if model is not None and _state(model) is not None and is_attached(model) else None
+    return model if model is not None and _hooked_method(model) is not None and is_attached(model) else None
 
 
 def _adapter_checkpoint(trainer, directory, model) -> nn.Module | None:

@@ -23,6 +23,7 @@ __all__ = [
     "plain_layer",
     "prepare_host_model",
     "put_bases_back",
+    "quantize_host_model",
     "register_state_attr",
     "restore_base",
     "set_submodule",
@@ -71,8 +72,8 @@ def as_linear(module: nn.Module) -> nn.Module:
         linear.weight.copy_(weight.t())
         if module.bias is not None:
             linear.bias.copy_(module.bias)
-    # Fix: patch() froze the model's parameters before this new Linear was made; keep its copy of
-    # the base weight / bias frozen too (GPT-2's Conv1D bases were trainable, unlike PEFT's).
+    # patch() froze the model's parameters before this new Linear was made: its copy of the base
+    # weight / bias stays frozen too, as PEFT's Conv1D bases are.
     return linear.requires_grad_(False)
 
 
@@ -136,14 +137,25 @@ def dequantize_nf4_layers(model: nn.Module, dtype: torch.dtype | None, conv1d: s
             set_submodule(model, name, plain_layer(module.dequantized_weight(dtype), bias, name in conv1d))
 
 
+def quantize_host_model(
+    model: nn.Module, blocksize: int, double_quant: bool, skip_modules: tuple[str, ...] = (), progress: bool = True
+) -> None:
+    """NF4-quantize the model's Linear / Conv1D layers in place, but its output heads, its
+    ``_keep_in_fp32_modules`` and ``skip_modules``.
+
+    Like transformers + bitsandbytes, ``_keep_in_fp32_modules`` stay dense: T5's forward reads
+    ``self.wo.weight.dtype``, which an NF4 layer cannot provide.
+    """
+    skip = (*output_head_names(model), *skip_modules, *(getattr(model, "_keep_in_fp32_modules", None) or ()))
+    quantize_model(model, blocksize=blocksize, double_quant=double_quant, skip_modules=skip, progress=progress)
+
+
 def prepare_host_model(model: nn.Module, quantize: str | None, blocksize: int, double_quant: bool) -> None:
     """Ready a model for a new peft_fast method: NF4-quantize its Linear layers if asked (and not
     done before), and freeze its parameters if no peft_fast method has patched it yet (a method
     added on top leaves the others' trainable parameters as they are)."""
     if quantize == "nf4" and not any(isinstance(m, NF4Linear) for m in model.modules()):
-        # As LoRA's patch: heads and the model's _keep_in_fp32_modules (T5's wo) stay dense.
-        skip = (*output_head_names(model), *(getattr(model, "_keep_in_fp32_modules", None) or ()))
-        quantize_model(model, blocksize=blocksize, double_quant=double_quant, skip_modules=skip, progress=False)
+        quantize_host_model(model, blocksize, double_quant, progress=False)
     if not has_method(model):
         for param in model.parameters():
             param.requires_grad_(False)

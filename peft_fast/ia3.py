@@ -46,7 +46,7 @@ from peft_fast.host import (
     register_state_attr,
     set_submodule,
 )
-from peft_fast.layers import LoraLinear, NF4Linear
+from peft_fast.layers import AdapterLayer, LoraLinear, NF4Linear
 from peft_fast.method import Method, flags_set
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 from peft_fast.targeting import is_base_linear, matches, no_match_error, output_head_names
@@ -69,7 +69,7 @@ _STATE_ATTR = register_state_attr("peft_fast_ia3_state")
 _PEFT_PREFIX = PEFT_PREFIX
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(AdapterLayer):
     """A frozen base linear (``nn.Linear`` or :class:`NF4Linear`) with (IA)³ vectors, laid out as PEFT's.
 
     ``ia3_l[<adapter>]`` is [out_features, 1] (output scaling) or [1, in_features] when
@@ -77,35 +77,19 @@ class IA3Linear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
-        super().__init__()
         if not isinstance(base_layer, (nn.Linear, NF4Linear)):
             raise TypeError(f"IA3Linear wraps nn.Linear or NF4Linear, got {type(base_layer).__name__}")
-        self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        super().__init__(base_layer)
         self.is_feedforward = is_feedforward
         self.ia3_l = nn.ParameterDict()
-        self.active_adapters: list[str] = []
-        self.disable_adapters = False
 
     def update_layer(self, adapter_name: str, init_ia3_weights: bool = True) -> None:
         """Add adapter ``adapter_name``: ones (the identity), or PEFT's randn with ``init_ia3_weights=False``."""
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
-        base = self.base_layer
-        dtype = base.weight_dtype if isinstance(base, NF4Linear) else base.weight.dtype
-        device = base.weight_packed.device if isinstance(base, NF4Linear) else base.weight.device
         vector = torch.ones(shape) if init_ia3_weights else torch.randn(shape)
-        self.ia3_l[adapter_name] = nn.Parameter(vector.to(device=device, dtype=dtype))
+        self.ia3_l[adapter_name] = nn.Parameter(vector.to(device=self.base_device(), dtype=self.base_dtype()))
         if not self.active_adapters:
             self.active_adapters = [adapter_name]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight, which Hugging Face code reads (T5's FFN checks ``wo.weight.dtype``)."""
-        return self.base_layer.weight
-
-    def base_weight(self) -> torch.Tensor | NF4Weight:
-        base = self.base_layer
-        return base.nf4 if isinstance(base, NF4Linear) else base.weight
 
     def scale_vector(self) -> torch.Tensor | None:
         """The product of the active adapters' vectors, flat (None when no adapter is active)."""
@@ -118,19 +102,10 @@ class IA3Linear(nn.Module):
         return scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from peft_fast.ops import autocast_dtype, base_linear, check_input, ia3_linear
+        from peft_fast.ops import base_linear, ia3_linear
 
-        check_input(x, self.in_features)  # before the casts to x's dtype below (an int x: int weights)
-        # Inside torch.autocast: computed in its dtype, returned in it over a dense base (nn.Linear)
-        # and in x's dtype over NF4 (bitsandbytes' Linear4bit), as PEFT's (IA)³ over either.
-        dtype = autocast_dtype(x) or x.dtype
-        out_dtype = x.dtype if isinstance(self.base_layer, NF4Linear) else dtype
-        x = x.to(dtype)
-        base, bias = self.base_weight(), self.base_layer.bias
-        if isinstance(base, torch.Tensor) and base.dtype != dtype:
-            base = base.to(dtype)
-        if bias is not None and bias.dtype != dtype:
-            bias = bias.to(dtype)
+        # The dtypes of PEFT's (IA)³ over nn.Linear or bitsandbytes' Linear4bit, autocast included.
+        x, base, bias, _, out_dtype = self.compute_inputs(x)
         scale = self.scale_vector()
         if scale is None:
             return base_linear(x, base, bias).to(out_dtype)
@@ -142,7 +117,7 @@ class IA3Linear(nn.Module):
         Computed in fp32 from the (dequantized) base; W' in ``dtype`` (default: the base's dtype).
         """
         base = self.base_weight()
-        out_dtype = dtype or (base.dtype if isinstance(base, torch.Tensor) else self.base_layer.weight_dtype)
+        out_dtype = dtype or self.base_dtype()
         weight = dequantize_nf4(base, torch.float32) if isinstance(base, NF4Weight) else base.float()
         bias = self.base_layer.bias
         scale = self.scale_vector()

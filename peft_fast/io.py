@@ -29,7 +29,9 @@ __all__ = [
     "current_umask",
     "directory_lock",
     "iter_safetensors",
+    "json_object",
     "read_json",
+    "read_safetensors",
     "remove_stale_temporaries",
     "respect_umask",
     "safetensors_files",
@@ -276,10 +278,11 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
 
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``; a ValueError naming the file when it is not one."""
-    return _json_object(Path(path).read_bytes(), path)
+    return json_object(Path(path).read_bytes(), path)
 
 
-def _json_object(data: bytes, path: Path) -> dict:
+def json_object(data: bytes, path: Path) -> dict:
+    """The JSON object ``data`` (UTF-8) holds; a ValueError naming ``path`` when it is not one."""
     try:
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -348,6 +351,18 @@ def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tenso
         with open(file, "rb") as handle:
             header, data_start = _read_header(handle, file)
             yield from _read_tensors(handle, file, header, data_start)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of one file, both read from one open handle.
+
+    One handle matters to a caller that checks the metadata against the tensors: a path opened
+    twice can give the metadata of one version of a file that is being replaced and the tensors
+    of another. ValueErrors (a malformed or truncated file) name ``path``.
+    """
+    with open(path, "rb") as handle:
+        header, data_start, metadata = _read_header_and_metadata(handle, path)
+        return dict(_read_tensors(handle, path, header, data_start)), metadata
 
 
 def _read_tensors(handle, file: Path, header: dict, data_start: int) -> Iterator[tuple[str, torch.Tensor]]:

@@ -12,7 +12,7 @@ from torch import nn
 
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
-__all__ = ["LoraEmbedding", "LoraLinear", "NF4Linear"]
+__all__ = ["AdapterLayer", "LoraEmbedding", "LoraLayer", "LoraLinear", "NF4Linear"]
 
 # NF4Weight fields kept as (non-persistent) buffers so that .to(), .cuda() and friends move them.
 _NF4_BUFFERS = ("packed", "absmax", "nested_absmax", "nested_offset")
@@ -100,20 +100,86 @@ class NF4Linear(nn.Module):
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
-class _LoraLayer(nn.Module):
-    """What LoRA's two layers share: the frozen ``base_layer``, per-adapter r / alpha / scaling, the active adapters.
+class AdapterLayer(nn.Module):
+    """A frozen base layer with adapters around it, as PEFT's ``BaseTunerLayer``: what every method's layer shares.
 
-    A subclass keeps its adapters' first factor in a dict reachable as ``lora_A`` (adapter names).
+    The base is ``base_layer`` (PEFT's module layout, so state dicts carry PEFT's names); a linear
+    base's ``in_features`` / ``out_features`` are the layer's. ``active_adapters`` names the adapters
+    that compute and ``disable_adapters`` turns them all off. The base's side of a forward (its W
+    for the op, device, dtype, the compute dtype under autocast) is here, once for every method.
+    Subclasses: :class:`LoraLayer` (LoRA) and ``peft_fast.ia3.IA3Linear``.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
+        if isinstance(base_layer, (nn.Linear, NF4Linear)):
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as PEFT's layers expose it.
+
+        Hugging Face code reads a wrapped layer's weight directly: T5's feed-forward checks
+        ``self.wo.weight.dtype``, and ``get_input_embeddings().weight`` is read for embeddings.
+        """
+        return self.base_layer.weight
+
+    def base_weight(self) -> torch.Tensor | NF4Weight:
+        """The frozen W for the op: a dense tensor or an NF4Weight."""
+        base = self.base_layer
+        return base.nf4 if isinstance(base, NF4Linear) else base.weight
+
+    def base_device(self) -> torch.device:
+        """Where the base's weight lives (an NF4 base: its packed bytes)."""
+        base = self.base_layer
+        return base.weight_packed.device if isinstance(base, NF4Linear) else base.weight.device
+
+    def base_dtype(self) -> torch.dtype:
+        """The base weight's dtype (an NF4 base: the dtype it was quantized from)."""
+        base = self.base_layer
+        return base.weight_dtype if isinstance(base, NF4Linear) else base.weight.dtype
+
+    def compute_inputs(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | NF4Weight, torch.Tensor | None, torch.dtype, torch.dtype]:
+        """(x, W, bias, compute dtype, output dtype) for a linear base's op, as ``nn.Linear`` + PEFT compute.
+
+        The compute dtype is x's, or the autocast dtype inside ``torch.autocast``; x, a dense W and
+        the bias are cast to it (fp32 parameters still get fp32 gradients, through the casts). The
+        output is in it too over a dense base; over NF4 it is returned in x's dtype, as bitsandbytes'
+        ``Linear4bit`` and PEFT's layers over it do.
+        """
+        from peft_fast.ops import autocast_dtype, check_input
+
+        # Checked before the casts, which would otherwise turn the weights into x's dtype (an
+        # integer x gave an integer matmul with truncated weights when adapters were disabled).
+        check_input(x, self.in_features)
+        dtype = autocast_dtype(x) or x.dtype
+        out_dtype = x.dtype if isinstance(self.base_layer, NF4Linear) else dtype
+        x = x.to(dtype)
+        base, bias = self.base_weight(), self.base_layer.bias
+        if isinstance(base, torch.Tensor) and base.dtype != dtype:
+            base = base.to(dtype)
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        return x, base, bias, dtype, out_dtype
+
+
+class LoraLayer(AdapterLayer):
+    """LoRA's base class (PEFT's ``LoraLayer``): per-adapter r / alpha / scaling and choosing the active adapters.
+
+    Its layers are :class:`LoraLinear` and :class:`LoraEmbedding`; each keeps its adapters' first
+    factor in a dict reachable as ``lora_A`` (adapter names).
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.disable_adapters = False
 
     @staticmethod
     def _check_adapter(adapter_name: str, r: int, lora_alpha: float) -> None:
@@ -132,6 +198,7 @@ class _LoraLayer(nn.Module):
             self.active_adapters = [adapter_name]
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make ``adapter_names`` this layer's active adapters (each must be one of its adapters)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [name for name in names if name not in self.lora_A]
         if unknown:
@@ -142,7 +209,7 @@ class _LoraLayer(nn.Module):
         return f"adapters={dict(self.r)}, active={self.active_adapters}"
 
 
-class LoraLinear(_LoraLayer):
+class LoraLinear(LoraLayer):
     """A frozen base linear (dense ``nn.Linear`` or :class:`NF4Linear`) plus LoRA adapters.
 
     The module layout is PEFT's (``base_layer``, ``lora_A.<adapter>``, ``lora_B.<adapter>``), so
@@ -154,7 +221,6 @@ class LoraLinear(_LoraLayer):
         if not isinstance(base_layer, (nn.Linear, NF4Linear)):
             raise TypeError(f"LoraLinear wraps nn.Linear or NF4Linear, got {type(base_layer).__name__}")
         super().__init__(base_layer)
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout_p: dict[str, float] = {}
@@ -173,7 +239,7 @@ class LoraLinear(_LoraLayer):
 
         self._check_adapter(adapter_name, r, lora_alpha)
         check_probability("lora_dropout", lora_dropout)
-        factory = {"device": self._base_device(), "dtype": self._base_dtype()}
+        factory = {"device": self.base_device(), "dtype": self.base_dtype()}
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)
         self.lora_dropout_p[adapter_name] = float(lora_dropout)
@@ -193,28 +259,6 @@ class LoraLinear(_LoraLayer):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
         nn.init.zeros_(lora_b)
 
-    def _base_device(self) -> torch.device:
-        base = self.base_layer
-        return base.weight_packed.device if isinstance(base, NF4Linear) else base.weight.device
-
-    def _base_dtype(self) -> torch.dtype:
-        base = self.base_layer
-        return base.weight_dtype if isinstance(base, NF4Linear) else base.weight.dtype
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight, as PEFT's LoRA layers expose it.
-
-        Fix: Hugging Face code reads a wrapped layer's weight directly (T5's feed-forward checks
-        ``self.wo.weight.dtype``), which raised AttributeError on a LoraLinear.
-        """
-        return self.base_layer.weight
-
-    def base_weight(self) -> torch.Tensor | NF4Weight:
-        """The frozen W for the op: a dense tensor or an NF4Weight."""
-        base = self.base_layer
-        return base.nf4 if isinstance(base, NF4Linear) else base.weight
-
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """The trainable parameters of adapter ``adapter_name``."""
         return [*self.lora_A[adapter_name].parameters(), *self.lora_B[adapter_name].parameters()]
@@ -231,23 +275,10 @@ class LoraLinear(_LoraLayer):
         self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from peft_fast.ops import autocast_dtype, base_linear, check_input, lora_linear
+        from peft_fast.ops import base_linear, lora_linear
 
-        # Checked before the casts below, which would otherwise turn the weights into x's dtype
-        # (an integer x gave an integer matmul with truncated weights when adapters were disabled).
-        check_input(x, self.in_features)
-        # The compute dtype: x's, or the autocast dtype inside torch.autocast, as nn.Linear + PEFT
-        # (base, A and B all in it; fp32 parameters still get fp32 gradients, through the casts).
-        # The output is in it too over a dense base; over NF4 it is returned in x's dtype, as
-        # bitsandbytes' Linear4bit and PEFT's LoRA layer over it do.
-        dtype = autocast_dtype(x) or x.dtype
-        out_dtype = x.dtype if isinstance(self.base_layer, NF4Linear) else dtype
-        x = x.to(dtype)
-        base, bias = self.base_weight(), self.base_layer.bias
-        if isinstance(base, torch.Tensor) and base.dtype != dtype:
-            base = base.to(dtype)
-        if bias is not None and bias.dtype != dtype:
-            bias = bias.to(dtype)
+        # Base, A and B all compute in one dtype (x's, or autocast's), as nn.Linear + PEFT.
+        x, base, bias, dtype, out_dtype = self.compute_inputs(x)
         active = [] if self.disable_adapters else [a for a in self.active_adapters if a in self.lora_A]
         if not active:
             return base_linear(x, base, bias).to(out_dtype)
@@ -267,7 +298,7 @@ class LoraLinear(_LoraLayer):
         from peft_fast.ops import merge_lora
 
         merged = self.base_weight()
-        out_dtype = dtype or self._base_dtype()
+        out_dtype = dtype or self.base_dtype()
         if isinstance(merged, NF4Weight):
             merged = dequantize_nf4(merged, torch.float32)
         merged = merged.float()
@@ -276,7 +307,7 @@ class LoraLinear(_LoraLayer):
         return merged.to(out_dtype)
 
 
-class LoraEmbedding(_LoraLayer):
+class LoraEmbedding(LoraLayer):
     """A frozen ``nn.Embedding`` plus LoRA adapters, laid out and computed as PEFT's ``lora.Embedding``.
 
     ``lora_embedding_A[<adapter>]`` is [r, num_embeddings] and ``lora_embedding_B[<adapter>]``
@@ -305,8 +336,7 @@ class LoraEmbedding(_LoraLayer):
         """Add adapter ``adapter_name``: A = 0, B ~ N(0, 1) as PEFT; both N(0, 1) with ``init_lora_weights=False``."""
         self._check_adapter(adapter_name, r, lora_alpha)
         del lora_dropout  # PEFT's Embedding keeps it but never applies it
-        weight = self.base_layer.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory = {"device": self.base_device(), "dtype": self.base_dtype()}
         lora_a = torch.randn(r, self.num_embeddings, **factory)
         lora_b = torch.randn(self.embedding_dim, r, **factory)
         if init_lora_weights is not False:  # True and "gaussian" both: PEFT's embedding init
@@ -320,11 +350,6 @@ class LoraEmbedding(_LoraLayer):
     def lora_A(self) -> nn.ParameterDict:
         """The adapters by name (what code common to LoRA layers looks up)."""
         return self.lora_embedding_A
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base embedding's weight (Hugging Face code reads ``get_input_embeddings().weight``)."""
-        return self.base_layer.weight
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         return [self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]]

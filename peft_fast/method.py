@@ -36,7 +36,9 @@ class Method:
     ``state_attr`` (the model attribute holding its per-model state; present iff it is on the
     model), ``mergeable``, ``stacks`` (whether ``add_adapter`` can add a second adapter) and
     ``trainer_hooks`` (whether the model gets the Hugging Face save / load hooks of
-    :mod:`peft_fast.hf_integration`, which write and read this method's PEFT files).
+    :mod:`peft_fast.hf_integration`, which write and read this method's PEFT files through
+    ``save``, ``load``, ``state_dict`` and the three operations only they call, ``model_key``,
+    ``save_tensors`` and ``reload``: a method that sets it implements those too).
     """
 
     name: ClassVar[str]
@@ -104,6 +106,26 @@ class Method:
 
     def load(self, model: nn.Module, directory: str | os.PathLike, adapter_name: str | None, is_trainable: bool):
         """Load the adapter in ``directory`` into ``model`` (patching it, or adding the adapter)."""
+        raise NotImplementedError
+
+    # -- for the Hugging Face hooks (``trainer_hooks``) --------------------------------------------
+
+    def model_key(self, file_key: str, adapter_name: str) -> str:
+        """The model's parameter name for ``file_key``, a key of adapter ``adapter_name``'s file (of ``state_dict``)."""
+        raise NotImplementedError
+
+    def save_tensors(
+        self, model: nn.Module, directory: Path, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> Path:
+        """As ``save``, with ``tensors`` (file key -> tensor) written in place of the model's own values."""
+        raise NotImplementedError
+
+    def reload(self, model: nn.Module, directory: str | os.PathLike, adapter_name: str) -> None:
+        """Copy the tensors of the adapter in ``directory`` into the model's existing adapter ``adapter_name``.
+
+        The file must be this adapter's (same shapes and settings); which adapters are active and
+        trainable stays as it was.
+        """
         raise NotImplementedError
 
 

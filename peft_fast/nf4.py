@@ -24,6 +24,7 @@ import torch
 __all__ = [
     "NF4_CODE",
     "NF4Weight",
+    "check_blocksize",
     "dequantize_nf4",
     "dynamic_map",
     "nf4_code",
@@ -82,7 +83,8 @@ def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32, device=device)
 
 
-def _check_blocksize(blocksize: int) -> None:
+def check_blocksize(blocksize: int) -> None:
+    """A ValueError unless ``blocksize`` is a power of two in [MIN_BLOCKSIZE, MAX_BLOCKSIZE] (bools refused)."""
     if (
         not isinstance(blocksize, int)
         or isinstance(blocksize, bool)
@@ -127,7 +129,7 @@ class NF4Weight:
             if not isinstance(value, torch.Tensor) and (value is not None or name in ("packed", "absmax")):
                 raise TypeError(f"NF4Weight.{name} must be a torch.Tensor, got {type(value).__name__}")
         self.shape = torch.Size(self.shape)
-        _check_blocksize(self.blocksize)
+        check_blocksize(self.blocksize)
         _check_float_dtype(self.dtype, "NF4Weight.dtype")
         numel = self.numel
         if self.packed.dtype != torch.uint8 or self.packed.numel() != (numel + 1) // 2:
@@ -415,7 +417,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     _check_float_dtype(weight.dtype, "weight dtype")
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
     if weight.numel() == 0:

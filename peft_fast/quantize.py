@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from peft_fast.io import iter_safetensors, safetensors_files
 from peft_fast.layers import NF4Linear
-from peft_fast.nf4 import NF4Weight, _check_blocksize, check_double_quant, quantize_nf4
+from peft_fast.nf4 import NF4Weight, check_blocksize, check_double_quant, quantize_nf4
 
 __all__ = ["DEFAULT_SKIP_MODULES", "quantize_model"]
 
@@ -106,7 +106,7 @@ def quantize_model(
         skip_modules: module names (last component, full name, or regex) kept in full precision.
         progress: show a progress bar.
     """
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
     if isinstance(skip_modules, str):

@@ -63,8 +63,8 @@ def matches(name: str, patterns: list[str] | str | None) -> bool:
 def matches_modules_to_save(name: str, patterns: list[str] | None) -> bool:
     """PEFT's modules_to_save rule: the module name ends with a pattern, no dot boundary needed.
 
-    Fix: with the target_modules rule (``matches``) ``["norm"]`` missed Llama's
-    ``input_layernorm`` that PEFT trains and saves, so counts and adapter files disagreed.
+    Not the target_modules rule (``matches``): under it ``["norm"]`` would miss Llama's
+    ``input_layernorm``, which PEFT trains and saves.
     """
     return bool(name) and any(name.endswith(pattern) for pattern in patterns or ())
 

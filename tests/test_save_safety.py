@@ -32,9 +32,8 @@ from test_train import make_tokenizer, write_jsonl
 from tiny_models import build
 
 import peft_fast
-from peft_fast.checkpoints import recover_checkpoint
 from peft_fast.prompt_methods import PromptEncoderConfig
-from peft_fast.train import TrainArgs, run_training
+from peft_fast.train import TrainArgs, recover_checkpoint, run_training
 
 TESTS = Path(__file__).resolve().parent
 MIXED = "were not written together"
@@ -408,7 +407,7 @@ def test_resume_after_a_swap_interrupted_between_its_renames(tiny_run, tmp_path,
                 raise Killed
         return real_replace(src, dst)
 
-    monkeypatch.setattr("peft_fast.checkpoints.os.replace", replace)
+    monkeypatch.setattr("peft_fast.train.checkpoints.os.replace", replace)
     broken = tmp_path / "broken"
     with pytest.raises(Killed):
         run_training(args(broken))

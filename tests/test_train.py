@@ -228,13 +228,13 @@ def test_embedded_demo_gains_accuracy(tmp_path):
     import peft
 
     from peft_fast.data import collate, demo_records, tokenize
-    from peft_fast.train import _demo_model_dir
+    from peft_fast.train import demo_model_dir
 
     base = transformers.AutoModelForSequenceClassification.from_pretrained(
-        _demo_model_dir(), num_labels=len(summary["labels"])
+        demo_model_dir(), num_labels=len(summary["labels"])
     )
     model = peft.PeftModel.from_pretrained(base, tmp_path / "demo").eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(_demo_model_dir())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(demo_model_dir())
     batch = collate(tokenize(demo_records()[1], "classification", tokenizer, 64, summary["labels"]), 0)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -278,10 +278,10 @@ def test_two_process_gloo_ddp_matches_one_process(llama_dir, tmp_path):
 
 CTRL_C_ON_RANK_0 = """
 import os, signal, sys
-import peft_fast.train as train
+import peft_fast.train.loop as loop
 from peft_fast.cli import main
 
-calls, memory_mb = [0], train._memory_mb
+calls, memory_mb = [0], loop._memory_mb
 
 
 def ctrl_c_during_step_2():  # called once per step, on every rank
@@ -291,7 +291,7 @@ def ctrl_c_during_step_2():  # called once per step, on every rank
     return memory_mb()
 
 
-train._memory_mb = ctrl_c_during_step_2
+loop._memory_mb = ctrl_c_during_step_2
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -25,19 +25,22 @@ from peft_fast.benchmark.harness import plot as plot
 from peft_fast.benchmark.harness import run_metadata, saved_bytes, target_checks, time_ms, write_results
 from peft_fast.benchmark.harness import timed_row as timed_row
 from peft_fast.benchmark.suites import RANK as RANK
-from peft_fast.benchmark.suites import _model_saved_bytes as _model_saved_bytes
-from peft_fast.benchmark.suites import _our_layer as _our_layer
-from peft_fast.benchmark.suites import _peft_layer as _peft_layer
 from peft_fast.benchmark.suites import bench_dequantize as bench_dequantize
 from peft_fast.benchmark.suites import bench_lora_linear as bench_lora_linear
 from peft_fast.benchmark.suites import bench_quantize_memory as bench_quantize_memory
 from peft_fast.benchmark.suites import bench_saved_bytes as bench_saved_bytes
 from peft_fast.benchmark.suites import bench_train_step as bench_train_step
+from peft_fast.benchmark.suites import model_saved_bytes as model_saved_bytes
+from peft_fast.benchmark.suites import peft_fast_lora_layer as peft_fast_lora_layer
+from peft_fast.benchmark.suites import peft_lora_layer as peft_lora_layer
 from peft_fast.benchmark.suites import quantize_peak_rss as quantize_peak_rss
 from peft_fast.benchmark.suites import tiny_llama_config as tiny_llama_config
 from peft_fast.benchmark.suites import write_random_llama_checkpoint as write_random_llama_checkpoint
 
 __all__ = ["run_benchmarks", "run_metadata", "saved_bytes", "target_checks", "time_ms", "write_results"]
+
+# tests/test_benchmark.py still reads the measure under this name; drop it once the test reads model_saved_bytes.
+_model_saved_bytes = model_saved_bytes
 
 
 GPU_SHAPES = [(4096, 4096), (4096, 11008), (4096, 14336), (14336, 4096)]

@@ -20,14 +20,16 @@ RANK = 16
 # -- what is measured -------------------------------------------------------------------------
 
 
-def _our_layer(dense: torch.nn.Linear, quantized: bool, dropout: float = 0.0) -> torch.nn.Module:
+def peft_fast_lora_layer(dense: torch.nn.Linear, quantized: bool, dropout: float = 0.0) -> torch.nn.Module:
+    """Our LoraLinear (rank RANK) over ``dense``'s weight, NF4 when ``quantized``, in its dtype."""
     base = NF4Linear(quantize_nf4(dense.weight.detach(), 64, True)) if quantized else dense
     layer = LoraLinear(base)
     layer.update_layer("default", r=RANK, lora_alpha=32, lora_dropout=dropout, init_lora_weights=False)
     return layer.to(dense.weight.dtype)
 
 
-def _peft_layer(dense: torch.nn.Linear, quantized: bool, dropout: float = 0.0) -> torch.nn.Module:
+def peft_lora_layer(dense: torch.nn.Linear, quantized: bool, dropout: float = 0.0) -> torch.nn.Module:
+    """PEFT's LoRA layer (rank RANK) over ``dense``, or over bitsandbytes' ``Linear4bit`` when ``quantized``."""
     import peft
 
     holder = torch.nn.Module()
@@ -40,12 +42,12 @@ def _peft_layer(dense: torch.nn.Linear, quantized: bool, dropout: float = 0.0) -
 
 
 def _implementations(dense: torch.nn.Linear) -> dict[str, torch.nn.Module]:
-    impls = {"peft_fast qlora": _our_layer(dense, True), "peft_fast lora": _our_layer(dense, False)}
+    impls = {"peft_fast qlora": peft_fast_lora_layer(dense, True), "peft_fast lora": peft_fast_lora_layer(dense, False)}
     try:
-        impls["peft+bnb qlora"] = _peft_layer(dense, True)
+        impls["peft+bnb qlora"] = peft_lora_layer(dense, True)
     except Exception as exc:
         print(f"skipping PEFT + bitsandbytes: {exc}", file=sys.stderr)
-    impls["peft lora"] = _peft_layer(dense, False)
+    impls["peft lora"] = peft_lora_layer(dense, False)
     return impls
 
 
@@ -153,7 +155,7 @@ def bench_saved_bytes(device: str) -> list[dict]:
     hidden, tokens = 512, 256
     x = torch.randn(tokens, hidden, device=device, requires_grad=True)
     denses = [torch.nn.Linear(hidden, hidden, bias=False, device=device) for _ in range(3)]
-    for name, build in (("peft_fast qlora", _our_layer), ("peft+bnb qlora", _peft_layer)):
+    for name, build in (("peft_fast qlora", peft_fast_lora_layer), ("peft+bnb qlora", peft_lora_layer)):
         try:
             layers = torch.nn.ModuleList([build(d, True, dropout=0.1).train() for d in denses])
         except Exception as exc:
@@ -162,7 +164,7 @@ def bench_saved_bytes(device: str) -> list[dict]:
         total = saved_bytes(lambda layers=layers: [layer(x) for layer in layers], layers)
         rows.append({"op": "saved_for_backward", "impl": name, "scope": "q,k,v layers sharing X", "M": tokens,
                      "K": hidden, "N": hidden, "r": RANK, "dtype": "float32", "bytes": total})  # fmt: skip
-    for name, count in _model_saved_bytes(device).items():
+    for name, count in model_saved_bytes(device).items():
         rows.append({"op": "saved_for_backward", "impl": name, "scope": "tiny Llama, all-linear, dropout 0.05",
                      "dtype": "bfloat16", "r": RANK, "bytes": count})  # fmt: skip
     return rows
@@ -176,7 +178,7 @@ def tiny_llama_config(hidden: int = 256, layers: int = 2):
                                     max_position_embeddings=512, attention_dropout=0.0)  # fmt: skip
 
 
-def _model_saved_bytes(device: str) -> dict[str, int]:
+def model_saved_bytes(device: str) -> dict[str, int]:
     """Bytes saved for backward by a whole patched tiny Llama: ours vs PEFT + bitsandbytes."""
     import tempfile
 

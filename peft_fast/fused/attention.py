@@ -40,26 +40,47 @@ def _fused_rope(original):
     return apply_rotary_pos_emb
 
 
-def _with_globals(fn, replacements: dict):
-    """A copy of ``fn`` whose global lookups of ``replacements``' names give them; decorator layers rebuilt.
+_SHADOWS: dict[str, types.ModuleType] = {}
+
+
+def _shadow_module(module_name: str, replacements: dict) -> types.ModuleType:
+    """A registered copy of a modeling module whose namespace has ``replacements`` (made once per module).
+
+    The rebuilt functions need globals that are a real module's ``__dict__``: ``torch.compile`` finds
+    a function's globals through ``sys.modules[globals["__name__"]]`` to guard on them.
+    """
+    shadow = _SHADOWS.get(module_name)
+    if shadow is None:
+        name = f"peft_fast.fused._shadow.{module_name}"
+        shadow = types.ModuleType(name)
+        shadow.__dict__.update(sys.modules[module_name].__dict__)
+        shadow.__dict__.update(replacements, __name__=name)
+        sys.modules[name] = shadow
+        _SHADOWS[module_name] = shadow
+    return shadow
+
+
+def _with_globals(fn, namespace: dict):
+    """A copy of ``fn`` whose innermost function runs over the globals ``namespace``.
 
     A decorator made with ``functools.wraps`` keeps the function it wraps in a closure cell and in
-    ``__wrapped__``: each layer is rebuilt with the cell pointing at the rebuilt inner function.
+    ``__wrapped__``: each such layer is rebuilt (over its own globals) with the cell pointing at the
+    rebuilt inner function.
     """
     inner = getattr(fn, "__wrapped__", None)
     cells = fn.__closure__
     if inner is not None and cells:
-        rebuilt_inner = _with_globals(inner, replacements)
+        rebuilt_inner = _with_globals(inner, namespace)
         cells = tuple(types.CellType(rebuilt_inner) if _cell_value(cell) is inner else cell for cell in cells)
-        namespace = fn.__globals__
-    else:
-        namespace = {**fn.__globals__, **replacements}
-    rebuilt = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, cells)
-    rebuilt.__kwdefaults__ = fn.__kwdefaults__
-    rebuilt.__dict__.update(fn.__dict__)
-    rebuilt.__qualname__, rebuilt.__doc__, rebuilt.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
-    if inner is not None and cells:
+        rebuilt = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
         rebuilt.__wrapped__ = rebuilt_inner
+    else:
+        rebuilt = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, cells)
+    rebuilt.__kwdefaults__ = fn.__kwdefaults__
+    for name, value in fn.__dict__.items():
+        if name != "__wrapped__":
+            rebuilt.__dict__[name] = value
+    rebuilt.__qualname__, rebuilt.__doc__, rebuilt.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
     return rebuilt
 
 
@@ -89,8 +110,8 @@ def fusable_attention(module: nn.Module, classes: tuple[str, ...]) -> bool:
 def fuse_attention(module: nn.Module) -> None:
     """Give ``module`` the original forward with our rotation."""
     cls = type(module)
-    original_rope = _rope_of(cls)
-    forward = _with_globals(cls.forward, {_ROPE_NAME: _fused_rope(original_rope)})
+    shadow = _shadow_module(cls.__module__, {_ROPE_NAME: _fused_rope(_rope_of(cls))})
+    forward = _with_globals(cls.forward, shadow.__dict__)
     module.__class__ = fused_subclass(cls, "rope", {"forward": forward})
 
 

@@ -8,7 +8,14 @@ from pathlib import Path
 from torch import nn
 
 from peft_fast.config import LoraConfig
-from peft_fast.lora.files import adapter_state_dict, load_lora, reload_in_place, save_lora
+from peft_fast.lora.files import (
+    adapter_state_dict,
+    load_lora,
+    model_key,
+    reload_in_place,
+    save_lora,
+    write_lora_files,
+)
 from peft_fast.lora.patching import (
     STATE_ATTR,
     PatchState,
@@ -85,6 +92,15 @@ class LoraMethod(Method):
 
     def load(self, model: nn.Module, directory, adapter_name: str | None, is_trainable: bool):
         return load_lora(model, directory, adapter_name or "default", is_trainable)
+
+    def model_key(self, file_key: str, adapter_name: str) -> str:
+        return model_key(file_key, adapter_name)
+
+    def save_tensors(self, model: nn.Module, directory: Path, adapter_name: str, tensors: dict) -> Path:
+        return write_lora_files(model, directory, adapter_name, tensors)
+
+    def reload(self, model: nn.Module, directory, adapter_name: str) -> None:
+        reload_in_place(model, directory, adapter_name)
 
 
 METHOD = LoraMethod()

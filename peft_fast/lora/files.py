@@ -19,7 +19,7 @@ from peft_fast.adapter_files import (
     write_adapter_pair,
 )
 from peft_fast.config import LoraConfig
-from peft_fast.layers import LoraEmbedding, LoraLinear
+from peft_fast.layers import LoraEmbedding, LoraLayer, LoraLinear
 from peft_fast.lora.patching import (
     _require_state,
     _state,
@@ -107,9 +107,12 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, adapter_name: str 
 
 
 def _peft_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # Fix: with bias="all" PEFT also saves the biases inside its modules_to_save wrappers
-    # (`<module>.modules_to_save.bias`, `<module>.original_module.bias`); the trained values are
-    # under `<module>.bias` as well, so these copies are dropped instead of refusing the file.
+    """A PEFT file's tensors without the copies inside its modules_to_save wrappers.
+
+    With bias="all" PEFT also saves the biases inside those wrappers (``<module>.modules_to_save.bias``,
+    ``<module>.original_module.bias``); the trained values are under ``<module>.bias`` as well, so the
+    copies are dropped rather than refusing the file.
+    """
     return {k: v for k, v in tensors.items() if ".modules_to_save." not in k and ".original_module." not in k}
 
 
@@ -212,7 +215,7 @@ def _expected_adapter_shapes(model, config, targets) -> dict[str, tuple | None]:
     shapes: dict[str, tuple | None] = {}
     for name in targets:
         module = model.get_submodule(name)
-        if isinstance(module, (LoraLinear, LoraEmbedding)):
+        if isinstance(module, LoraLayer):
             module = module.base_layer
         rank = config.rank_for(name)
         if isinstance(module, nn.Embedding):

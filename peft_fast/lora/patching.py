@@ -21,14 +21,14 @@ from peft_fast.host import (
     as_linear,
     conv1d_names,
     put_bases_back,
+    quantize_host_model,
     register_state_attr,
     restore_base,
     set_submodule,
     untie,
 )
-from peft_fast.layers import LoraEmbedding, LoraLinear, NF4Linear
+from peft_fast.layers import LoraEmbedding, LoraLayer, LoraLinear, NF4Linear
 from peft_fast.method import flags_set
-from peft_fast.quantize import quantize_model
 from peft_fast.targeting import (
     check_modules_to_save,
     inside,
@@ -82,13 +82,10 @@ def _require_state(model: nn.Module) -> PatchState:
     return state
 
 
-LoraLayer = LoraLinear | LoraEmbedding
-
-
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """(name, layer) for every LoRA layer (LoraLinear, LoraEmbedding) in the model."""
     for name, module in model.named_modules():
-        if isinstance(module, (LoraLinear, LoraEmbedding)):
+        if isinstance(module, LoraLayer):
             yield name, module
 
 
@@ -113,7 +110,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(w + ".") for w in wrappers) or inside(name, saved):
             continue
-        if isinstance(module, (LoraLinear, LoraEmbedding)):
+        if isinstance(module, LoraLayer):
             module = module.base_layer
         if config.target_modules == "all-linear":
             chosen = is_base_linear(module) and name not in heads
@@ -190,16 +187,15 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     targets = find_targets(model, config)
     _check_user_modules_to_save(model, config)
     state = PatchState(configs={adapter_name: config}, active=[adapter_name], quantized=config.quantize == "nf4")
-    # Fix: note every GPT-2 Conv1D before NF4 quantization turns it into an NF4Linear (after which
-    # the check in the loop below no longer sees it), so that merge gives back Conv1D layers.
+    # Every GPT-2 Conv1D is noted before NF4 quantization turns it into an NF4Linear (which the
+    # check in the loop below no longer sees as one), so that merge gives back Conv1D layers.
     state.conv1d_names = conv1d_names(model)
 
+    # Not host.prepare_host_model: LoRA keeps modules_to_save dense too, quantizes (with a progress
+    # bar) whatever Linear layers are left even if some are NF4 already, and freezes every
+    # parameter, another method's included (patch LoRA first: see peft_fast.ia3).
     if config.quantize == "nf4":
-        skip = tuple(output_head_names(model)) + tuple(config.modules_to_save or ())
-        # Fix: like transformers + bitsandbytes, leave the model's _keep_in_fp32_modules dense (T5's
-        # `wo`: its forward reads `self.wo.weight.dtype`, which an NF4 layer cannot provide).
-        skip += tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-        quantize_model(model, blocksize=config.blocksize, double_quant=config.double_quant, skip_modules=skip)
+        quantize_host_model(model, config.blocksize, config.double_quant, tuple(config.modules_to_save or ()))
     for param in model.parameters():
         param.requires_grad_(False)
     for name in targets:
@@ -255,7 +251,7 @@ def add_lora_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) ->
     _check_user_modules_to_save(model, config)
     for name in targets:
         layer = model.get_submodule(name)
-        if not isinstance(layer, (LoraLinear, LoraEmbedding)):
+        if not isinstance(layer, LoraLayer):
             if not isinstance(layer, (nn.Linear, NF4Linear, nn.Embedding)):
                 state.conv1d_names.add(name)
             layer = _wrap(layer)

@@ -36,11 +36,9 @@ prefix_tuning,p_tuning,adaption_prompt}``). Where we differ on purpose:
 
 from peft_fast.prompt_methods.base import PEFT_VERSION as PEFT_VERSION
 from peft_fast.prompt_methods.base import PromptEncoder as PromptEncoder
-from peft_fast.prompt_methods.base import _state as _state
 from peft_fast.prompt_methods.files import load_prompt_adapter, prompt_adapter_state_dict, save_prompt_adapter
 from peft_fast.prompt_methods.llama_adapter import AdaptionPromptConfig, adaption_prompt_attention
 from peft_fast.prompt_methods.p_tuning import PromptEncoderConfig
-from peft_fast.prompt_methods.patching import PromptConfig as PromptConfig
 from peft_fast.prompt_methods.patching import (
     disable_prompt_adapter,
     patch_prompt,
@@ -49,6 +47,8 @@ from peft_fast.prompt_methods.patching import (
 )
 from peft_fast.prompt_methods.prefix_tuning import PrefixTuningConfig
 from peft_fast.prompt_methods.prompt_tuning import PromptTuningConfig
+from peft_fast.prompt_methods.state import PromptConfig as PromptConfig
+from peft_fast.prompt_methods.state import _state as _state
 
 __all__ = [
     "AdaptionPromptConfig",

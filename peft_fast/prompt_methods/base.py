@@ -1,24 +1,21 @@
-"""Shared pieces of the prompt methods: constants, model geometry, the prompt encoder and the adapter's state."""
+"""Shared pieces of the prompt methods: constants, config checks, model geometry, the prompt encoder, pre-hook helpers.
+
+The adapter's state on the model is in :mod:`peft_fast.prompt_methods.state` (it names the four
+configs, whose modules import this one).
+"""
 
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from peft_fast.adapter_files import PEFT_PREFIX as _PEFT_PREFIX  # noqa: F401 (the prompt methods import it from here)
-from peft_fast.host import register_state_attr
 from peft_fast.models import geometry
 
-if TYPE_CHECKING:
-    from peft_fast.prompt_methods.patching import PromptConfig
-
-
 PEFT_VERSION = "0.21.2"
-# The submodule holding our state (and the prompt parameters).
-_STATE_ATTR = register_state_attr("peft_fast_prompt")
 
 
 # -- config checks ---------------------------------------------------------------------------
@@ -95,33 +92,6 @@ class PromptEncoder(nn.Module):
         if self.reparameterization == "MLP":
             return self.mlp_head(weight)
         return self.mlp_head(self.lstm_head(weight.unsqueeze(0))[0])[0]
-
-
-class _PromptState(nn.Module):
-    """Registered on the model as ``peft_fast_prompt``: config, encoder (if any), hooks."""
-
-    def __init__(self, config: PromptConfig, adapter_name: str, encoder: PromptEncoder | None) -> None:
-        super().__init__()
-        self.config = config
-        self.adapter_name = adapter_name
-        self.encoder = encoder
-        self.hooks: list[Any] = []
-        self.requires_grad_before: dict[str, bool] = {}
-        self.attention_names: list[str] = []
-        self.checkpoint_layers: list[nn.Module] = []
-        self.forward_parameters: list[str] = []
-        self.geometry: dict[str, int] = {}
-
-
-def _state(model: nn.Module) -> _PromptState | None:
-    return getattr(model, _STATE_ATTR, None)
-
-
-def _require_state(model: nn.Module) -> _PromptState:
-    state = _state(model)
-    if state is None:
-        raise ValueError("the model has no prompt adapter (call patch_prompt or load_prompt_adapter first)")
-    return state
 
 
 # -- helpers of the forward pre-hook ----------------------------------------------------------

@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from peft_fast.adapter_files import ADAPTER_WEIGHTS, output_directory, write_adapter_pair
-from peft_fast.prompt_methods.base import _PEFT_PREFIX, PEFT_VERSION, _geometry, _require_state
+from peft_fast.prompt_methods.base import _PEFT_PREFIX, PEFT_VERSION, _geometry
 from peft_fast.prompt_methods.llama_adapter import AdaptionPromptConfig, _attention_targets
 from peft_fast.prompt_methods.p_tuning import PromptEncoderConfig
-from peft_fast.prompt_methods.patching import _CONFIGS, PromptConfig, _check_supported, patch_prompt
+from peft_fast.prompt_methods.patching import _check_supported, patch_prompt
 from peft_fast.prompt_methods.prefix_tuning import PrefixTuningConfig
 from peft_fast.prompt_methods.prompt_tuning import PromptTuningConfig
+from peft_fast.prompt_methods.state import _CONFIGS, PromptConfig, _require_state
 
 
 def prompt_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -8,9 +8,9 @@ from pathlib import Path
 from torch import nn
 
 from peft_fast.method import Method, flags_set
-from peft_fast.prompt_methods.base import _STATE_ATTR, _require_state
 from peft_fast.prompt_methods.files import load_prompt_adapter, prompt_adapter_state_dict, save_prompt_adapter
-from peft_fast.prompt_methods.patching import _CONFIGS, patch_prompt, unpatch_prompt
+from peft_fast.prompt_methods.patching import patch_prompt, unpatch_prompt
+from peft_fast.prompt_methods.state import _CONFIGS, _STATE_ATTR, _require_state
 
 __all__ = ["METHOD", "PromptMethod"]
 

@@ -8,15 +8,11 @@ import torch
 from torch import nn
 
 from peft_fast.prompt_methods.base import (
-    _STATE_ATTR,
     PromptEncoder,
     _cache_kwarg,
     _forward_parameters,
     _geometry,
     _positions_from_mask,
-    _PromptState,
-    _require_state,
-    _state,
 )
 from peft_fast.prompt_methods.llama_adapter import (
     _ADAPTION_MODEL_TYPES,
@@ -27,9 +23,7 @@ from peft_fast.prompt_methods.llama_adapter import (
 from peft_fast.prompt_methods.p_tuning import PromptEncoderConfig
 from peft_fast.prompt_methods.prefix_tuning import PrefixTuningConfig, _prefix_cache
 from peft_fast.prompt_methods.prompt_tuning import PromptTuningConfig, _text_init
-
-PromptConfig = PromptTuningConfig | PrefixTuningConfig | PromptEncoderConfig | AdaptionPromptConfig
-_CONFIGS = {c.peft_type: c for c in (PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, AdaptionPromptConfig)}
+from peft_fast.prompt_methods.state import _CONFIGS, _STATE_ATTR, PromptConfig, _PromptState, _require_state, _state
 
 
 def _pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

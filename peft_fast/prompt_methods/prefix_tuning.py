@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from peft_fast.config import check_bool
-from peft_fast.prompt_methods.base import _check_positive, _PromptState
+from peft_fast.prompt_methods.base import _check_positive
 
 
 @dataclass
@@ -62,8 +63,12 @@ def _read_only_prefix_cache_class():
     return ReadOnlyPrefixCache
 
 
-def _prefix_cache(state: _PromptState, batch: int, dtype: torch.dtype, cache, read_only: bool) -> Any:
-    """Fill ``cache`` (or a new DynamicCache) with the per-layer key/value prefix."""
+def _prefix_cache(state: nn.Module, batch: int, dtype: torch.dtype, cache, read_only: bool) -> Any:
+    """Fill ``cache`` (or a new DynamicCache) with the per-layer key/value prefix.
+
+    ``state`` is the adapter's state (:mod:`peft_fast.prompt_methods.state`, which imports this
+    module for its config): its geometry, config, encoder and model config are read.
+    """
     import transformers
 
     g, n = state.geometry, state.config.num_virtual_tokens

