@@ -14,6 +14,7 @@ from peft_fast.ops._common import (
     no_autocast,
 )
 from peft_fast.ops.adapter import bottleneck_adapter
+from peft_fast.ops.cross_entropy import linear_cross_entropy
 from peft_fast.ops.glu import glu, glu_packed
 from peft_fast.ops.ia3 import ia3_linear
 from peft_fast.ops.lora_linear import lora_linear, merge_lora
@@ -33,6 +34,7 @@ __all__ = [
     "glu",
     "glu_packed",
     "ia3_linear",
+    "linear_cross_entropy",
     "lora_linear",
     "merge_lora",
     "no_autocast",
