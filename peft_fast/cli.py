@@ -343,6 +343,12 @@ def _add_train_flags(train: argparse.ArgumentParser) -> None:
          help="under torchrun: FSDP2 instead of DDP, sharding parameters, gradients and optimizer state "
               "(one unit per transformer block, then the root); every --method; in one process: ignored, "
               "it trains as usual")  # fmt: skip
+    flag("--fuse", help="the fused training step for Llama / Mistral / Qwen2 / Qwen3 / Gemma / Gemma 2 / 3 / Phi-3: "
+         "all (default), none, or comma-separated pieces (rms_norm, residual_add, rope, glu, tiled_mlp, "
+         "linear_cross_entropy)")  # fmt: skip
+    flag("--offload-activations", dest="offload_activations", action="store_true",
+         help="keep each checkpointed layer's input in host memory until its backward (implies "
+              "--gradient-checkpointing; one process)")  # fmt: skip
     train.add_argument("--config", help="yaml or json file of settings; flags given override it")
 
 

@@ -88,6 +88,26 @@ def lm_args(model_dir: Path, data: Path, out: Path, **overrides) -> TrainArgs:
     return TrainArgs(**{**settings, **overrides})
 
 
+def test_fused_step_options_train_the_same_adapter(llama_dir, tmp_path):
+    """--fuse none, --fuse all (the default) and --offload-activations train the same adapter (fp32: the
+    fused pieces round like Hugging Face's to ~1e-6), and the run record keeps the options."""
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "text.jsonl", "text")
+    runs = {}
+    for name, overrides in {"none": {"fuse": "none"}, "all": {}, "offload": {"offload_activations": True},
+                            "some": {"fuse": "rms_norm,rope"}}.items():  # fmt: skip
+        out = tmp_path / name
+        run_training(lm_args(llama_dir, data, out, method="lora", max_steps=4, dropout=0.0, **overrides))
+        runs[name] = load_file(out / "adapter_model.safetensors")
+        record = json.loads((out / "peft_fast_run.json").read_text())["args"]
+        assert record["fuse"] == overrides.get("fuse", "all")
+        assert record["offload_activations"] == overrides.get("offload_activations", False)
+    for name in ("all", "offload", "some"):
+        for key, tensor in runs["none"].items():
+            torch.testing.assert_close(runs[name][key], tensor, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+
+
 @pytest.mark.parametrize("fmt", ["text", "prompt_completion", "messages"])
 def test_causal_lm_training_lowers_loss_and_peft_loads_the_adapter(llama_dir, tmp_path, fmt):
     import peft
@@ -159,6 +179,8 @@ def run_cli(*argv: str, capsys) -> tuple[int, str]:
          "--r must be a positive integer"),
         (lambda d: (d / "ok.jsonl").write_text('{"text": "a"}\n'), ["--data", "{d}/ok.jsonl", "--seq-len", "4096"],
          "larger than the model supports"),
+        (lambda d: (d / "ok.jsonl").write_text('{"text": "a"}\n'), ["--data", "{d}/ok.jsonl", "--fuse", "rope,norms"],
+         r"--fuse: unknown fused piece\(s\) \['norms'\]"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_clear_line_and_exit_code_2(llama_dir, tmp_path, capsys, setup, flags, message):

@@ -69,6 +69,8 @@ class TrainArgs:
     log_every: int = 50  # without a terminal: a progress line every N steps ...
     log_every_seconds: float = 10.0  # ... or every S seconds, whichever comes first (0: off)
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (one process: ignored)
+    fuse: str = "all"  # the fused training step: all, none, or comma-separated pieces (peft_fast.fused.PIECES)
+    offload_activations: bool = False  # checkpointed layer inputs in host memory (implies gradient checkpointing)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -95,6 +97,7 @@ def check_args(args: TrainArgs) -> None:
     for name in ("batch_size", "grad_accum", "seq_len"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    fused_pieces(args.fuse)
     if args.max_steps is not None and args.max_steps <= 0:
         raise UsageError(f"--max-steps must be positive, got {args.max_steps}")
     if (args.model is None) != (args.data is None):
@@ -137,3 +140,20 @@ def read_settings_file(path: str | os.PathLike) -> dict:
     if not isinstance(settings, dict):
         raise UsageError(f"config file {path} must hold a mapping of flag names to values")
     return {key.replace("-", "_"): value for key, value in settings.items()}
+
+
+def fused_pieces(fuse: str) -> bool | list[str]:
+    """``--fuse``'s value as ``patch``'s ``fused``: True (all), False (none) or the named pieces."""
+    from peft_fast.fused import PIECES, resolve_pieces
+
+    if not isinstance(fuse, str):
+        raise UsageError(f"--fuse must be all, none or comma-separated pieces of {', '.join(PIECES)}; got {fuse!r}")
+    value = fuse.strip().lower()
+    if value in ("all", "none"):
+        return value == "all"
+    pieces = [piece.strip() for piece in value.split(",") if piece.strip()]
+    try:
+        resolve_pieces(pieces)
+    except ValueError as exc:
+        raise UsageError(f"--fuse: {first_line(exc)}") from None
+    return pieces

@@ -11,7 +11,7 @@ import torch
 from peft_fast import data as data_mod
 from peft_fast.config import LoraConfig
 from peft_fast.front_doors import patch
-from peft_fast.train.args import TrainArgs, UsageError, first_line
+from peft_fast.train.args import TrainArgs, UsageError, first_line, fused_pieces
 
 __all__ = [
     "TASK_TYPES",
@@ -152,7 +152,7 @@ def build(args: TrainArgs, rank: int):
         raise UsageError("no training examples left after tokenisation (is --seq-len too small?)")
     torch.manual_seed(args.seed)  # the adapter's initialisation depends on the seed only
     _apply_method(model, args, task)
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing or args.offload_activations:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -173,6 +173,11 @@ def _load_model(model_dir: Path, task: str, labels: list[str] | None, dtype: tor
     return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
 
 
+def _step_options(args: TrainArgs) -> dict:
+    """``patch``'s fused-step options from ``--fuse`` and ``--offload-activations``."""
+    return {"fused": fused_pieces(args.fuse), "offload_activations": args.offload_activations}
+
+
 def _apply_method(model, args: TrainArgs, task: str) -> None:
     """Patch ``model`` for ``args.method``: LoRA / QLoRA, bottleneck adapters, (IA)³ or a prompt method.
 
@@ -186,7 +191,7 @@ def _apply_method(model, args: TrainArgs, task: str) -> None:
                                 target_modules=args.target_modules, modules_to_save=head or None,
                                 quantize="nf4" if args.method == "qlora" else None,
                                 task_type=TASK_TYPES[task])  # fmt: skip
-            patch(model, config)
+            patch(model, config, **_step_options(args))
         except (ValueError, TypeError) as exc:
             raise UsageError(f"--method {args.method}: {first_line(exc)}") from None
         return
@@ -205,6 +210,6 @@ def _apply_method(model, args: TrainArgs, task: str) -> None:
         "llama-adapter": lambda: prompts.AdaptionPromptConfig(adapter_len=tokens),
     }[args.method]
     try:
-        patch(model, make_config())
+        patch(model, make_config(), **_step_options(args))
     except (ValueError, TypeError) as exc:  # e.g. prefix tuning on a model without a supported cache
         raise UsageError(f"--method {args.method}: {first_line(exc)}") from None

@@ -100,6 +100,9 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
     """Train, evaluate and save; returns a summary. ``interrupt_at_step`` simulates Ctrl-C (tests)."""
     check_args(args)
     rank, world = distributed.init()
+    if args.offload_activations and world > 1:
+        # Its reentrant recompute runs the layer's backward inside DDP's / FSDP's: not checked with either.
+        raise UsageError("--offload-activations runs in one process; drop it under torchrun")
     if args.resume:  # a checkpoint swap a kill interrupted: resume from the newest complete copy
         recover_checkpoint(Path(args.output), rank, world)
     out = check_output_dir(args)

@@ -25,7 +25,8 @@ __all__ = [
 FIXED_ON_RESUME = ("model", "method", "r", "alpha", "target_modules", "num_virtual_tokens")
 # Settings a resumed run may change; each change is reported on one line.
 CHANGEABLE_ON_RESUME = ("lr", "batch_size", "grad_accum", "epochs", "max_steps", "dropout", "seq_len", "data",
-                        "eval_data", "seed", "packing", "gradient_checkpointing", "warmup_ratio")  # fmt: skip
+                        "eval_data", "seed", "packing", "gradient_checkpointing", "warmup_ratio",
+                        "fuse", "offload_activations")  # fmt: skip
 # How this invocation runs, not what it trains: never compared, never taken from the record.
 NOT_RECORDED = ("output", "resume", "overwrite", "progress", "log_every", "log_every_seconds", "fsdp", "extra")
 
