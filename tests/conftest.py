@@ -2,9 +2,22 @@
 
 TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined, i.e. before
 ``peft_fast.kernels`` is imported, so it is set here at collection time.
+
+One CPU thread per process (torch's intra-op pool, OpenMP, and NumPy's BLAS, which the
+interpreter uses), unless the variables are already set: every tensor here is tiny, and on a
+shared 2-core machine a second thread mostly spins waiting for the first; measured on two busy
+cores, a kernel + parity file pair took 39-57 s on one thread and 204-208 s on two. Subprocesses
+the tests start inherit it.
+
+Markers (pyproject.toml): ``slow`` studies are deselected by default (``-m slow`` runs them);
+``cuda`` tests are skipped here when there is no GPU.
 """
 
 import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import torch
 
@@ -12,6 +25,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # also when torch was imported before this file
 
 # Device on which the kernel tests run: the GPU when there is one, else CPU + interpreter.
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,6 +62,16 @@ def pytest_configure(config) -> None:
             f"({type(exc).__name__}: {exc}); install numpy<2.4 or a newer Triton"
         ) from None
     assert int(out) == 3
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``@pytest.mark.cuda`` tests (or parameters) are skipped here, in one place, without a GPU."""
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="no GPU (cuda marker)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture

@@ -360,10 +360,13 @@ def cross_entropy_rows_reference_(
     in_range = (labels >= 0) & (labels < z.shape[1])
     index = torch.where(in_range, labels, 0).unsqueeze(1)
     target = torch.where(in_range, z.gather(1, index).squeeze(1), float("nan"))
-    if not write_grad:
-        losses.copy_(torch.where(ignored, 0.0, torch.logsumexp(z, 1) - target))
-        return
     row_max = z.amax(1, keepdim=True)
+    if not write_grad:
+        # The same ops as the gradient pass below (not torch.logsumexp, whose rounding differs by
+        # CPU), out of place: the logits are read only here. no_grad and grad give one loss.
+        sum_exp = (z - row_max).exp_().sum(1, keepdim=True)
+        losses.copy_(torch.where(ignored, 0.0, sum_exp.log().squeeze(1) - (target - row_max.squeeze(1))))
+        return
     z.sub_(row_max).exp_()  # z: exp(z − max)
     sum_exp = z.sum(1, keepdim=True)
     losses.copy_(torch.where(ignored, 0.0, sum_exp.log().squeeze(1) - (target - row_max.squeeze(1))))
