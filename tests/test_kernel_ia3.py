@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from peft_fast.kernels import ia3 as kernels
+from peft_fast.kernels import plans
 from peft_fast.kernels.ia3 import ia3_linear_backward, ia3_linear_forward, ia3_linear_reference_forward
 from peft_fast.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
@@ -160,12 +161,36 @@ def test_bad_inputs_raise_clear_errors(change, error, message):
 
 @pytest.mark.parametrize("scale_input", [False, True], ids=["output", "input"])
 def test_large_m_dequantizes_once_then_runs_dense(monkeypatch, scale_input):
-    """From DEQUANT_GEMM_MIN_M rows the (IA)3 GEMMs stream deq(W) from a scratch buffer."""
-    from peft_fast.kernels import lora_linear
-
+    """Blocks spanning rows: the (IA)3 GEMMs stream deq(W) from a scratch buffer (dX from DX_DEQUANT_MIN_M on)."""
     calls = []
-    original = lora_linear.dequantize_nf4_triton
-    monkeypatch.setattr(lora_linear, "dequantize_nf4_triton", lambda *a: calls.append(a) or original(*a))
-    monkeypatch.setattr(lora_linear, "DEQUANT_GEMM_MIN_M", 32)
+    original = kernels.dequantize_nf4_triton
+    monkeypatch.setattr(kernels, "dequantize_nf4_triton", lambda *a: calls.append(a) or original(*a))
+    monkeypatch.setattr(plans, "DX_DEQUANT_MIN_M", 32)
     check_against_formula(make_case(33, 72, 40, torch.bfloat16, "nf4_dq", scale_input))
-    assert len(calls) == 2  # forward and backward
+    # Forward and backward (output scaling's backward leads with the library path, which dequantizes too).
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("base_kind", ["nf4", "nf4_dq"])
+@pytest.mark.parametrize("scale_input", [False, True], ids=["output", "input"])
+@pytest.mark.parametrize("m", [1, 17, 40])
+def test_row_streaming_nf4_forward(monkeypatch, m, scale_input, base_kind, dtype):
+    """K a multiple of the block: the forward streams W rows (nf4_gemm._ia3_rows_fwd_kernel)."""
+    launched = []
+    kernel = kernels._ia3_rows_fwd_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launched.append(grid) or kernel[grid](*a, **kw)
+
+    monkeypatch.setattr(kernels, "_ia3_rows_fwd_kernel", Recorder())
+    case = make_case(m, 128, 45, dtype, base_kind, scale_input, bias=m != 17)
+    check_against_formula(case)
+    assert len(launched) == 1
+    y, y0 = ia3_linear_forward(**case)
+    fused_y, fused_y0 = kernels._fwd_fused(**case)
+    # The same roundings as the general kernel: only the fp32 summation order differs.
+    assert rel_err(y, fused_y.double()) <= (1e-6 if dtype == torch.float32 else 8e-3)
+    if not scale_input:
+        assert rel_err(y0, fused_y0.double()) <= (1e-6 if dtype == torch.float32 else 8e-3)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from peft_fast.kernels import lora_linear as kernels
+from peft_fast.kernels import plans
 from peft_fast.kernels.dropout import philox4x32
 from peft_fast.kernels.lora_linear import (
     dropout_mask,
@@ -22,6 +23,7 @@ from peft_fast.kernels.lora_linear import (
     lora_linear_forward,
     lora_linear_reference_forward,
 )
+from peft_fast.kernels.nf4_gemm import base_kind as base_kind_of
 from peft_fast.nf4 import dequantize_nf4, quantize_nf4
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -128,9 +130,9 @@ def test_dtype_and_base_matrix(m, dtype, base_kind, p):
     check_against_formula(case, p)
 
 
-# (K, N, blocksize): K not a multiple of the 32-wide interpreter tiles nor of the NF4 block
-# (blocks then span rows), K a multiple of the block (one scale per tile row), and a block
-# wider than a row.
+# (K, N, blocksize): K not a multiple of the 64-wide K tiles nor of the NF4 block (blocks then
+# span rows), K a multiple of a block narrower than the row loader's tiles (the general loader
+# with one scale per tile row), and a block wider than a row.
 SHAPES = [(72, 40, 64), (96, 33, 32), (64, 20, 128)]
 
 
@@ -144,36 +146,44 @@ def test_fp32_shapes(m, k, n, blocksize, base_kind):
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("rank", [1, 8, 16, 64])
+@pytest.mark.parametrize("rank", [1, 8, 16, 80])  # 80: a full 64-wide rank chunk and a partial one
 def test_fp32_ranks(rank, bias, p):
     case = make_case(64, 96, 33, rank, torch.float32, "nf4_dq", bias=bias, blocksize=32)
     check_against_formula(case, p)
 
 
 def test_many_tiles_in_both_directions():
-    # More row tiles than GROUP_M and several column tiles: the swizzled tile order must
-    # still cover every tile exactly once.
-    case = make_case(130, 80, 100, 4, torch.float32, "nf4_dq")
+    # More row tiles than GROUP_M (8 of the GPU's 128 rows) and several column tiles: the swizzled
+    # tile order must still cover every tile exactly once.
+    case = make_case(1100, 48, 300, 4, torch.float32, "nf4_dq")
     check_against_formula(case, p=0.1)
 
 
-@pytest.mark.parametrize("splits", [2, 3, 7])
+H200 = lambda device: 2 * 132  # two programs per SM, as _programs_wanted asks of an H200
+
+
+@pytest.mark.parametrize("m,splits", [(1100, 2), (2100, 3)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_da_split_over_m_matches_formula(monkeypatch, dtype, splits):
+def test_da_split_over_m_matches_formula(monkeypatch, dtype, m, splits):
     # dA's reduction over M split in ranges (fp32 partials, summed in order), the last one ragged;
-    # dropout rows must keep their global index across splits.
-    monkeypatch.setattr(kernels, "_da_splits", lambda m, k, rank, device: splits)
-    case = make_case(200, 40, 24, 8, dtype, "nf4_dq")
-    check_against_formula(case, p=0.2)
+    # dropout rows must keep their global index across splits. The device model is an H200's.
+    monkeypatch.setattr(kernels, "_programs_wanted", H200)
+    case = make_case(m, 40, 24, 8, dtype, "nf4_dq")
+    dh = torch.randn(m, 8, device=KERNEL_DEVICE).to(dtype)
+    p = 0.2
+    keep = dropout_mask(SEED, m, 40, p, KERNEL_DEVICE)
+    expected = dh.double().t() @ (torch.where(keep, case["x"].double(), 0.0) / (1.0 - p))
+    partials = []
+    original = kernels._empty
+    monkeypatch.setattr(kernels, "_empty", lambda shape, *a: partials.append(shape) or original(shape, *a))
+    assert_close(kernels._lora_da(dh, case["x"], p, SEED), expected, dtype, "da")
+    assert (splits, 8, 40) in partials
 
 
 def test_da_split_policy_fills_an_h100():
     """At Llama shapes dA has few tiles (r x K): the reduction over M is split to fill the SMs."""
-    h100 = lambda device: 2 * 132  # two programs per SM, as _programs_wanted asks of an H100
     with pytest.MonkeyPatch.context() as patched:
-        patched.setattr(kernels, "_programs_wanted", h100)
-        patched.setattr(kernels, "_DA_MIN_SPLIT_ROWS", 512)
-        patched.setattr(kernels, "_DA_MIN_BLOCK_K", 64)
+        patched.setattr(kernels, "_programs_wanted", H200)
         device = torch.device("cpu")
         splits = kernels._da_splits(16384, 4096, 16, device)
         tiles = 4096 // 64
@@ -185,9 +195,7 @@ def test_da_split_policy_fills_an_h100():
 def test_split_k_policy_balances_an_h200():
     """Decode: the split count leaves no SM with twice the weight stream of another."""
     with pytest.MonkeyPatch.context() as patched:
-        patched.setattr(kernels, "_programs_wanted", lambda device: 2 * 132)
-        patched.setattr(kernels, "_SPLITK_GRANULE", 64)
-        patched.setattr(kernels, "_SPLITK_POLICY_BLOCK_N", 128)
+        patched.setattr(kernels, "_programs_wanted", H200)
         device = torch.device("cpu")
         for m, n, k in ((1, 4096, 4096), (16, 4096, 4096), (1, 14336, 4096), (1, 4096, 14336)):
             k_slice = kernels._split_k_slice(m, n, k, device)
@@ -198,6 +206,21 @@ def test_split_k_policy_balances_an_h200():
             ideal = triton.cdiv(n, 128) * triton.cdiv(k, 64) / 132
             assert busiest <= 1.25 * ideal, (m, n, k, k_slice, busiest, ideal)
         assert kernels._split_k_slice(1, 4096, 4096, device) == 1024  # 4 splits: 128 programs
+
+
+def test_split_policies_split_small_shapes_on_a_small_device_model():
+    """The CPU's device model (8 programs) splits a decode GEMV and H over K with the GPU's constants."""
+    device = torch.device("cpu")
+    assert kernels._programs_wanted(device) == 8
+    assert triton.cdiv(1024, kernels._split_k_slice(1, 40, 1024, device)) > 1
+    calls = []
+    original = kernels._empty
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(kernels, "_empty", lambda shape, *a: calls.append(shape) or original(shape, *a))
+        case = make_case(3, 512, 40, 8, torch.float32, "nf4")
+        check_against_formula(case, p=0.3)
+    assert any(len(shape) == 3 and shape[1:] == (3, 8) for shape in calls)  # H's fp32 partials per K slice
+    assert any(len(shape) == 3 and shape[1:] == (3, 40) for shape in calls)  # the GEMV's partials
 
 
 def test_torch_reference_matches_kernels():
@@ -219,37 +242,40 @@ def test_small_m_path_matches_tiled_path(m, base_kind):
     case = make_case(m, 72, 40, 8, torch.float32, base_kind)
     h = kernels._lora_down(case["x"], case["lora_a"], 0.0, SEED)
     args = (case["x"], case["base"], h, case["lora_b"], case["bias"], case["scale"])
-    small = kernels._forward_small_m(*args)
-    tiled = kernels._forward_tiled(*args)
+    small = kernels._y_splitk(*args)
+    tiled = kernels._y_fused(*args)
     assert rel_err(small, tiled.double()) <= 1e-6
     # A fixed-order reduction: the same inputs give the same bits.
-    assert torch.equal(small, kernels._forward_small_m(*args))
+    assert torch.equal(small, kernels._y_splitk(*args))
 
 
-def test_forward_dispatches_on_m(monkeypatch):
+def test_forward_follows_the_plan(monkeypatch):
     calls = []
-    for name in ("_forward_small_m", "_forward_tiled"):
-        original = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _name=name, _f=original: calls.append(_name) or _f(*a))
+    for name, run in list(kernels._Y_IMPLEMENTATIONS.items()):
+        spy = lambda *a, _name=name, _run=run: calls.append(_name) or _run(*a)
+        monkeypatch.setitem(kernels._Y_IMPLEMENTATIONS, name, spy)
     for m in (kernels.SMALL_M_MAX, kernels.SMALL_M_MAX + 1):
-        forward(make_case(m, 32, 16, 4))
-    assert calls == ["_forward_small_m", "_forward_tiled"]
+        forward(make_case(m, 128, 16, 4, base_kind="nf4"))  # the row loader's layout
+        forward(make_case(m, 72, 16, 4, base_kind="nf4"))  # blocks span rows
+        forward(make_case(m, 32, 16, 4))  # dense
+    splitk, rows, fused, dequant = plans.SPLITK, plans.ROWS, plans.FUSED, plans.DEQUANT_FUSED
+    assert calls == [splitk, splitk, fused, rows, dequant, fused]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("base_kind", ["nf4", "nf4_dq"])
-def test_large_m_dequantizes_once_then_runs_dense(monkeypatch, base_kind, dtype):
-    """From DEQUANT_GEMM_MIN_M rows the forward and dX stream deq(W) from a scratch buffer."""
+def test_general_layout_dequantizes_once_then_runs_dense(monkeypatch, base_kind, dtype):
+    """Blocks spanning rows: the forward streams deq(W) from a scratch buffer, dX from DX_DEQUANT_MIN_M on."""
     case = make_case(40, 96, 33, 8, dtype, base_kind, bias=True, blocksize=32)
     dequantized = []
     original = kernels.dequantize_nf4_triton
     monkeypatch.setattr(kernels, "dequantize_nf4_triton", lambda *a: dequantized.append(a) or original(*a))
-    monkeypatch.setattr(kernels, "DEQUANT_GEMM_MIN_M", 32)
+    monkeypatch.setattr(plans, "DX_DEQUANT_MIN_M", 32)
     check_against_formula(case, 0.3)
     assert len(dequantized) == 2  # forward and dX, nowhere else
-    monkeypatch.setattr(kernels, "DEQUANT_GEMM_MIN_M", 41)
+    monkeypatch.setattr(plans, "DX_DEQUANT_MIN_M", 128)  # above M's bucket (64)
     check_against_formula(case, 0.3)
-    assert len(dequantized) == 2
+    assert len(dequantized) == 3  # the forward only
 
 
 @pytest.mark.parametrize("base_kind", ["nf4", "nf4_dq"])
@@ -258,7 +284,7 @@ def test_large_m_dequantizes_once_then_runs_dense(monkeypatch, base_kind, dtype)
 def test_row_streaming_nf4_kernels(m, dtype, base_kind):
     """K a multiple of the block: the forward streams W rows (nf4_gemm.py) in both M regimes."""
     case = make_case(m, 128, 45, 8, dtype, base_kind, bias=True, blocksize=64)
-    assert kernels.rows_scaled(case["base"], kernels._ROWS_FWD_BLOCK_K)
+    assert base_kind_of(case["base"]) == "nf4_rows"
     check_against_formula(case, 0.3)
 
 

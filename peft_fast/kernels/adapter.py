@@ -53,6 +53,8 @@ from peft_fast.kernels.common import (
     _SUPPORTED_DTYPES,
     _block_r,
     _m_bucket,
+    fitted_block,
+    interpreted,
 )
 from peft_fast.kernels.dropout import dropout_threshold, dropout_tiled
 
@@ -195,6 +197,15 @@ def bottleneck_adapter_forward(
     return y, z, mean, rstd
 
 
+def _dx_launch(x: torch.Tensor) -> dict:
+    """dX's fixed launch (adapter_gemms._DX_LAUNCH), its blocks fitted to X's shape under the interpreter."""
+    if not interpreted((x,)):
+        return _DX_LAUNCH
+    m, d = x.shape
+    fitted = {"BLOCK_M": fitted_block(_DX_LAUNCH["BLOCK_M"], m), "BLOCK_K": fitted_block(_DX_LAUNCH["BLOCK_K"], d)}
+    return _DX_LAUNCH | fitted
+
+
 class AdapterGradients(NamedTuple):
     """Gradients of :func:`bottleneck_adapter_forward`'s inputs (None where not requested)."""
 
@@ -285,16 +296,17 @@ def bottleneck_adapter_backward(
             )  # fmt: skip
         if needs_dx or needs_dln:
             dx = _empty((m, d), x.dtype, x.device)
-            row_blocks = triton.cdiv(m, _DX_LAUNCH["BLOCK_M"])
+            launch = _dx_launch(x)
+            row_blocks = triton.cdiv(m, launch["BLOCK_M"])
             dgamma_part = _empty((row_blocks if has_ln else 0, d), torch.float32, x.device)
             dbeta_part = _empty((row_blocks if has_ln else 0, d), torch.float32, x.device)
             # Grid: with LN, one program per row block (it owns whole rows); without, one per
             # [BLOCK_M, BLOCK_K] tile of dX.
-            grid = (row_blocks, 1 if has_ln else triton.cdiv(d, _DX_LAUNCH["BLOCK_K"]))
+            grid = (row_blocks, 1 if has_ln else triton.cdiv(d, launch["BLOCK_K"]))
             _adapter_dx_kernel[grid](
                 dz, down_weight, grad_y, x, ln_params[0], *stats, dx,
                 dgamma_part if has_ln else x, dbeta_part if has_ln else x, m, d, b,
-                HAS_LN=has_ln, ADD_GRAD_Y=residual_is_x, DOT_PRECISION=dot_precision, BLOCK_B=block_b, **_DX_LAUNCH,
+                HAS_LN=has_ln, ADD_GRAD_Y=residual_is_x, DOT_PRECISION=dot_precision, BLOCK_B=block_b, **launch,
             )  # fmt: skip
             if needs_dln:
                 dgamma, dbeta = dgamma_part.sum(0).to(x.dtype), dbeta_part.sum(0).to(x.dtype)

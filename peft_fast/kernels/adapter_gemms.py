@@ -8,45 +8,37 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from peft_fast.kernels.common import _INTERPRET, _cfg, _configs, _dot, _grouped_tile
+from peft_fast.kernels.common import _cfg, _dot, _grouped_tile, autotune
 from peft_fast.kernels.dropout import dropout_keep, dropout_keep_block
 
+# The GPU's lists everywhere: under the interpreter common.autotune keeps the first, fitted to the
+# shape. Every kernel tiles rows with BLOCK_M and the hidden size D with BLOCK_K / BLOCK_N.
+_DIMS = {"BLOCK_M": "M", "BLOCK_K": "D", "BLOCK_N": "D"}
+
 # Kernels that own row blocks (and B or D column blocks) and reduce over D or B.
-_ROW_CONFIGS = _configs(
-    [_cfg(BLOCK_M=32, BLOCK_K=32, num_stages=1)],
-    [
-        _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        _cfg(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4),
-    ],
-)
+_ROW_CONFIGS = [
+    _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4),
+]
 # The up-projection: [BLOCK_M, BLOCK_N] tiles of Y, reducing over B.
-_UP_CONFIGS = _configs(
-    [_cfg(BLOCK_M=32, BLOCK_N=32, GROUP_M=2, num_stages=1)],
-    [
-        _cfg(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3),
-        _cfg(BLOCK_M=128, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4),
-        _cfg(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4),
-        _cfg(BLOCK_M=64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4),
-    ],
-)
+_UP_CONFIGS = [
+    _cfg(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=128, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4),
+]
 # dX: fixed tiles, not autotuned, because with LN the kernel writes one row of partial dγ / dβ sums
 # per BLOCK_M rows; configs with different BLOCK_M would leave stale rows behind in autotuning.
-_DX_LAUNCH = (
-    {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
-    if _INTERPRET
-    else {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-)
+# (The launcher fits the blocks to the shape under the interpreter, as common.autotune does.)
+_DX_LAUNCH = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 # Weight gradients: tiles of dW, reducing over M.
-_WEIGHT_GRAD_CONFIGS = _configs(
-    [_cfg(BLOCK_M=32, BLOCK_K=32, num_stages=1)],
-    [
-        _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        _cfg(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
-    ],
-)
+_WEIGHT_GRAD_CONFIGS = [
+    _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+]
 
 
 # -- device helpers ---------------------------------------------------------------------------
@@ -147,7 +139,7 @@ def _store_up_tile(
 # -- forward kernels --------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_ROW_CONFIGS, key=["m_bucket", "D", "B"])
+@autotune(_ROW_CONFIGS, key=["m_bucket", "D", "B"], dims=_DIMS)
 @triton.jit
 def _adapter_down_kernel(
     x_ptr, ln_w_ptr, ln_b_ptr, wd_ptr, bd_ptr, z_ptr, mean_ptr, rstd_ptr,
@@ -182,7 +174,7 @@ def _adapter_down_kernel(
     tl.store(z_ptr + rows * B + offs_b[None, :], acc.to(z_ptr.dtype.element_ty), mask=z_mask)
 
 
-@triton.autotune(configs=_UP_CONFIGS, key=["m_bucket", "D", "B"])
+@autotune(_UP_CONFIGS, key=["m_bucket", "D", "B"], dims=_DIMS)
 @triton.jit
 def _adapter_up_kernel(
     z_ptr, wu_ptr, bu_ptr, r_ptr, y_ptr,
@@ -215,18 +207,15 @@ def _adapter_up_kernel(
 # One pass per row block (no LayerNorm, one bottleneck chunk): BLOCK_M rows of X are read once
 # from HBM for Z, and again (from L2: 128 blocks of 32 rows x 4096 x 2 bytes = 33.5 MB in flight)
 # as the residual. BLOCK_M = 32 gives 128 programs at M = 4096 on 132 SMs.
-_FUSED_CONFIGS = _configs(
-    [_cfg(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_stages=1)],
-    [
-        _cfg(BLOCK_M=32, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=32, BLOCK_K=128, BLOCK_N=64, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=16, BLOCK_K=128, BLOCK_N=128, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3),
-    ],
-)
+_FUSED_CONFIGS = [
+    _cfg(BLOCK_M=32, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=32, BLOCK_K=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=16, BLOCK_K=128, BLOCK_N=128, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3),
+]
 
 
-@triton.autotune(configs=_FUSED_CONFIGS, key=["m_bucket", "D", "B"])
+@autotune(_FUSED_CONFIGS, key=["m_bucket", "D", "B"], dims=_DIMS)
 @triton.jit
 def _adapter_fused_fwd_kernel(
     x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, z_ptr, y_ptr,
@@ -271,7 +260,7 @@ def _adapter_fused_fwd_kernel(
 # -- backward kernels -------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_ROW_CONFIGS, key=["m_bucket", "D", "B"])
+@autotune(_ROW_CONFIGS, key=["m_bucket", "D", "B"], dims=_DIMS)
 @triton.jit
 def _adapter_dz_kernel(
     dy_ptr, wu_ptr, z_ptr, dz_ptr,
@@ -301,7 +290,7 @@ def _adapter_dz_kernel(
     tl.store(dz_ptr + rows * B + offs_b[None, :], dz.to(dz_ptr.dtype.element_ty), mask=z_mask)
 
 
-@triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["m_bucket", "D", "B"])
+@autotune(_WEIGHT_GRAD_CONFIGS, key=["m_bucket", "D", "B"], dims=_DIMS)
 @triton.jit
 def _adapter_dup_kernel(
     dy_ptr, z_ptr, dwu_ptr, dbu_ptr,
@@ -336,7 +325,7 @@ def _adapter_dup_kernel(
     tl.store(dbu_ptr + offs_n, dbu, mask=_in_first_block(offs_n, D, tl.program_id(1)))
 
 
-@triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["m_bucket", "D", "B"])
+@autotune(_WEIGHT_GRAD_CONFIGS, key=["m_bucket", "D", "B"], dims=_DIMS)
 @triton.jit
 def _adapter_ddown_kernel(
     dz_ptr, x_ptr, ln_w_ptr, ln_b_ptr, mean_ptr, rstd_ptr, dwd_ptr, dbd_ptr,

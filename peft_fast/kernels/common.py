@@ -1,15 +1,18 @@
-"""Pieces every GEMM kernel module shares: interpreter switch, autotune helpers, dot, tile order, epilogue."""
+"""Pieces every GEMM kernel module shares: run-time config pruning (GPU list everywhere), dot, tile order, epilogue."""
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-# The kernels below are plain JIT functions under the interpreter (decided when this module is
-# imported), so CPU tensors are accepted only then.
+# Set when the kernels were defined under the Triton interpreter (TRITON_INTERPRET=1 at import):
+# they are then plain Python functions, so CPU tensors are accepted. Launch *policies* (configs,
+# tiles, splits) never read it: they are the GPU's everywhere (see :func:`autotune`).
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -19,18 +22,101 @@ _DOT_PRECISION = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: 
 
 # -- autotuning -------------------------------------------------------------------------------
 
-
-def _configs(interpreted: list[triton.Config], gpu: list[triton.Config]) -> list[triton.Config]:
-    # Autotuning under the interpreter would run every config in numpy: take the one small config.
-    return interpreted if _INTERPRET else gpu
+MIN_DOT_BLOCK = 16  # tl.dot's smallest M, N and K
 
 
 def _cfg(num_warps: int = 4, num_stages: int = 3, **blocks: int) -> triton.Config:
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
+def interpreted(args: Iterable[object]) -> bool:
+    """Whether a launch with these arguments runs under the Triton interpreter, decided at call time.
+
+    True when ``TRITON_INTERPRET=1`` now or a tensor argument is not on a CUDA device; the static
+    Hopper report's fake CUDA tensors count as a GPU.
+    """
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return any(isinstance(a, torch.Tensor) and a.device.type != "cuda" for a in args)
+
+
+def fitted_block(block: int, dim: int) -> int:
+    """``block`` shrunk to the power of two that covers ``dim`` (never below tl.dot's 16)."""
+    return min(block, max(MIN_DOT_BLOCK, triton.next_power_of_2(max(int(dim), 1))))
+
+
+def fitted_config(config: triton.Config, args: Mapping[str, object], dims: Mapping[str, str]) -> triton.Config:
+    """``config`` with each of its blocks named in ``dims`` (block -> argument holding its dimension) fitted to it."""
+    fitted = copy.copy(config)
+    fitted.kwargs = dict(config.kwargs)
+    for block, dim in dims.items():
+        if block in config.kwargs:
+            fitted.kwargs[block] = fitted_block(config.kwargs[block], args[dim])
+    return fitted
+
+
+def _within_caps(config: triton.Config, args: Mapping[str, object], caps: Mapping[str, str]) -> bool:
+    return all(config.kwargs[block] <= int(args[cap]) for block, cap in caps.items())
+
+
+def _interpreter_safe_bench(kernel_call: Callable[[], object], quantiles: Sequence[float]) -> list[float]:
+    """Triton's benchmarker on a GPU; nothing under the interpreter, where one config is left to run.
+
+    (Triton 3.6 benchmarks even a single config, and its benchmarker needs a GPU driver.)
+    """
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [0.0] * len(quantiles)
+    from triton.runtime import driver
+
+    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
+def autotune(
+    configs: list[triton.Config],
+    key: list[str],
+    dims: Mapping[str, str],
+    caps: Mapping[str, str] | None = None,
+    **kwargs,
+):
+    """``triton.autotune`` over the GPU's config list, pruned at each call from the launch's arguments.
+
+    On a GPU every config satisfying ``caps`` (block name -> argument it may not exceed, e.g. the
+    NF4 row loaders' BLOCK_K <= BLOCKSIZE) is kept, so the autotuner and the static Hopper report
+    see the whole list. Under the interpreter (:func:`interpreted`) one config is kept, the
+    list's first, with each block of ``dims`` (block name -> the argument holding its dimension)
+    shrunk only as far as that dimension demands (:func:`fitted_block`): the CPU tests run the
+    tiles, splits and code paths a GPU runs, not a separate small config. The autotuning ``key``
+    must determine the fitted config (every dimension in ``dims`` is in the key, M through its
+    power-of-two bucket).
+    """
+    caps = dict(caps or {})
+
+    def prune(candidates: list[triton.Config], named_args: dict, **meta) -> list[triton.Config]:
+        args = {**named_args, **meta}
+        allowed = [c for c in candidates if _within_caps(c, args, caps)]
+        if not allowed:
+            limits = {cap: args[cap] for cap in caps.values()}
+            raise ValueError(f"no autotune config satisfies {caps} for {limits}")
+        if not interpreted(named_args.values()):
+            return allowed
+        return [fitted_config(allowed[0], args, dims)]
+
+    return triton.autotune(
+        configs=configs,
+        key=key,
+        prune_configs_by={"early_config_prune": prune},
+        do_bench=_interpreter_safe_bench,
+        **kwargs,
+    )
+
+
+def smallest_block(configs: Sequence[triton.Config], block: str, dim: int) -> int:
+    """The smallest ``block`` a launch over ``dim`` may get from :func:`autotune` (to size per-block partials)."""
+    return min(fitted_block(c.kwargs[block], dim) for c in configs)
+
+
 # LoRA ranks are handled in chunks of at most this many columns (padded to >= 16 for tl.dot).
-_MAX_BLOCK_R = 32 if _INTERPRET else 64
+_MAX_BLOCK_R = 64
 
 
 def _m_bucket(m: int) -> int:
@@ -40,7 +126,7 @@ def _m_bucket(m: int) -> int:
 
 def _block_r(rank: int) -> int:
     """Rank chunk for tl.dot: a power of two >= 16 (the MMA minimum), at most _MAX_BLOCK_R."""
-    return min(max(16, triton.next_power_of_2(rank)), _MAX_BLOCK_R)
+    return min(max(MIN_DOT_BLOCK, triton.next_power_of_2(rank)), _MAX_BLOCK_R)
 
 
 # -- device helpers ---------------------------------------------------------------------------

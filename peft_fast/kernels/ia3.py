@@ -5,10 +5,17 @@
 * output scaling (attention k / v):        ``Y = (X·deq(W)ᵀ + b) ⊙ l``,  l [N]
 * input scaling (``feedforward_modules``): ``Y = (X ⊙ l)·deq(W)ᵀ + b``,  l [K]
 
-Both are one GEMM with the scale fused in: input scaling in the prologue (each X tile is scaled
-in fp32 and rounded to X's dtype, as PEFT's ``(x * l).to(x.dtype)``), output scaling in the
-epilogue after the bias. W is dequantized tile by tile in registers (``_load_weight_tile`` of the
-LoRA kernels); deq(W) never exists in memory.
+Both are one GEMM with the scale fused in: input scaling in the prologue (the general kernels
+scale each X tile in fp32 and round it to X's dtype, as PEFT's ``(x * l).to(x.dtype)``; the row
+GEMM scales W's columns instead, the same product rounded once), output scaling in the epilogue
+after the bias. Which GEMM runs at a shape is the list of
+:func:`peft_fast.kernels.plans.ia3_forward_plan` / :func:`~peft_fast.kernels.plans.ia3_backward_plan`,
+run through a :class:`~peft_fast.kernels.choice.Choice` ("ia3_forward", "ia3_backward"): the
+row-streaming NF4 GEMM of :mod:`peft_fast.kernels.nf4_gemm` (``_ia3_rows_fwd_kernel``, every M
+when K % blocksize == 0), the general kernels below over the base as it is (dense, or NF4
+dequantized tile by tile in registers by the LoRA kernels' ``_load_weight_tile``) or over a
+scratch deq(W), or the library path (our dequantization, cuBLAS, the scale and dl as elementwise
+torch ops), which leads the output-scaling backward.
 
 * ``_ia3_linear_fwd_kernel`` Y, and for output scaling also Y0 = X·deq(W)ᵀ + b, the unscaled
   output that the gradient of l needs (PEFT's autograd keeps the same tensor).
@@ -26,13 +33,29 @@ import torch
 import triton
 import triton.language as tl
 
-from peft_fast.kernels.common import _DOT_PRECISION, _INTERPRET, _SUPPORTED_DTYPES, _dot, _grouped_tile, _m_bucket
-from peft_fast.kernels.lora_gemms import _GEMM_CONFIGS
-from peft_fast.kernels.lora_linear import _dense_base_for
-from peft_fast.kernels.nf4_tiles import _base_args, _compile_options, _load_weight_tile
+from peft_fast.kernels import plans
+from peft_fast.kernels.choice import Candidate, Choice
+from peft_fast.kernels.common import (
+    _DOT_PRECISION,
+    _INTERPRET,
+    _SUPPORTED_DTYPES,
+    _dot,
+    _grouped_tile,
+    _m_bucket,
+    autotune,
+    smallest_block,
+)
+from peft_fast.kernels.lora_gemms import _GEMM_CONFIGS, _GEMM_DIMS
+from peft_fast.kernels.nf4_dequant import dequantize_nf4_triton
+from peft_fast.kernels.nf4_gemm import _ia3_rows_fwd_kernel, base_kind
+from peft_fast.kernels.nf4_tiles import _base_args, _compile_options, _load_weight_tile, rows_base_args
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
 __all__ = [
+    "BACKWARD_CHOICE",
+    "FORWARD_CHOICE",
+    "backward_candidates",
+    "forward_candidates",
     "ia3_linear_backward",
     "ia3_linear_forward",
     "ia3_linear_reference_backward",
@@ -40,7 +63,7 @@ __all__ = [
 ]
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["m_bucket", "N", "K"])
+@autotune(_GEMM_CONFIGS, key=["m_bucket", "N", "K"], dims=_GEMM_DIMS)
 @triton.jit
 def _ia3_linear_fwd_kernel(
     x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
@@ -79,7 +102,7 @@ def _ia3_linear_fwd_kernel(
 
 # The dl partial sums are per BLOCK_M rows and the candidates differ in BLOCK_M: the autotuner
 # zeroes the buffer before every trial and before the real run, so no trial leaves rows behind.
-@triton.autotune(configs=_GEMM_CONFIGS, key=["m_bucket", "N", "K"], reset_to_zero=["dl_part_ptr"])
+@autotune(_GEMM_CONFIGS, key=["m_bucket", "N", "K"], dims=_GEMM_DIMS, reset_to_zero=["dl_part_ptr"])
 @triton.jit
 def _ia3_linear_dx_kernel(
     dy_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
@@ -176,6 +199,149 @@ def _check_inputs(x, base, ia3_scale, bias, scale_input: bool) -> tuple[int, int
     return n, k
 
 
+def _fwd_fused(x, base, ia3_scale, bias, scale_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, Y0) through the general GEMM, the base streamed as it is (candidate ``fused_gemm``)."""
+    m, k = x.shape
+    n = base.shape[0]
+    y = _empty((m, n), x.dtype, x.device)
+    y0 = _empty((0 if scale_input else m, n), x.dtype, x.device)
+    base_ptrs, base_meta = _base_args(base, x)
+    # Grid: one program per [BLOCK_M, BLOCK_N] tile of Y, GROUP_M-swizzled for L2 reuse of W tiles;
+    # the LoRA GEMM's autotuned tile set.
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    _ia3_linear_fwd_kernel[grid](
+        x, *base_ptrs, ia3_scale, x if bias is None else bias, y, x if scale_input else y0,
+        m, n, k, _m_bucket(m),
+        **base_meta, SCALE_INPUT=scale_input, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION[x.dtype],
+        **_compile_options(base),
+    )  # fmt: skip
+    return y, y0
+
+
+def _fwd_dequant_fused(x, base: NF4Weight, ia3_scale, bias, scale_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """deq(W) once into a scratch buffer (live for this GEMM only), then the general GEMM over it."""
+    return _fwd_fused(x, dequantize_nf4_triton(base, x.dtype), ia3_scale, bias, scale_input)
+
+
+def _fwd_rows(x, base: NF4Weight, ia3_scale, bias, scale_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, Y0) through the row-streaming NF4 GEMM (candidate ``nf4_rows``)."""
+    m, k = x.shape
+    n = base.shape[0]
+    y = _empty((m, n), x.dtype, x.device)
+    y0 = _empty((0 if scale_input else m, n), x.dtype, x.device)
+    base_ptrs, base_meta = rows_base_args(base, x)
+    # Grid: one program per [BLOCK_N, BLOCK_M] tile of Yᵀ, GROUP_N-swizzled so neighbours in
+    # launch order share X tiles; W rows stream once per token tile.
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]),)
+    _ia3_rows_fwd_kernel[grid](
+        x, *base_ptrs, ia3_scale, x if bias is None else bias, y, x if scale_input else y0,
+        m, n, k, _m_bucket(m),
+        **base_meta, SCALE_INPUT=scale_input, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION[x.dtype],
+        **_compile_options(base),
+    )  # fmt: skip
+    return y, y0
+
+
+def _dense_weight(base: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_nf4_triton(base, dtype) if isinstance(base, NF4Weight) else base
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+
+
+def _fwd_library(x, base, ia3_scale, bias, scale_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our dequantization, a cuBLAS GEMM with the bias, the scale as a torch multiply (candidate ``library``)."""
+    weight = _dense_weight(base, x.dtype)
+    if scale_input:
+        return _linear((x.float() * ia3_scale).to(x.dtype), weight, bias), x.new_empty((0, weight.shape[0]))
+    y0 = _linear(x, weight, bias)
+    return (y0.float() * ia3_scale).to(x.dtype), y0
+
+
+_FORWARD_IMPLEMENTATIONS = {
+    plans.ROWS: _fwd_rows,
+    plans.FUSED: _fwd_fused,
+    plans.DEQUANT_FUSED: _fwd_dequant_fused,
+    plans.LIBRARY: _fwd_library,
+}
+
+
+def forward_candidates(x, base, ia3_scale, bias, scale_input) -> list[Candidate]:
+    """The forward's candidates for these operands, in the plan's order; each returns (y, y0)."""
+    m, k = x.shape
+    names = plans.ia3_forward_plan(m, base.shape[0], k, base_kind(base), x.dtype, scale_input)
+    return [Candidate(name, lambda *args, name=name: _FORWARD_IMPLEMENTATIONS[name](*args)) for name in names]
+
+
+def _forward_bucket(x, base, ia3_scale, bias, scale_input) -> tuple:
+    m, k = x.shape
+    return plans.choice_bucket(m, base.shape[0], k, x.dtype, base_kind(base), scale_input, bias is not None)
+
+
+FORWARD_CHOICE = Choice("ia3_forward", _forward_bucket, forward_candidates)
+
+
+def _bwd_fused(grad_y, saved, base, ia3_scale, scale_input: bool, needs_dx: bool, needs_dl: bool):
+    """(dX or None, dl or None) from the general dX GEMM, the base streamed as it is (candidate ``fused_gemm``)."""
+    m, n = grad_y.shape
+    k = base.shape[1]
+    base_ptrs, base_meta = _base_args(base, grad_y)
+    dx = _empty((m, k) if needs_dx else (0, k), grad_y.dtype, grad_y.device)
+    # Partial sums of dl, a row per BLOCK_M rows of X: sized for the smallest BLOCK_M a config may
+    # get and zero-filled, so that a config with larger blocks leaves zeros in the rows it does not use.
+    row_blocks = triton.cdiv(m, smallest_block(_GEMM_CONFIGS, "BLOCK_M", m)) if needs_dl else 1
+    dl_part = torch.zeros((row_blocks, k if scale_input else n), dtype=torch.float32, device=grad_y.device)
+    # Grid: one program per [BLOCK_M, BLOCK_K] tile of dX (the N loop is the reduction).
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
+    _ia3_linear_dx_kernel[grid](
+        grad_y, *base_ptrs, ia3_scale, saved, dx if needs_dx else grad_y, dl_part, m, n, k, _m_bucket(m),
+        **base_meta, SCALE_INPUT=scale_input, STORE_DX=needs_dx, NEEDS_DL=needs_dl,
+        DOT_PRECISION=_DOT_PRECISION[grad_y.dtype], **_compile_options(base),
+    )  # fmt: skip
+    return (dx if needs_dx else None), (dl_part.sum(0) if needs_dl else None)
+
+
+def _bwd_dequant_fused(grad_y, saved, base: NF4Weight, ia3_scale, scale_input: bool, needs_dx: bool, needs_dl: bool):
+    """deq(W) once into a scratch buffer, then the general dX GEMM over it."""
+    weight = dequantize_nf4_triton(base, grad_y.dtype)
+    return _bwd_fused(grad_y, saved, weight, ia3_scale, scale_input, needs_dx, needs_dl)
+
+
+def _bwd_library(grad_y, saved, base, ia3_scale, scale_input: bool, needs_dx: bool, needs_dl: bool):
+    """Our dequantization, a cuBLAS GEMM, the scale and dl as torch elementwise ops (candidate ``library``)."""
+    weight = _dense_weight(base, grad_y.dtype)
+    if scale_input:
+        grad_in = torch.mm(grad_y, weight).float()
+        dx = (grad_in * ia3_scale).to(grad_y.dtype) if needs_dx else None
+        return dx, (saved.float() * grad_in).sum(0) if needs_dl else None
+    dl = (grad_y.float() * saved.float()).sum(0) if needs_dl else None
+    return torch.mm((grad_y.float() * ia3_scale).to(grad_y.dtype), weight) if needs_dx else None, dl
+
+
+_BACKWARD_IMPLEMENTATIONS = {
+    plans.FUSED: _bwd_fused,
+    plans.DEQUANT_FUSED: _bwd_dequant_fused,
+    plans.LIBRARY: _bwd_library,
+}
+
+
+def backward_candidates(grad_y, saved, base, ia3_scale, scale_input, needs_dx, needs_dl) -> list[Candidate]:
+    """The backward's candidates for these operands, in the plan's order; each returns (dx, dl)."""
+    m, n = grad_y.shape
+    names = plans.ia3_backward_plan(m, n, base.shape[1], base_kind(base), grad_y.dtype, scale_input)
+    return [Candidate(name, lambda *args, name=name: _BACKWARD_IMPLEMENTATIONS[name](*args)) for name in names]
+
+
+def _backward_bucket(grad_y, saved, base, ia3_scale, scale_input, needs_dx, needs_dl) -> tuple:
+    m, n = grad_y.shape
+    kind = base_kind(base)
+    return plans.choice_bucket(m, n, base.shape[1], grad_y.dtype, kind, scale_input, needs_dx, needs_dl)
+
+
+BACKWARD_CHOICE = Choice("ia3_backward", _backward_bucket, backward_candidates)
+
+
 def ia3_linear_forward(
     x: torch.Tensor,
     base: torch.Tensor | NF4Weight,
@@ -190,28 +356,16 @@ def ia3_linear_forward(
             :class:`NF4Weight`; ia3_scale: l, fp32 [K] or [N]; bias: [N] in x's dtype, or None.
 
     Y0 = X·deq(W)ᵀ + b is returned for output scaling (the backward needs it) and is empty for
-    input scaling.
+    input scaling. The implementation is :data:`FORWARD_CHOICE`'s for the shape.
     """
-    n, k = _check_inputs(x, base, ia3_scale, bias, scale_input)
-    x = x.contiguous()
+    n, _ = _check_inputs(x, base, ia3_scale, bias, scale_input)
     m = x.shape[0]
-    y = _empty((m, n), x.dtype, x.device)
-    y0 = _empty((0 if scale_input else m, n), x.dtype, x.device)
     if m == 0 or n == 0:
-        return y, y0
-    # Large M: dequantize W once into a scratch buffer and stream it dense (as lora_linear does).
-    base = _dense_base_for(base.contiguous() if isinstance(base, torch.Tensor) else base, m, x.dtype)
-    base_ptrs, base_meta = _base_args(base, x)
-    # Grid: one program per [BLOCK_M, BLOCK_N] tile of Y, GROUP_M-swizzled for L2 reuse of W tiles;
-    # the LoRA GEMM's autotuned tile set.
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _ia3_linear_fwd_kernel[grid](
-        x, *base_ptrs, ia3_scale.contiguous(), x if bias is None else bias.contiguous(), y, x if scale_input else y0,
-        m, n, k, _m_bucket(m),
-        **base_meta, SCALE_INPUT=scale_input, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION[x.dtype],
-        **_compile_options(base),
-    )  # fmt: skip
-    return y, y0
+        return _empty((m, n), x.dtype, x.device), _empty((0 if scale_input else m, n), x.dtype, x.device)
+    x, ia3_scale = x.contiguous(), ia3_scale.contiguous()
+    base = base.contiguous() if isinstance(base, torch.Tensor) else base
+    bias = None if bias is None else bias.contiguous()
+    return FORWARD_CHOICE(x, base, ia3_scale, bias, bool(scale_input))
 
 
 def ia3_linear_backward(
@@ -226,7 +380,8 @@ def ia3_linear_backward(
     """(dX [M, K] in grad_y's dtype, dl fp32), None where not needed.
 
     ``saved`` is the forward's X for input scaling and its Y0 for output scaling. W gets no
-    gradient; the bias's, Σ_m dY (⊙ l), is left to the caller.
+    gradient; the bias's, Σ_m dY (⊙ l), is left to the caller. The implementation is
+    :data:`BACKWARD_CHOICE`'s for the shape.
     """
     m, n = grad_y.shape
     saved_cols = n if not scale_input else saved.shape[-1]
@@ -238,7 +393,7 @@ def ia3_linear_backward(
             f"the base {tuple(base.shape)}"
         )
     k = base.shape[1]
-    grad_y, saved = grad_y.contiguous(), saved.contiguous()
+    grad_y, saved, ia3_scale = grad_y.contiguous(), saved.contiguous(), ia3_scale.contiguous()
     if m == 0:
         dx = _empty((0, k), grad_y.dtype, grad_y.device) if needs_dx else None
         return dx, torch.zeros_like(ia3_scale) if needs_dl else None
@@ -247,21 +402,8 @@ def ia3_linear_backward(
         return None, (grad_y.float() * saved.float()).sum(0) if needs_dl else None
     if not (needs_dx or needs_dl):
         return None, None
-    base = _dense_base_for(base.contiguous() if isinstance(base, torch.Tensor) else base, m, grad_y.dtype)
-    base_ptrs, base_meta = _base_args(base, grad_y)
-    dx = _empty((m, k) if needs_dx else (0, k), grad_y.dtype, grad_y.device)
-    # Partial sums of dl, a row per BLOCK_M rows of X: sized for the smallest candidate BLOCK_M and
-    # zero-filled, so that a config with larger blocks leaves zeros in the rows it does not use.
-    row_blocks = triton.cdiv(m, min(c.kwargs["BLOCK_M"] for c in _GEMM_CONFIGS)) if needs_dl else 1
-    dl_part = torch.zeros((row_blocks, k if scale_input else n), dtype=torch.float32, device=grad_y.device)
-    # Grid: one program per [BLOCK_M, BLOCK_K] tile of dX (the N loop is the reduction).
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
-    _ia3_linear_dx_kernel[grid](
-        grad_y, *base_ptrs, ia3_scale.contiguous(), saved, dx if needs_dx else grad_y, dl_part, m, n, k, _m_bucket(m),
-        **base_meta, SCALE_INPUT=scale_input, STORE_DX=needs_dx, NEEDS_DL=needs_dl,
-        DOT_PRECISION=_DOT_PRECISION[grad_y.dtype], **_compile_options(base),
-    )  # fmt: skip
-    return (dx if needs_dx else None), (dl_part.sum(0) if needs_dl else None)
+    base = base.contiguous() if isinstance(base, torch.Tensor) else base
+    return BACKWARD_CHOICE(grad_y, saved, base, ia3_scale, bool(scale_input), bool(needs_dx), bool(needs_dl))
 
 
 def _base_matmul(x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:

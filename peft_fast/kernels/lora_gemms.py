@@ -1,8 +1,8 @@
 """Triton kernels of the LoRA linear over a dense or NF4 base in its general layout: their autotune configs.
 
-The launchers, the per-M choice between these and the row-streaming NF4 kernels
-(:mod:`peft_fast.kernels.nf4_gemm`), and the math they implement are in
-:mod:`peft_fast.kernels.lora_linear`.
+The launchers and the math they implement are in :mod:`peft_fast.kernels.lora_linear`; which of
+these, the row-streaming NF4 kernels (:mod:`peft_fast.kernels.nf4_gemm`) or the library path runs
+at a shape is :mod:`peft_fast.kernels.plans`' decision.
 
 * ``_lora_down_kernel``       H = drop(X)·Aᵀ over one K slice (fp32 partials when K is split).
 * ``_lora_linear_fwd_kernel`` tiled Y GEMM with the NF4 dequant in the K loop (any layout) and
@@ -11,6 +11,7 @@ The launchers, the per-M choice between these and the row-streaming NF4 kernels
   and the fixed-order reduction of its partial sums with the same epilogue.
 * ``_lora_linear_dx_kernel``  dX = dY·deq(W) + (dH·A) ⊙ mask/(1-p).
 * ``_lora_da_kernel``         dA = dHᵀ·drop(X) over one M range.
+* ``_add_dropped_lora_term_kernel``  dX += (dH·A) ⊙ mask/(1-p) in place, after a library dY·deq(W).
 """
 
 from __future__ import annotations
@@ -18,59 +19,52 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from peft_fast.kernels.common import _add_bias_and_lora_up, _cfg, _configs, _dot, _grouped_tile
+from peft_fast.kernels.common import _add_bias_and_lora_up, _cfg, _dot, _grouped_tile, autotune
 from peft_fast.kernels.dropout import dropout_keep_block
 from peft_fast.kernels.nf4_tiles import _load_weight_tile
 
 # -- autotuning -------------------------------------------------------------------------------
 
+# The GPU's lists everywhere: under the interpreter common.autotune keeps the first, fitted to the shape.
+# Which dimension each block tiles (for that fitting):
+_GEMM_DIMS = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K"}
+_MK_DIMS = {"BLOCK_M": "M", "BLOCK_K": "K"}
+_NK_DIMS = {"BLOCK_N": "N", "BLOCK_K": "K"}
 
-_GEMM_CONFIGS = _configs(
-    [_cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)],
-    [
-        _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
-        _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-        _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-        _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-        _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
-    ],
-)
-_LORA_DOWN_CONFIGS = _configs(
-    [_cfg(BLOCK_M=32, BLOCK_K=32, num_stages=1)],
-    [
-        _cfg(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    ],
-)
-_DA_CONFIGS = _configs(
-    [_cfg(BLOCK_M=32, BLOCK_K=32, num_stages=1)],
-    [
-        _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        _cfg(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4),
-    ],
-)
-_SPLITK_CONFIGS = _configs(
-    [_cfg(BLOCK_N=32, BLOCK_K=32, num_stages=1)],
-    # BLOCK_K <= 64, the usual NF4 blocksize: each tile row then needs a single scale.
-    [
-        _cfg(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=4),
-        _cfg(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-        _cfg(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-        _cfg(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        _cfg(BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=4),
-    ],
-)
+_GEMM_CONFIGS = [
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
+    _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+]
+_LORA_DOWN_CONFIGS = [
+    _cfg(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
+]
+_DA_CONFIGS = [
+    _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4),
+]
+# BLOCK_K <= 64, the usual NF4 blocksize: each tile row then needs a single scale.
+_SPLITK_CONFIGS = [
+    _cfg(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=4),
+    _cfg(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    _cfg(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+    _cfg(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    _cfg(BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=4),
+]
 
 
 # -- kernels ----------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_LORA_DOWN_CONFIGS, key=["m_bucket", "R", "K", "k_slice"])
+@autotune(_LORA_DOWN_CONFIGS, key=["m_bucket", "R", "K", "k_slice"], dims=_MK_DIMS)
 @triton.jit
 def _lora_down_kernel(
     x_ptr, a_ptr, h_ptr, M, K, R, seed, threshold, inv_keep, m_bucket, k_slice,
@@ -105,7 +99,7 @@ def _lora_down_kernel(
     tl.store(h_ptr + rows * R + offs_r[None, :], acc.to(h_ptr.dtype.element_ty), mask=h_mask)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["m_bucket", "N", "K"])
+@autotune(_GEMM_CONFIGS, key=["m_bucket", "N", "K"], dims=_GEMM_DIMS)
 @triton.jit
 def _lora_linear_fwd_kernel(
     x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
@@ -139,7 +133,7 @@ def _lora_linear_fwd_kernel(
     tl.store(y_ptr + rows * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-@triton.autotune(configs=_SPLITK_CONFIGS, key=["m_bucket", "N", "K", "k_slice"])
+@autotune(_SPLITK_CONFIGS, key=["m_bucket", "N", "K", "k_slice"], dims=_NK_DIMS)
 @triton.jit
 def _splitk_partial_kernel(
     x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr, partial_ptr,
@@ -193,7 +187,7 @@ def _splitk_epilogue_kernel(
     tl.store(y_ptr + rows * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["m_bucket", "N", "K"])
+@autotune(_GEMM_CONFIGS, key=["m_bucket", "N", "K"], dims=_GEMM_DIMS)
 @triton.jit
 def _lora_linear_dx_kernel(
     dy_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
@@ -234,7 +228,7 @@ def _lora_linear_dx_kernel(
     tl.store(dx_ptr + rows * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
-@triton.autotune(configs=_DA_CONFIGS, key=["m_bucket", "R", "K"])
+@autotune(_DA_CONFIGS, key=["m_bucket", "R", "K"], dims=_MK_DIMS)
 @triton.jit
 def _lora_da_kernel(
     dh_ptr, x_ptr, da_ptr, M, K, R, seed, threshold, inv_keep, m_bucket, m_per_split,
@@ -270,3 +264,34 @@ def _lora_da_kernel(
         acc = acc * inv_keep
     da_mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
     tl.store(da_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :], acc.to(da_ptr.dtype.element_ty), mask=da_mask)
+
+
+# Not autotuned: it updates dX in place (a timed trial would add the term twice), and it is
+# bandwidth-bound (dX read and written once, a rank-r dot per tile), so one wide tile serves.
+DX_TERM_LAUNCH = {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2}
+
+
+@triton.jit
+def _add_dropped_lora_term_kernel(
+    dx_ptr, dh_ptr, a_ptr, M, K, R, seed, threshold, inv_keep,
+    HAS_DROPOUT: tl.constexpr, DROPOUT_TILED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dX tile += (dH·A) ⊙ mask/(1-p) in place, the mask regenerated from the seed (the library dX path)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = offs_m[:, None].to(tl.int64)
+    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        dh = tl.load(dh_ptr + rows * R + offs_r[None, :], mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+        a_mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
+        a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :], mask=a_mask, other=0.0)
+        lora = _dot(dh, a, lora, DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = dropout_keep_block(seed, rows, tl.program_id(1) * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K, DROPOUT_TILED)
+        lora = tl.where(keep, lora * inv_keep, 0.0)
+    dx_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    dx_ptrs = dx_ptr + rows * K + offs_k[None, :]
+    dx = tl.load(dx_ptrs, mask=dx_mask, other=0.0).to(tl.float32) + lora
+    tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=dx_mask)

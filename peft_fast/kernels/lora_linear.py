@@ -1,22 +1,24 @@
 """Triton kernels: the LoRA linear ``Y = X·deq(W)ᵀ + b + s·(drop(X)·Aᵀ)·Bᵀ``, forward and backward.
 
-W is the frozen base weight [N, K], dense (same dtype as X) or an :class:`NF4Weight` that is
-dequantized tile by tile in registers inside the GEMM loops (deq(W) never exists in memory).
-A [r, K] and B [N, r] are the trainable LoRA factors, s the scale, b an optional bias.
+W is the frozen base weight [N, K], dense (same dtype as X) or an :class:`NF4Weight`, dequantized
+tile by tile in registers inside the GEMM loops or once into a scratch buffer, as the shape's plan
+says. A [r, K] and B [N, r] are the trainable LoRA factors, s the scale, b an optional bias.
 
 Dropout is inverted dropout on the LoRA input only, with the Philox mask of
 :mod:`peft_fast.kernels.dropout` (eight elements per Philox call); kept values are scaled by
 1/(1-p). The mask is regenerated from the seed wherever it is needed (down-projection, dA, dX)
 and never stored; :func:`dropout_mask` replays it in plain torch, bit for bit.
 
+Which implementation computes the forward and dX at a shape is the list of
+:func:`peft_fast.kernels.plans.lora_forward_plan` / :func:`~peft_fast.kernels.plans.lora_dx_plan`,
+run through a :class:`~peft_fast.kernels.choice.Choice` (ops "lora_forward" and "lora_dx"): on a
+GPU each shape bucket's candidates are timed once and the fastest kept; elsewhere the first runs.
 The kernels live in :mod:`peft_fast.kernels.lora_gemms` (general layout) and
-:mod:`peft_fast.kernels.nf4_gemm` (NF4 streamed by rows); this module launches them, choosing per M:
-M <= 16 the split-K GEMV, 16 < M < DEQUANT_GEMM_MIN_M the fused NF4 GEMM, larger M a scratch
-dequantization and the dense GEMM. H is split over K and dA over M when their thin outputs alone
-would leave most of the GPU idle (fp32 partials summed in a fixed order).
-dH = s·dY·B and dB = s·dYᵀ·H are thin library GEMMs in the activation dtype (fp32 accumulation).
-For M >= DEQUANT_GEMM_MIN_M the NF4 forward and dX GEMMs dequantize W once into a scratch buffer
-and stream it dense (see ``_dense_base_for``).
+:mod:`peft_fast.kernels.nf4_gemm` (NF4 streamed by rows); this module launches them. H is split
+over K and dA over M when their thin outputs alone would leave most of the GPU idle (fp32 partials
+summed in a fixed order). dH = s·dY·B and dB = s·dYᵀ·H are thin library GEMMs in the activation
+dtype (fp32 accumulation). Every policy (tiles, splits, switch points) is the GPU's on every
+device; the device model (:func:`_programs_wanted`) is the only thing that differs on a CPU.
 
 Dropped elements are exactly 0 (``where``, not a multiply by 0), so a NaN that dropout removes
 does not leak into H; the reference does the same.
@@ -29,17 +31,23 @@ import functools
 import torch
 import triton
 
+from peft_fast.kernels import plans
+from peft_fast.kernels.choice import Candidate, Choice
 from peft_fast.kernels.common import (
     _DOT_PRECISION,
     _INTERPRET,
     _SUPPORTED_DTYPES,
     _block_r,
     _m_bucket,
+    fitted_block,
+    interpreted,
 )
 from peft_fast.kernels.dropout import check_dropout_args, dropout_mask, dropout_threshold, dropout_tiled
 from peft_fast.kernels.lora_gemms import (
     _DA_CONFIGS,
     _LORA_DOWN_CONFIGS,
+    DX_TERM_LAUNCH,
+    _add_dropped_lora_term_kernel,
     _lora_da_kernel,
     _lora_down_kernel,
     _lora_linear_dx_kernel,
@@ -47,130 +55,46 @@ from peft_fast.kernels.lora_gemms import (
     _splitk_epilogue_kernel,
     _splitk_partial_kernel,
 )
+from peft_fast.kernels.lora_reference import lora_linear_reference_backward, lora_linear_reference_forward
 from peft_fast.kernels.nf4_dequant import dequantize_nf4_triton
-from peft_fast.kernels.nf4_gemm import (
-    ROWS_FWD_CONFIGS,
-    ROWS_SPLITK_CONFIGS,
-    _nf4_rows_fwd_kernel,
-    _nf4_rows_splitk_kernel,
-)
+from peft_fast.kernels.nf4_gemm import ROWS_BLOCK_K, _nf4_rows_fwd_kernel, _nf4_rows_splitk_kernel, base_kind
 from peft_fast.kernels.nf4_tiles import _base_args, _compile_options, rows_base_args, rows_scaled
-from peft_fast.nf4 import NF4Weight, dequantize_nf4
+from peft_fast.kernels.plans import SMALL_M_MAX
+from peft_fast.nf4 import NF4Weight
 
 __all__ = [
+    "DX_CHOICE",
+    "FORWARD_CHOICE",
+    "SMALL_M_MAX",
     "dropout_mask",
+    "dx_candidates",
+    "forward_candidates",
     "lora_linear_backward",
     "lora_linear_forward",
     "lora_linear_reference_backward",
     "lora_linear_reference_forward",
 ]
 
-SMALL_M_MAX = 16  # rows at or below which the forward takes the split-K GEMV path
-DEQUANT_GEMM_MIN_M = 2048  # rows from which NF4 GEMMs dequantize W once, then run dense (_dense_base_for)
-
-# The row-streaming NF4 kernels need tiles no wider than a quantization block.
-_ROWS_FWD_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in ROWS_FWD_CONFIGS)
-_ROWS_SPLITK_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in ROWS_SPLITK_CONFIGS)
 # H's K slices are a multiple of every _LORA_DOWN_CONFIGS BLOCK_K; the policy plans for 64-row tiles.
 _LORA_DOWN_GRANULE = max(c.kwargs["BLOCK_K"] for c in _LORA_DOWN_CONFIGS)
-_LORA_DOWN_POLICY_BLOCK_M = 32 if _INTERPRET else 64
-# Every split-K slice is a multiple of the largest BLOCK_K above, so slices never share a K tile.
-_SPLITK_GRANULE = 32 if _INTERPRET else 64
+_LORA_DOWN_POLICY_BLOCK_M = 64
+# Every split-K slice is a multiple of the largest split-K BLOCK_K, so slices never share a K tile.
+_SPLITK_GRANULE = 64
 # The N tile the split policy plans for (the usual autotune pick; any config stays correct).
-_SPLITK_POLICY_BLOCK_N = 32 if _INTERPRET else 128
-_SPLITK_EPILOGUE_BLOCK_N = 32 if _INTERPRET else 64
+_SPLITK_POLICY_BLOCK_N = 128
+_SPLITK_EPILOGUE_BLOCK_N = 64
 # dA's split over M: rows per split are a multiple of this (every _DA_CONFIGS BLOCK_M divides it),
 # and _DA_MIN_BLOCK_K is the narrowest BLOCK_K there (the most column tiles a launch can have).
-_DA_MIN_SPLIT_ROWS = max(c.kwargs["BLOCK_M"] for c in _DA_CONFIGS) * (1 if _INTERPRET else 4)
+_DA_MIN_SPLIT_ROWS = 4 * max(c.kwargs["BLOCK_M"] for c in _DA_CONFIGS)
 _DA_MIN_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in _DA_CONFIGS)
 
 
-# -- launchers --------------------------------------------------------------------------------
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer a kernel writes comes from here (tests poison it to prove full coverage)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _lora_down(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
-    m, k = x.shape
-    rank = lora_a.shape[0]
-    h = _empty((m, rank), x.dtype, x.device)
-    block_r = _block_r(rank)
-    # H is thin ([M, r]): row tiles alone leave most SMs idle below M ~ 8k, so K is split too
-    # and fp32 partials are summed in a fixed order (deterministic, nothing to zero).
-    row_tiles = triton.cdiv(m, _LORA_DOWN_POLICY_BLOCK_M) * triton.cdiv(rank, block_r)
-    steps = triton.cdiv(max(k, 1), _LORA_DOWN_GRANULE)
-    step_bytes = _LORA_DOWN_POLICY_BLOCK_M * _LORA_DOWN_GRANULE * x.element_size()
-    trips = _balanced_trips(row_tiles, steps, x.device, step_bytes, m * rank * 8)
-    k_slice = trips * _LORA_DOWN_GRANULE
-    splits = triton.cdiv(max(k, 1), k_slice)
-    out = h if splits == 1 else _empty((splits, m, rank), torch.float32, x.device)
-    # Grid: one program per (BLOCK_M rows of X, BLOCK_R ranks, K slice); BLOCK_R >= 16 pads tiny
-    # ranks for tl.dot.
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(rank, block_r), splits)
-    _lora_down_kernel[grid](
-        x, lora_a, out, m, k, rank, seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m), k_slice,
-        HAS_DROPOUT=dropout_p > 0, DROPOUT_TILED=dropout_tiled(k), DOT_PRECISION=_DOT_PRECISION[x.dtype],
-        BLOCK_R=block_r,
-    )  # fmt: skip
-    if splits > 1:
-        h.copy_(out.sum(0))
-    return h
-
-
-def _dense_base_for(base: torch.Tensor | NF4Weight, m: int, dtype: torch.dtype) -> torch.Tensor | NF4Weight:
-    """The weight the GEMM kernels should stream for M rows: deq(W) in a scratch buffer for large M.
-
-    Dequantizing inside the GEMM costs the same per weight tile in every row-tile program, so
-    its share of the work grows as M/BLOCK_M grows; one dequantization pass (~10 µs for 4096² on
-    an H200, 2.5 bytes per weight) then a dense GEMM costs less from DEQUANT_GEMM_MIN_M rows on
-    (the switch point comes from scripts/hopper_report.py's predictions of both paths). The
-    buffer lives for one GEMM only: nothing dense is kept or saved for backward.
-    """
-    if isinstance(base, NF4Weight) and m >= DEQUANT_GEMM_MIN_M:
-        return dequantize_nf4_triton(base, dtype)
-    return base
-
-
-def _forward_tiled(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
-    """Y through the tiled GEMM kernel (any M)."""
-    m, k = x.shape
-    n, rank = lora_b.shape
-    y = _empty((m, n), x.dtype, x.device)
-    if n == 0:
-        return y
-    base = _dense_base_for(base, m, x.dtype)
-    if rows_scaled(base, _ROWS_FWD_BLOCK_K):
-        base_ptrs, base_meta = rows_base_args(base, x)
-        block_r = _block_r(rank)
-        # Grid: one program per [BLOCK_N, BLOCK_M] tile of Yᵀ, GROUP_N-swizzled so neighbours in
-        # launch order share X tiles; W rows stream once per token tile.
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]),)
-        _nf4_rows_fwd_kernel[grid](
-            x, *base_ptrs, h, lora_b, x if bias is None else bias, y,
-            m, n, k, rank, scale, _m_bucket(m),
-            **base_meta, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION[x.dtype], BLOCK_R=block_r,
-            R_CHUNKS=triton.cdiv(rank, block_r), **_compile_options(base),
-        )  # fmt: skip
-        return y
-    base_ptrs, base_meta = _base_args(base, x)
-    # Grid: one program per [BLOCK_M, BLOCK_N] tile of Y, in GROUP_M-swizzled order for L2 reuse
-    # of W tiles; block sizes are autotuned per (M bucket, N, K).
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _lora_linear_fwd_kernel[grid](
-        x, *base_ptrs, h, lora_b, x if bias is None else bias, y,
-        m, n, k, rank, scale, _m_bucket(m),
-        **base_meta, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION[x.dtype], BLOCK_R=_block_r(rank),
-        **_compile_options(base),
-    )  # fmt: skip
-    return y
+# -- the device model and split policies -------------------------------------------------------
 
 
 @functools.cache
 def _programs_wanted(device: torch.device) -> int:
-    """About two programs per streaming multiprocessor; a few under the interpreter."""
+    """About two programs per streaming multiprocessor; a few on a CPU (the interpreter)."""
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
@@ -203,15 +127,103 @@ def _split_k_slice(m: int, n: int, k: int, device: torch.device) -> int:
     return _balanced_trips(tiles_n, steps, device, step_bytes, m * n * 8) * _SPLITK_GRANULE
 
 
-def _forward_small_m(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
-    """Y through the split-K GEMV path (M <= SMALL_M_MAX)."""
+def _da_splits(m: int, k: int, rank: int, device: torch.device) -> int:
+    """How many M ranges dA's reduction is split into: enough programs to fill the GPU about twice.
+
+    dA is only r x K (16 x 4096: 64 tiles of 64 columns), too few programs for an H100's 132 SMs
+    when each streams all M rows; each split keeps at least _DA_MIN_SPLIT_ROWS rows so the
+    partials' extra traffic (splits x r x K fp32) stays small next to X's M x K.
+    """
+    tiles = triton.cdiv(rank, _block_r(rank)) * triton.cdiv(k, _DA_MIN_BLOCK_K)
+    wanted = triton.cdiv(_programs_wanted(device), tiles)
+    return max(1, min(wanted, m // _DA_MIN_SPLIT_ROWS))
+
+
+# -- launchers --------------------------------------------------------------------------------
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests poison it to prove full coverage)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _lora_down(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """H = drop(X)·Aᵀ [M, r] in x's dtype (every forward candidate's, so all share one dropout mask)."""
+    m, k = x.shape
+    rank = lora_a.shape[0]
+    h = _empty((m, rank), x.dtype, x.device)
+    block_r = _block_r(rank)
+    # H is thin ([M, r]): row tiles alone leave most SMs idle below M ~ 8k, so K is split too
+    # and fp32 partials are summed in a fixed order (deterministic, nothing to zero).
+    row_tiles = triton.cdiv(m, _LORA_DOWN_POLICY_BLOCK_M) * triton.cdiv(rank, block_r)
+    steps = triton.cdiv(max(k, 1), _LORA_DOWN_GRANULE)
+    step_bytes = _LORA_DOWN_POLICY_BLOCK_M * _LORA_DOWN_GRANULE * x.element_size()
+    trips = _balanced_trips(row_tiles, steps, x.device, step_bytes, m * rank * 8)
+    k_slice = trips * _LORA_DOWN_GRANULE
+    splits = triton.cdiv(max(k, 1), k_slice)
+    out = h if splits == 1 else _empty((splits, m, rank), torch.float32, x.device)
+    # Grid: one program per (BLOCK_M rows of X, BLOCK_R ranks, K slice); BLOCK_R >= 16 pads tiny
+    # ranks for tl.dot.
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(rank, block_r), splits)
+    _lora_down_kernel[grid](
+        x, lora_a, out, m, k, rank, seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m), k_slice,
+        HAS_DROPOUT=dropout_p > 0, DROPOUT_TILED=dropout_tiled(k), DOT_PRECISION=_DOT_PRECISION[x.dtype],
+        BLOCK_R=block_r,
+    )  # fmt: skip
+    if splits > 1:
+        h.copy_(out.sum(0))
+    return h
+
+
+def _y_rows(x, base: NF4Weight, h, lora_b, bias, scale: float) -> torch.Tensor:
+    """Y through the row-streaming NF4 GEMM (candidate ``nf4_rows``)."""
+    m, k = x.shape
+    n, rank = lora_b.shape
+    y = _empty((m, n), x.dtype, x.device)
+    base_ptrs, base_meta = rows_base_args(base, x)
+    block_r = _block_r(rank)
+    # Grid: one program per [BLOCK_N, BLOCK_M] tile of Yᵀ, GROUP_N-swizzled so neighbours in
+    # launch order share X tiles; W rows stream once per token tile.
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]),)
+    _nf4_rows_fwd_kernel[grid](
+        x, *base_ptrs, h, lora_b, x if bias is None else bias, y,
+        m, n, k, rank, scale, _m_bucket(m),
+        **base_meta, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION[x.dtype], BLOCK_R=block_r,
+        R_CHUNKS=triton.cdiv(rank, block_r), **_compile_options(base),
+    )  # fmt: skip
+    return y
+
+
+def _y_fused(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
+    """Y through the general tiled GEMM, the base streamed as it is (candidate ``fused_gemm``)."""
+    m, k = x.shape
+    n, rank = lora_b.shape
+    y = _empty((m, n), x.dtype, x.device)
+    base_ptrs, base_meta = _base_args(base, x)
+    # Grid: one program per [BLOCK_M, BLOCK_N] tile of Y, in GROUP_M-swizzled order for L2 reuse
+    # of W tiles; block sizes are autotuned per (M bucket, N, K).
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    _lora_linear_fwd_kernel[grid](
+        x, *base_ptrs, h, lora_b, x if bias is None else bias, y,
+        m, n, k, rank, scale, _m_bucket(m),
+        **base_meta, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION[x.dtype], BLOCK_R=_block_r(rank),
+        **_compile_options(base),
+    )  # fmt: skip
+    return y
+
+
+def _y_dequant_fused(x, base: NF4Weight, h, lora_b, bias, scale: float) -> torch.Tensor:
+    """deq(W) once into a scratch buffer (live for this GEMM only), then the fused GEMM over it."""
+    return _y_fused(x, dequantize_nf4_triton(base, x.dtype), h, lora_b, bias, scale)
+
+
+def _y_splitk(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
+    """Y through the split-K GEMV (candidate ``splitk_gemv``, M <= SMALL_M_MAX)."""
     m, k = x.shape
     n, rank = lora_b.shape
     if m > SMALL_M_MAX:
         raise ValueError(f"the split-K path handles at most {SMALL_M_MAX} rows, got {m}")
     y = _empty((m, n), x.dtype, x.device)
-    if n == 0:
-        return y
     k_slice = _split_k_slice(m, n, max(k, 1), x.device)
     n_splits = triton.cdiv(max(k, 1), k_slice)
     # fp32 partial sums per K slice, reduced in a fixed order by the epilogue (deterministic,
@@ -221,7 +233,7 @@ def _forward_small_m(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
     # Grid: (N tiles, K slices); each program owns one [BLOCK_K·slice, BLOCK_N] piece of W and all
     # M <= 16 rows of X, padded to the 16-row tl.dot minimum.
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), n_splits)
-    if rows_scaled(base, _ROWS_SPLITK_BLOCK_K):
+    if rows_scaled(base, ROWS_BLOCK_K):
         base_ptrs, base_meta = rows_base_args(base, x)
         partial_kernel = _nf4_rows_splitk_kernel
     else:
@@ -242,13 +254,56 @@ def _forward_small_m(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
     return y
 
 
-def _lora_dx(grad_y, base, dh, lora_a, dropout_p: float, seed: int) -> torch.Tensor:
+def _dense_weight(base: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_nf4_triton(base, dtype) if isinstance(base, NF4Weight) else base
+
+
+def _y_library(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
+    """Our dequantization, a cuBLAS GEMM with the bias, then s·H·Bᵀ as one addmm (candidate ``library``)."""
+    weight = _dense_weight(base, x.dtype)
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    return y.addmm_(h, lora_b.t(), alpha=scale)
+
+
+_Y_IMPLEMENTATIONS = {
+    plans.SPLITK: _y_splitk,
+    plans.ROWS: _y_rows,
+    plans.FUSED: _y_fused,
+    plans.DEQUANT_FUSED: _y_dequant_fused,
+    plans.LIBRARY: _y_library,
+}
+
+
+def _forward_with(name: str):
+    def run(x, base, lora_a, lora_b, bias, scale, dropout_p, seed):
+        h = _lora_down(x, lora_a, dropout_p, seed)
+        return _Y_IMPLEMENTATIONS[name](x, base, h, lora_b, bias, scale), h
+
+    return run
+
+
+def forward_candidates(x, base, lora_a, lora_b, bias, scale, dropout_p, seed) -> list[Candidate]:
+    """The forward's candidates for these operands, in the plan's order; each returns (y, h)."""
+    m, k = x.shape
+    n, rank = lora_b.shape
+    names = plans.lora_forward_plan(m, n, k, base_kind(base), x.dtype, rank, dropout_p)
+    return [Candidate(name, _forward_with(name)) for name in names]
+
+
+def _forward_bucket(x, base, lora_a, lora_b, bias, scale, dropout_p, seed) -> tuple:
+    m, k = x.shape
+    n, rank = lora_b.shape
+    return plans.choice_bucket(m, n, k, x.dtype, rank, dropout_p > 0, base_kind(base), bias is not None)
+
+
+FORWARD_CHOICE = Choice("lora_forward", _forward_bucket, forward_candidates)
+
+
+def _lora_dx_fused(grad_y, base, dh, lora_a, dropout_p: float, seed: int) -> torch.Tensor:
+    """dX through the fused dX GEMM, the base streamed as it is (candidate ``fused_gemm``)."""
     m, n = grad_y.shape
     rank, k = lora_a.shape
     dx = _empty((m, k), grad_y.dtype, grad_y.device)
-    if k == 0:
-        return dx
-    base = _dense_base_for(base, m, grad_y.dtype)
     base_ptrs, base_meta = _base_args(base, grad_y)
     # Grid: one program per [BLOCK_M, BLOCK_K] tile of dX (the GEMM's N loop is the reduction),
     # GROUP_M-swizzled; the same autotuned tile set as the forward GEMM.
@@ -263,16 +318,54 @@ def _lora_dx(grad_y, base, dh, lora_a, dropout_p: float, seed: int) -> torch.Ten
     return dx
 
 
-def _da_splits(m: int, k: int, rank: int, device: torch.device) -> int:
-    """How many M ranges dA's reduction is split into: enough programs to fill the GPU about twice.
+def _lora_dx_dequant_fused(grad_y, base: NF4Weight, dh, lora_a, dropout_p: float, seed: int) -> torch.Tensor:
+    return _lora_dx_fused(grad_y, dequantize_nf4_triton(base, grad_y.dtype), dh, lora_a, dropout_p, seed)
 
-    dA is only r x K (16 x 4096: 64 tiles of 64 columns), too few programs for an H100's 132 SMs
-    when each streams all M rows; each split keeps at least _DA_MIN_SPLIT_ROWS rows so the
-    partials' extra traffic (splits x r x K fp32) stays small next to X's M x K.
-    """
-    tiles = triton.cdiv(rank, _block_r(rank)) * triton.cdiv(k, _DA_MIN_BLOCK_K)
-    wanted = triton.cdiv(_programs_wanted(device), tiles)
-    return max(1, min(wanted, m // _DA_MIN_SPLIT_ROWS))
+
+def _add_dropped_lora_term_(dx, dh, lora_a, dropout_p: float, seed: int) -> torch.Tensor:
+    """dX += (dH·A) ⊙ mask/(1−p) in place, the forward's Philox mask regenerated (never stored)."""
+    m, k = dx.shape
+    rank = lora_a.shape[0]
+    launch = dict(DX_TERM_LAUNCH)
+    if interpreted((dx,)):
+        launch.update(BLOCK_M=fitted_block(launch["BLOCK_M"], m), BLOCK_K=fitted_block(launch["BLOCK_K"], k))
+    # Grid: one program per [BLOCK_M, BLOCK_K] tile of dX.
+    grid = (triton.cdiv(m, launch["BLOCK_M"]), triton.cdiv(k, launch["BLOCK_K"]))
+    _add_dropped_lora_term_kernel[grid](
+        dx, dh, lora_a, m, k, rank, seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        HAS_DROPOUT=dropout_p > 0, DROPOUT_TILED=dropout_tiled(k), DOT_PRECISION=_DOT_PRECISION[dx.dtype],
+        BLOCK_R=_block_r(rank), **launch,
+    )  # fmt: skip
+    return dx
+
+
+def _lora_dx_library(grad_y, base, dh, lora_a, dropout_p: float, seed: int) -> torch.Tensor:
+    """Our dequantization, cuBLAS dY·deq(W), then the dropped LoRA term in place (candidate ``library``)."""
+    return _add_dropped_lora_term_(torch.mm(grad_y, _dense_weight(base, grad_y.dtype)), dh, lora_a, dropout_p, seed)
+
+
+_DX_IMPLEMENTATIONS = {
+    plans.FUSED: _lora_dx_fused,
+    plans.DEQUANT_FUSED: _lora_dx_dequant_fused,
+    plans.LIBRARY: _lora_dx_library,
+}
+
+
+def dx_candidates(grad_y, base, dh, lora_a, dropout_p, seed) -> list[Candidate]:
+    """dX's candidates for these operands, in the plan's order."""
+    m, n = grad_y.shape
+    rank, k = lora_a.shape
+    names = plans.lora_dx_plan(m, n, k, base_kind(base), grad_y.dtype, rank, dropout_p)
+    return [Candidate(name, lambda *args, name=name: _DX_IMPLEMENTATIONS[name](*args)) for name in names]
+
+
+def _dx_bucket(grad_y, base, dh, lora_a, dropout_p, seed) -> tuple:
+    m, n = grad_y.shape
+    rank, k = lora_a.shape
+    return plans.choice_bucket(m, n, k, grad_y.dtype, rank, dropout_p > 0, base_kind(base))
+
+
+DX_CHOICE = Choice("lora_dx", _dx_bucket, dx_candidates)
 
 
 def _lora_da(dh, x, dropout_p: float, seed: int) -> torch.Tensor:
@@ -387,7 +480,8 @@ def lora_linear_forward(
         dropout_p: dropout probability on the LoRA input, in [0, 1); 0 disables dropout.
         seed: Philox seed of the dropout mask (see :func:`dropout_mask`), in [0, 2**63).
 
-    ``h`` is what the backward needs besides x; rows M <= 16 take the split-K GEMV path.
+    ``h`` is what the backward needs besides x. The implementation is :data:`FORWARD_CHOICE`'s
+    for the shape (:func:`peft_fast.kernels.plans.lora_forward_plan`).
     """
     _check_inputs(x, base, lora_a, lora_b, bias, dropout_p, seed)
     x, base, lora_a, lora_b, bias = map(_contiguous, (x, base, lora_a, lora_b, bias))
@@ -396,9 +490,9 @@ def lora_linear_forward(
     n, rank = lora_b.shape
     if m == 0:
         return _empty((0, n), x.dtype, x.device), _empty((0, rank), x.dtype, x.device)
-    h = _lora_down(x, lora_a, dropout_p, seed)
-    forward = _forward_small_m if m <= SMALL_M_MAX else _forward_tiled
-    return forward(x, base, h, lora_b, bias, scale), h
+    if n == 0:
+        return _empty((m, 0), x.dtype, x.device), _lora_down(x, lora_a, dropout_p, seed)
+    return FORWARD_CHOICE(x, base, lora_a, lora_b, bias, scale, dropout_p, seed)
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -428,7 +522,8 @@ def lora_linear_backward(
     """Gradients of :func:`lora_linear_forward`: (dx [M,K], da [r,K], db [N,r]) in x.dtype, None where not needed.
 
     ``dH = s·dY·B``; ``dB = s·dYᵀ·H``; ``dA = dHᵀ·drop(X)``; ``dX = dY·deq(W) + (dH·A) ⊙ mask/(1−p)``,
-    the mask regenerated from ``seed`` (pass the forward's seed and ``h``).
+    the mask regenerated from ``seed`` (pass the forward's seed and ``h``); dX is
+    :data:`DX_CHOICE`'s implementation for the shape (:func:`peft_fast.kernels.plans.lora_dx_plan`).
     """
     _check_inputs(x, base, lora_a, lora_b, None, dropout_p, seed)
     m, k = x.shape
@@ -452,62 +547,8 @@ def lora_linear_backward(
     if not (needs_dx or needs_da):
         return None, None, db
     dh = _scaled_mm(grad_y, lora_b, scale)
-    dx = _lora_dx(grad_y, base, dh, lora_a, dropout_p, seed) if needs_dx else None
+    dx = None
+    if needs_dx:
+        dx = _empty((m, 0), x.dtype, x.device) if k == 0 else DX_CHOICE(grad_y, base, dh, lora_a, dropout_p, seed)
     da = _lora_da(dh, x, dropout_p, seed) if needs_da else None
     return dx, da, db
-
-
-def _dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
-    # A dropped element is exactly 0, even if it held NaN or Inf: the kernels do the same.
-    return x if keep is None else torch.where(keep, x / (1.0 - p), 0.0)
-
-
-def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    return dequantize_nf4(base, dtype) if isinstance(base, NF4Weight) else base.to(dtype)
-
-
-def lora_linear_reference_forward(
-    x: torch.Tensor,
-    base: torch.Tensor | NF4Weight,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    bias: torch.Tensor | None,
-    scale: float,
-    keep: torch.Tensor | None,
-    dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch reference of :func:`lora_linear_forward` (and the op's torch backend): (y, h).
-
-    ``keep`` is the dropout keep-mask [M, K] (None without dropout): the kernels' Philox mask
-    (:func:`dropout_mask`) to compare with them, or the torch backend's own. Each product rounds
-    to x's dtype as ``nn.Linear`` + PEFT's LoRA layer do; the kernels accumulate in fp32 and round
-    once, so the two agree within the dtype's tolerance, not bit for bit.
-    """
-    h = _dropped(x, keep, dropout_p) @ lora_a.t()
-    y = torch.nn.functional.linear(x, _dense(base, x.dtype), bias)
-    y = y + scale * (h @ lora_b.t())
-    return y, h
-
-
-def lora_linear_reference_backward(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    h: torch.Tensor,
-    base: torch.Tensor | NF4Weight,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scale: float,
-    keep: torch.Tensor | None,
-    dropout_p: float,
-    needs_dx: bool,
-    needs_da: bool,
-    needs_db: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The torch reference of :func:`lora_linear_backward`: (dx, da, db), None where not needed."""
-    grad_h = scale * (grad_y @ lora_b)
-    grad_b = scale * (grad_y.t() @ h) if needs_db else None
-    grad_a = grad_h.t() @ _dropped(x, keep, dropout_p) if needs_da else None
-    grad_x = None
-    if needs_dx:
-        grad_x = grad_y @ _dense(base, grad_y.dtype) + _dropped(grad_h @ lora_a, keep, dropout_p)
-    return grad_x, grad_a, grad_b

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from peft_fast.kernels.common import interpreted
 from peft_fast.kernels.nf4_tiles import _nf4_block_scale
 from peft_fast.nf4 import NESTED_BLOCKSIZE, NF4Weight, dynamic_map, nf4_code
 
@@ -32,7 +33,7 @@ _CAST_BF16_BY_BITS = tl.constexpr(_INTERPRET)
 _OUT_FP32, _OUT_FP16, _OUT_BF16 = 0, 1, 2
 _OUT_KIND = {torch.float32: _OUT_FP32, torch.float16: _OUT_FP16, torch.bfloat16: _OUT_BF16}
 # Packed bytes per program: 4096 bytes = 8192 elements, 16 bytes per thread at 8 warps.
-_TILE_BYTES = 512 if _INTERPRET else 4096
+_TILE_BYTES = 4096
 _NUM_WARPS = 8
 
 
@@ -111,6 +112,8 @@ def dequantize_nf4_triton(
     # Tile columns: the bytes of one block, at most 256 (a 16-byte vector per thread per row).
     cols = min(nf4.blocksize // 2, 256)
     rows = max(1, _TILE_BYTES // cols)
+    if interpreted((nf4.packed,)):  # the GPU's tile, shrunk only as far as a small weight demands
+        rows = min(rows, triton.next_power_of_2(triton.cdiv(n_bytes, cols)))
     # Grid: one program per ROWS x COLS bytes; bandwidth-bound, so big tiles keep many loads in
     # flight per thread and the per-row scale is rebuilt once per COLS bytes.
     grid = (triton.cdiv(n_bytes, rows * cols),)

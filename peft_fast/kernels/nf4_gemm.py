@@ -1,52 +1,67 @@
 """Triton: NF4 GEMMs that stream W by rows — deq(W) as the MMA's register operand, Yᵀ tiles.
 
-Both kernels compute tiles of Yᵀ = deq(W)·Xᵀ: the dequantized weight tile [BLOCK_N, BLOCK_K] is
-the first (A) operand of ``tl.dot``, which Hopper's wgmma reads from registers, so deq(W) never
-round-trips through shared memory and the next tile's dequantization overlaps the running MMA;
-X tiles reach shared memory by cp.async, pipelined by Triton. W tiles come from
+Every kernel here computes tiles of Yᵀ = deq(W)·Xᵀ: the dequantized weight tile [BLOCK_N, BLOCK_K]
+is the first (A) operand of ``tl.dot``, which Hopper's wgmma reads from registers, so deq(W)
+never round-trips through shared memory and the next tile's dequantization overlaps the running
+MMA; X tiles reach shared memory by cp.async, pipelined by Triton. W tiles come from
 :func:`peft_fast.kernels.nf4_tiles.load_nf4_rows` (one scale per row, one 8-byte code-pair
-gather per packed byte), which needs K % blocksize == 0 and BLOCK_K <= blocksize; other layouts
-take the general kernels in :mod:`peft_fast.kernels.lora_linear`.
+gather per packed byte), which needs K % blocksize == 0 and BLOCK_K <= blocksize
+(:func:`peft_fast.kernels.nf4_tiles.rows_scaled`); other layouts take the general kernels of
+:mod:`peft_fast.kernels.lora_gemms` and :mod:`peft_fast.kernels.ia3`.
 
-* ``_nf4_rows_fwd_kernel``    Y = X·deq(W)ᵀ + b + s·H·Bᵀ, M between the decode and the
-  dequantize-then-dense regimes.
+* ``_nf4_rows_fwd_kernel``    LoRA: Y = X·deq(W)ᵀ + b + s·H·Bᵀ, M between the decode and the
+  dequantize-then-dense regimes (:func:`peft_fast.kernels.plans.lora_forward_plan`).
 * ``_nf4_rows_splitk_kernel`` the decode path (M <= 16): partial[s] = X·deq(W[:, slice s])ᵀ,
-  each weight byte read once; ``lora_linear._splitk_epilogue_kernel`` sums the slices.
+  each weight byte read once; ``lora_gemms._splitk_epilogue_kernel`` sums the slices.
+* ``_ia3_rows_fwd_kernel``    (IA)³: Y = (X ⊙ l)·deq(W)ᵀ + b (input scaling, l applied in the
+  prologue to the register tile of deq(W), whose columns it scales) or (X·deq(W)ᵀ + b) ⊙ l
+  (output scaling, in the epilogue, after storing the unscaled Y0 the backward needs).
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from peft_fast.kernels.common import _cfg, _configs, _dot, _grouped_tile
-from peft_fast.kernels.nf4_tiles import load_nf4_rows
+from peft_fast.kernels.common import _cfg, _dot, _grouped_tile, autotune
+from peft_fast.kernels.nf4_tiles import load_nf4_rows, rows_scaled
+from peft_fast.nf4 import NF4Weight
 
-__all__ = ["ROWS_FWD_CONFIGS", "ROWS_SPLITK_CONFIGS"]
+__all__ = ["IA3_ROWS_CONFIGS", "ROWS_BLOCK_K", "ROWS_FWD_CONFIGS", "ROWS_SPLITK_CONFIGS", "base_kind"]
 
 # BLOCK_N x BLOCK_M is the Yᵀ tile (W rows x tokens). 128 x 128 x 64 at 8 warps: the compile
 # report predicts ~300 SASS instructions per warp per K step against ~694 MMA cycles, with a
-# wgmma group kept in flight (scripts/hopper_report.py).
-ROWS_FWD_CONFIGS = _configs(
-    [_cfg(BLOCK_N=32, BLOCK_M=16, BLOCK_K=32, GROUP_N=2, num_warps=4, num_stages=1)],
-    [
-        _cfg(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3),
-        _cfg(BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_N=8, num_warps=4, num_stages=3),
-    ],
-)
-ROWS_SPLITK_CONFIGS = _configs(
-    [_cfg(BLOCK_N=32, BLOCK_K=32, num_stages=1)],
-    [
-        _cfg(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-        _cfg(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-        # Two stages: Triton 3.6 keeps a wgmma group in flight here (4 stages drain it each step).
-        _cfg(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=2),
-        _cfg(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
-    ],
-)
+# wgmma group kept in flight (the static Hopper report).
+ROWS_FWD_CONFIGS = [
+    _cfg(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3),
+    _cfg(BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_N=8, num_warps=4, num_stages=3),
+]
+ROWS_SPLITK_CONFIGS = [
+    _cfg(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    _cfg(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+    # Two stages: Triton 3.6 keeps a wgmma group in flight here (4 stages drain it each step).
+    _cfg(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=2),
+    _cfg(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
+]
+# (IA)³ has no split-K decode path, so its list reaches down to small M: the report predicts, for
+# output scaling at 4096², 5.9 µs at M <= 16 with 32 x 16 tiles (HMMA; 22.4 µs with 128 x 128),
+# 12.4 µs at M = 64 with 64 x 32, 17.9 µs at M = 256 with 128 x 64 and 128 x 128 from M = 512 on.
+IA3_ROWS_CONFIGS = [
+    _cfg(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3),
+    _cfg(BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3),
+    _cfg(BLOCK_N=64, BLOCK_M=32, BLOCK_K=64, GROUP_N=8, num_warps=4, num_stages=3),
+    _cfg(BLOCK_N=32, BLOCK_M=32, BLOCK_K=64, GROUP_N=8, num_warps=4, num_stages=3),
+    _cfg(BLOCK_N=32, BLOCK_M=16, BLOCK_K=64, GROUP_N=8, num_warps=4, num_stages=4),
+]
+# The widest BLOCK_K of the lists above: a weight whose blocksize is narrower takes the general kernels.
+ROWS_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in ROWS_FWD_CONFIGS + ROWS_SPLITK_CONFIGS + IA3_ROWS_CONFIGS)
+_ROWS_DIMS = {"BLOCK_N": "N", "BLOCK_M": "M", "BLOCK_K": "K"}
+_SPLITK_DIMS = {"BLOCK_N": "N", "BLOCK_K": "K"}
+_BLOCK_K_CAP = {"BLOCK_K": "BLOCKSIZE"}  # one scale per tile row
 
 
-@triton.autotune(configs=ROWS_FWD_CONFIGS, key=["m_bucket", "N", "K"])
+@autotune(ROWS_FWD_CONFIGS, key=["m_bucket", "N", "K"], dims=_ROWS_DIMS, caps=_BLOCK_K_CAP)
 @triton.jit
 def _nf4_rows_fwd_kernel(
     x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, pair_ptr, code2_ptr,
@@ -88,7 +103,7 @@ def _nf4_rows_fwd_kernel(
     tl.store(y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-@triton.autotune(configs=ROWS_SPLITK_CONFIGS, key=["m_bucket", "N", "K", "k_slice"])
+@autotune(ROWS_SPLITK_CONFIGS, key=["m_bucket", "N", "K", "k_slice"], dims=_SPLITK_DIMS, caps=_BLOCK_K_CAP)
 @triton.jit
 def _nf4_rows_splitk_kernel(
     x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, pair_ptr, code2_ptr, partial_ptr,
@@ -116,3 +131,59 @@ def _nf4_rows_splitk_kernel(
         acc = _dot(w.to(x_t.dtype), x_t, acc, DOT_PRECISION)
     out = partial_ptr + split.to(tl.int64) * M * N + offs_m[None, :] * N + offs_n[:, None]
     tl.store(out, acc, mask=m_mask & (offs_n[:, None] < N))
+
+
+@autotune(IA3_ROWS_CONFIGS, key=["m_bucket", "N", "K"], dims=_ROWS_DIMS, caps=_BLOCK_K_CAP)
+@triton.jit
+def _ia3_rows_fwd_kernel(
+    x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, pair_ptr, code2_ptr,
+    l_ptr, bias_ptr, y_ptr, y0_ptr,
+    M, N, K, m_bucket,
+    DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    SCALE_INPUT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+):  # fmt: skip
+    """Yᵀ tile [BLOCK_N, BLOCK_M] = (deq(W)·diag(l))·Xᵀ + b (SCALE_INPUT) or (deq(W)·Xᵀ + b) ⊙ l, writing Y0 then.
+
+    Input scaling rounds deq(W)·l to X's dtype where ``ia3._ia3_linear_fwd_kernel`` and PEFT round
+    X ⊙ l: the same product, one rounding each, so the two agree within the dtype's tolerance.
+    fp32 accumulation; Y and Y0 are rounded once.
+    """
+    pid_n, pid_m = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    x_rows = offs_m.to(tl.int64)[None, :] * K
+    m_mask = offs_m[None, :] < M
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # K is a multiple of BLOCKSIZE, hence of BLOCK_K: no K mask.
+    for k0 in range(0, K, BLOCK_K):
+        w = load_nf4_rows(
+            w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, pair_ptr, code2_ptr, offs_n, k0, N, K,
+            DOUBLE_QUANT, BLOCKSIZE, NESTED, BLOCK_K,
+        )  # fmt: skip
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if SCALE_INPUT:
+            # (X ⊙ l)·Wᵀ = X·(W·diag(l))ᵀ: l scales the register tile of W, not the X tile, which
+            # would have to leave shared memory for registers and go back (wgmma's B operand).
+            w = w * tl.load(l_ptr + offs_k)[None, :]
+        x_t = tl.load(x_ptr + x_rows + offs_k[:, None], mask=m_mask, other=0.0)
+        acc = _dot(w.to(x_t.dtype), x_t, acc, DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    y_mask = m_mask & (offs_n[:, None] < N)
+    out = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+    if not SCALE_INPUT:
+        tl.store(y0_ptr + out, acc.to(y0_ptr.dtype.element_ty), mask=y_mask)
+        acc = acc * tl.load(l_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None]
+    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def base_kind(base: torch.Tensor | NF4Weight) -> str:
+    """The plan's name for a base weight (:mod:`peft_fast.kernels.plans`): "dense", "nf4_rows" or "nf4".
+
+    "nf4_rows" when the row loader applies at every config's BLOCK_K (K % blocksize == 0 and
+    blocksize >= ROWS_BLOCK_K), on CPU and GPU alike; other NF4 layouts are "nf4".
+    """
+    if not isinstance(base, NF4Weight):
+        return "dense"
+    return "nf4_rows" if rows_scaled(base, ROWS_BLOCK_K) else "nf4"
