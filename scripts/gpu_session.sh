@@ -30,7 +30,7 @@ PY
 PYTHONUNBUFFERED=1 timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests \
   --ignore=tests/test_train.py 2>&1 | tee "$OUT/pytest-cuda.log" | tail -30
 # The static Hopper report's ops, timed with L2 rotation beside its predictions (issue 15, part 4).
-PYTHONUNBUFFERED=1 timeout 120 python3 scripts/time_hopper_ops.py --out "$OUT/hopper" 2>&1 | tail -25
+PYTHONUNBUFFERED=1 timeout 120 python3 -m tools.hopper.time_ops --out "$OUT/hopper" 2>&1 | tail -25
 # bench rewrites its JSON/markdown after each suite: a timeout keeps what was measured.
 PYTHONUNBUFFERED=1 timeout 180 python3 -m peft_fast.cli bench --out "$OUT" 2>&1 | tail -80 > "$OUT/bench.log"
 tail -60 "$OUT/bench.log"

@@ -1,8 +1,9 @@
-"""The static Hopper cost report (scripts/hopper_report.py and its modules).
+"""The static Hopper cost toolkit (tools/hopper/): report, ratchet, compile sweep, MFU arithmetic.
 
-Unit tests on handmade inputs (SASS text, cost numbers, reports) run in-process; the one test
-that compiles for sm_90 runs the report in a subprocess with TRITON_INTERPRET unset, because
-this test session imports the kernels under the interpreter (see conftest.py).
+Unit tests on handmade inputs (SASS text, cost numbers, reports) run in-process; the tests that
+compile for sm_90 or capture the GPU's autotune configs run ``python -m tools.hopper...`` in a
+subprocess with TRITON_INTERPRET unset, because this test session imports the kernels under the
+interpreter (see conftest.py).
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "scripts"
-sys.path.insert(0, str(SCRIPTS))
+from tools.hopper import cost_model, evaluate, launch_capture, mfu, ratchet, sass, trip_count
+from tools.hopper.cost_model import KernelCost, predict_launch
+from tools.hopper.ops import REGISTRY, all_ops
+from tools.hopper.sm90 import KernelSpec
+from tools.hopper.sweep import classify, contraction_check_applies
 
-import cost_model  # noqa: E402
-import hopper_ratchet  # noqa: E402
-import sass  # noqa: E402
-from cost_model import KernelCost, predict_launch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # -- SASS parsing --------------------------------------------------------------------------------
 
@@ -161,35 +161,34 @@ def _report(ratios: dict[str, float], stack: int = 0) -> dict:
 
 def test_ratchet_fails_only_beyond_the_tolerance():
     base = _report({"a": 1.00, "b": 2.00})
-    assert hopper_ratchet.compare(_report({"a": 1.029, "b": 2.0}), base)[0] == []
-    failures, _ = hopper_ratchet.compare(_report({"a": 1.031, "b": 2.0}), base)
+    assert ratchet.compare(_report({"a": 1.029, "b": 2.0}), base)[0] == []
+    failures, _ = ratchet.compare(_report({"a": 1.031, "b": 2.0}), base)
     assert len(failures) == 1 and failures[0].startswith("a:")
 
 
 def test_ratchet_notes_new_and_improved_ops_and_fails_spills():
-    failures, notes = hopper_ratchet.compare(_report({"a": 0.5, "new": 3.0}), _report({"a": 1.0}))
+    failures, notes = ratchet.compare(_report({"a": 0.5, "new": 3.0}), _report({"a": 1.0}))
     assert failures == []
     assert any(n.startswith("new:") and "not in the baseline" in n for n in notes)
     assert any(n.startswith("a:") and "improved" in n for n in notes)
-    failures, _ = hopper_ratchet.compare(_report({"a": 1.0}, stack=56), _report({"a": 1.0}))
+    failures, _ = ratchet.compare(_report({"a": 1.0}, stack=56), _report({"a": 1.0}))
     assert len(failures) == 1 and "spills" in failures[0]
 
 
 def test_recompile_mismatches():
     launch = {"kernel": "m:k", "kloop_instr_per_warp": 100, "regs": 128, "smem": 1024}
     same = {"error": None, "sass": {"kloop_instr": 109}, "regs": 128, "smem": 1024}
-    assert hopper_ratchet.recompile_mismatches(launch, same) == []
+    assert ratchet.recompile_mismatches(launch, same) == []
     worse = {"error": None, "sass": {"kloop_instr": 111}, "regs": 130, "smem": 2048}
-    problems = hopper_ratchet.recompile_mismatches(launch, worse)
+    problems = ratchet.recompile_mismatches(launch, worse)
     assert len(problems) == 3 and "K-loop" in problems[0] and "registers" in problems[1]
-    assert hopper_ratchet.recompile_mismatches(launch, {"error": "boom"}) == ["m:k: does not compile: boom"]
+    assert ratchet.recompile_mismatches(launch, {"error": "boom"}) == ["m:k: does not compile: boom"]
 
 
 # -- launch capture -------------------------------------------------------------------------------
 
 
 def test_capture_records_library_calls_on_fake_cuda_tensors():
-    import launch_capture
     import torch
 
     seen = {}
@@ -217,7 +216,6 @@ def test_capture_records_library_calls_on_fake_cuda_tensors():
 
 
 def test_trip_counts_from_the_kernel_source():
-    import trip_count
     import triton
     import triton.language as tl
 
@@ -261,7 +259,6 @@ def test_trip_counts_from_the_kernel_source():
 
 def test_two_pass_kernels_cost_every_mma_loop_with_its_trips():
     """A kernel with two dot loops in a row: each SASS MMA loop gets the trips of its source loop."""
-    import hopper_eval
     import triton
     import triton.language as tl
 
@@ -282,34 +279,96 @@ def test_two_pass_kernels_cost_every_mma_loop_with_its_trips():
     # SASS: two innermost MMA loops in address order, (instructions, MMA FLOPs per trip); the K-loop
     # (the one the cost model multiplies) is the second.
     summary = {"has_loop": True, "mma_loops": [(100, 1000), (300, 4000)], "kloop_index": 1}
-    trips, extra_instr, extra_flops, per_loop = hopper_eval._other_mma_loops(_two_pass, cand, summary, 64)
+    trips, extra_instr, extra_flops, per_loop = evaluate._other_mma_loops(_two_pass, cand, summary, 64)
     assert per_loop == [64, 32] and trips == 32
     assert extra_instr == 100 * 63 and extra_flops == 1000 * 63  # the first loop's other 63 trips
     # A SASS that does not show one loop per source dot loop (say, one was unrolled) changes nothing.
     one = {"has_loop": True, "mma_loops": [(300, 4000)], "kloop_index": 0}
-    assert hopper_eval._other_mma_loops(_two_pass, cand, one, 32) == (32, 0, 0, [])
+    assert evaluate._other_mma_loops(_two_pass, cand, one, 32) == (32, 0, 0, [])
+
+
+# -- the registry, the sweep's pure parts, the MFU arithmetic -------------------------------------------
+
+
+def test_registry_keeps_the_report_ops_and_their_order():
+    """The baselines key ops by id: the registry must give the report the same ops, in the same order."""
+    ids = [case.id for case in all_ops()]
+    assert ids[:15] == [
+        "dense_tutorial_gemm M=4096 N=4096 K=4096",
+        "qlora_forward M=512 N=4096 K=4096",
+        "qlora_forward M=4096 N=4096 K=4096",
+        "qlora_forward M=4096 N=14336 K=4096",
+        "qlora_forward M=4096 N=4096 K=14336",
+        "dequant_then_cublas M=512 N=4096 K=4096",
+        "dequant_then_cublas M=4096 N=4096 K=4096",
+        "dequant_then_cublas M=4096 N=14336 K=4096",
+        "dequant_then_cublas M=4096 N=4096 K=14336",
+        "qlora_backward M=4096 N=4096 K=4096",
+        "qlora_decode M=1 N=4096 K=4096",
+        "qlora_decode M=16 N=4096 K=4096",
+        "nf4_dequantize M=0 N=4096 K=4096",
+        "ia3_forward M=4096 N=4096 K=4096",
+        "adapter_forward M=4096 N=4096 K=4096",
+    ]
+    assert len(set(ids)) == len(ids) and len({e.name for e in REGISTRY}) == len(REGISTRY)
+    # Every sweep case of every dtype is an op the registry builds (no launcher runs here).
+    sweep = [case for entry in REGISTRY for dtype in ("fp32", "fp16", "bf16") for case in entry.sweep(dtype)]
+    assert {case.dtype for case in sweep} == {"fp32", "fp16", "bf16"}
+    assert {case.base for case in sweep} >= {"dense", "nf4", "nf4dq"}
+
+
+def test_sweep_classifies_skips_and_the_contraction_check():
+    assert classify(100_000, None) == "OK"
+    assert classify(240_000, None) == "SKIP"  # more than 227 KB: the autotuner drops it at launch
+    assert classify(None, "OutOfResources: out of resource: shared memory") == "SKIP"
+    assert classify(None, "CompilationError: boom") == "FAIL"
+    spec = lambda options, constexprs: KernelSpec("m:k", {}, constexprs, [], options)
+    assert contraction_check_applies(spec({"enable_fp_fusion": False}, {"DOT_PRECISION": "tf32"}))
+    assert contraction_check_applies(spec({"enable_fp_fusion": False}, {"OUT_KIND": 2}))  # the dequant kernel
+    assert not contraction_check_applies(spec({"enable_fp_fusion": False}, {"DOT_PRECISION": "ieee"}))  # fp32 dots
+    assert not contraction_check_applies(spec({}, {"DOT_PRECISION": "tf32"}))
+
+
+def test_mfu_arithmetic_on_a_hand_computed_decoder():
+    # 2 layers, hidden 64, 4 query heads and 2 kv heads of 16, MLP 128, vocabulary 100, T = 32.
+    shape = mfu.DecoderShape("tiny", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=100)
+    # per layer: q 64·64 + k, v 64·32 each + o 64·64 = 12,288; MLP 3·64·128 = 24,576; head 64·100 = 6,400
+    assert shape.layer_matmul_params() == 36_864
+    assert shape.matmul_params() == 2 * 36_864 + 6_400 == 80_128
+    # LoRA r=4: 4·[(64+64) + (64+32)·2 + (64+64) + (64+128)·2 + (128+64)] = 4·1,024 per layer
+    assert shape.lora_params(4) == 2 * 4_096 == 8_192
+    assert shape.attention_flops_per_token(32) == 12 * 2 * 64 * 32 == 49_152
+    full = mfu.full_finetune_flops(shape, seq=32, batch=2)
+    assert full.model_per_token == 6 * 80_128 + 49_152 == 529_920  # nanoGPT's 6N + 12·L·H·Q·T
+    assert full.model == 64 * 529_920
+    lora = mfu.lora_flops(shape, seq=32, rank=4)
+    assert lora.model_per_token == 4 * 80_128 + 6 * 8_192 + 49_152 == 418_816  # base backward 2N, not 4N
+    # checkpointing recomputes every layer's forward: 2·(layer weights + LoRA) + 4·L·d·T
+    assert lora.recompute_per_token == 2 * (2 * 36_864 + 8_192) + 16_384 == 180_224
+    assert lora.floor_s(True) == pytest.approx(32 * (418_816 + 180_224) / 790e12)
+    assert mfu.mfu(1e9, 790e3) == pytest.approx(1.0)
 
 
 # -- end to end: one small kernel compiled for sm_90 -------------------------------------------------
 
 
-_JIT_CHECK = f"""
+_JIT_CHECK = """
 import json, sys
-sys.path[:0] = [{str(ROOT)!r}, {str(SCRIPTS)!r}]
-import torch, sm90
+import torch
+from tools.hopper import sm90
 launch = json.load(open(sys.argv[1]))["ops"][0]["launches"][0]
 spec = sm90.KernelSpec.from_json(launch)
-args = {{n: sm90.PointerStub(torch.bfloat16) for n in ("a_ptr", "b_ptr", "c_ptr")}}
+args = {n: sm90.PointerStub(torch.bfloat16) for n in ("a_ptr", "b_ptr", "c_ptr")}
 args |= dict(M=4096, N=4096, K=4096, stride_am=4096, stride_bk=4096, stride_cm=4096) | spec.constexprs
 jit = sm90.jit_compile(sm90.resolve(spec.kernel), args, spec.options)
 print("same cubin" if jit.asm["cubin"] == sm90.compile_spec(spec).asm["cubin"] else "different cubin")
 """
 
 
-def _script_env() -> dict[str, str]:
+def _python(*args: str) -> subprocess.CompletedProcess:
+    """``python *args`` from the repository root (``tools`` importable) with the compiler, not the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _cuobjdump() -> Path:
@@ -321,12 +380,11 @@ def _cuobjdump() -> Path:
 @pytest.mark.skipif(not _cuobjdump().exists(), reason="Triton's cuobjdump is missing: cannot read SASS")
 def test_report_json_contract_and_recompile_round_trip(tmp_path):
     """The tutorial GEMM alone: report keys, calibration ratio, and --recompile from the report's spec."""
-    run = lambda *a: subprocess.run([sys.executable, str(SCRIPTS / "hopper_report.py"), *a], env=_script_env(),
-                                    capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = lambda *a: _python("-m", "tools.hopper.report", *a)
     out = run("--out", str(tmp_path), "--ops", "dense_tutorial_gemm", "--jobs", "1", "--no-sass")
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads((tmp_path / "hopper-report.json").read_text())
-    assert {"triton", "target", "ceilings", "ops"} <= report.keys() and report["target"] == "cuda:90"
+    assert {"triton", "ptxas", "target", "ceilings", "ops"} <= report.keys() and report["target"] == "cuda:90"
     assert set(report["ceilings"]) == {"clock_hz", "sms", "bf16_flops_per_s", "hbm_bytes_per_s", "copy_bytes_per_s"}
     (op,) = report["ops"]
     op_keys = {"op", "M", "N", "K", "r", "dtype", "base", "dropout", "floor_us", "predicted_us", "ratio", "launches"}
@@ -336,21 +394,53 @@ def test_report_json_contract_and_recompile_round_trip(tmp_path):
                    "loop_trips", "ctas_per_sm", "regs", "spill_bytes", "smem", "hgmma", "kloop_instr_per_warp",
                    "predicted_us"}  # fmt: skip
     assert launch_keys <= launch.keys()
-    assert launch["kernel"] == "dense_tutorial_gemm:matmul_kernel" and launch["hgmma"] and launch["loop_trips"] == 64
+    assert launch["kernel"] == "tools.hopper.tutorial_gemm:matmul_kernel" and launch["hgmma"]
+    assert launch["loop_trips"] == 64
     # The JIT's specialisation: strides of 1 become constexprs, multiples of 16 get the hint.
     assert launch["constexprs"]["stride_ak"] == 1 and "K" in launch["divisible_by_16"]
     assert 1.0 <= op["ratio"] <= 1.06
     assert (tmp_path / "hopper-report.md").read_text().startswith("# Static Hopper")
 
     # The spec compiles to the very cubin the JIT's own path (JITFunction.warmup) builds.
-    jit = subprocess.run([sys.executable, "-c", _JIT_CHECK, str(tmp_path / "hopper-report.json")], env=_script_env(),
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    jit = _python("-c", _JIT_CHECK, str(tmp_path / "hopper-report.json"))
     assert jit.returncode == 0 and jit.stdout.strip() == "same cubin", jit.stdout + jit.stderr
-    # Recompiling from the report's own spec gives the same binary; a tampered report is caught.
+    # Recompiling from the report's own spec gives the same binary; a tampered report is caught, and
+    # a report another Triton wrote is refused before anything is compiled (its SASS differs anyway).
     launch["regs"] += 1
     tampered = tmp_path / "tampered.json"
     tampered.write_text(json.dumps(report))
-    check = run("--recompile", str(tmp_path / "hopper-report.json"), str(tampered), "--jobs", "1")
+    other = tmp_path / "other-triton.json"
+    other.write_text(json.dumps(report | {"triton": "3.0.0"}))
+    check = run("--recompile", str(tmp_path / "hopper-report.json"), str(tampered), str(other), "--jobs", "1")
     assert check.returncode == 1, check.stdout + check.stderr
     assert "hopper-report.json: 0 mismatches" in check.stdout
     assert "tampered.json: 1 mismatches" in check.stdout and "registers" in check.stdout
+    assert "other-triton.json was written by triton 3.0.0" in check.stderr and "other-triton.json:" not in check.stdout
+
+
+def test_sweep_jobs_are_the_launches_every_autotune_config():
+    """The compile sweep's job list is what the launchers launch: here the decode forward's kernels, in fp32."""
+    code = """
+import importlib, json
+from tools.hopper import sweep as compile_sweep
+from tools.hopper.ops import qlora_forward
+jobs, failures = compile_sweep.build_jobs([qlora_forward(13, 256, 256, dtype="fp32", base="nf4dq", bias=True)])
+configs, listed = {}, {}
+for job in jobs:
+    configs.setdefault(job.kernel, []).append(job.config)
+    module, _, name = job.spec.kernel.partition(":")
+    listed[job.kernel] = len(getattr(getattr(importlib.import_module(module), name), "configs", [None]))
+print(json.dumps({"failures": len(failures), "dtypes": sorted({j.dtype for j in jobs}), "configs": configs,
+                  "listed": listed}))
+"""
+    out = _python("-c", code)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["failures"] == 0 and result["dtypes"] == ["fp32"]
+    # M = 13: the split-K path over NF4 rows: H (split over K), the partial GEMV and its epilogue.
+    configs = result["configs"]
+    assert set(configs) == {"_lora_down_kernel", "_nf4_rows_splitk_kernel", "_splitk_epilogue_kernel"}
+    assert configs["_splitk_epilogue_kernel"] == [None]  # a fixed launch: one binary
+    for kernel in ("_lora_down_kernel", "_nf4_rows_splitk_kernel"):  # every config the autotuner would time
+        assert 1 < len(configs[kernel]) <= result["listed"][kernel], kernel
+        assert len({json.dumps(c, sort_keys=True) for c in configs[kernel]}) == len(configs[kernel])

@@ -1,15 +1,16 @@
 """Time the static Hopper report's ops on a real GPU, beside the report's predictions.
 
-For a session lent a GPU (scripts/gpu_session.sh calls it): every op of ``hopper_ops.all_ops()``
-runs its launcher exactly as the report captured it, but on real random tensors — activations
-from ``randn``, NF4 weights quantized from ``randn`` — rotating over ``--sets`` (>= 4) input sets
-so the 60 MB L2 of an H200 never holds a weight from the previous call. Each op is timed with
-``triton.testing.do_bench`` (median, p20, p80); a dense bf16 ``torch.mm`` of the op's GEMM shape
-is timed beside it (cuBLAS, the report's calibration). The output puts each measurement next to
-the report's compile-time lower bound for the running Triton version.
+For a session lent a GPU (scripts/gpu_session.sh calls it): every report case of
+``tools.hopper.ops.REGISTRY`` runs its launcher exactly as the report captured it, but on real
+random tensors — activations from ``randn``, NF4 weights quantized from ``randn`` — rotating over
+``--sets`` (>= 4) input sets so the 60 MB L2 of an H200 never holds a weight from the previous
+call. Each op is timed with ``triton.testing.do_bench`` (median, p20, p80); a dense bf16
+``torch.mm`` of the op's GEMM shape is timed beside it (cuBLAS, the report's calibration). The
+output puts each measurement next to the report's compile-time lower bound for the running
+Triton version.
 
-Usage (on the GPU):
-    python scripts/time_hopper_ops.py --out DIR [--report bench/hopper/baseline-triton-X.Y.json] [--ops SUBSTR,...]
+Usage (on the GPU, from the repository root):
+    python -m tools.hopper.time_ops --out DIR [--report bench/hopper/baseline-triton-X.Y.json] [--ops SUBSTR,...]
 
 Writes DIR/hopper-timings.json and DIR/hopper-timings.md. On a CPU (tests) it runs the same code
 under the Triton interpreter with whatever small ops the caller passes.
@@ -25,14 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SCRIPTS = Path(__file__).resolve().parent
-ROOT = SCRIPTS.parent
-for path in (str(ROOT), str(SCRIPTS)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+import torch
 
-import hopper_ops  # noqa: E402
-import torch  # noqa: E402
+from peft_fast.nf4 import NF4Weight, quantize_nf4
+from tools.hopper.cases import OpCase, inputs_from
+from tools.hopper.ops import all_ops
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class InputPool:
@@ -40,6 +40,7 @@ class InputPool:
 
     An op's ``run()`` asks for its inputs in the same order every call; the pool hands out the
     ``i``-th tensor of the current set, so call n uses set n % sets and weights come from HBM.
+    It is an input source of :mod:`tools.hopper.cases` (``with inputs_from(pool): case.run()``).
     """
 
     def __init__(self, device: str, sets: int, seed: int = 0):
@@ -59,22 +60,28 @@ class InputPool:
             self.tensors[key] = make()
         return self.tensors[key]
 
-    def fake(self, *shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    def tensor(self, *shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """Random values: normal floats, uniform bytes, integers in [0, 2**15) (labels below any vocabulary)."""
+
         def make() -> torch.Tensor:
             if dtype == torch.uint8:
                 return torch.randint(0, 256, shape, dtype=torch.uint8, generator=self.generator).to(self.device)
+            if not dtype.is_floating_point:
+                return torch.randint(0, 2**15, shape, dtype=dtype, generator=self.generator).to(self.device)
             return torch.randn(shape, generator=self.generator).to(self.device, dtype)
 
         return self._take(("t", shape, dtype), make)
 
-    def fake_nf4(self, n: int, k: int):
-        from peft_fast.nf4 import quantize_nf4
+    def nf4(
+        self, n: int, k: int, dtype: torch.dtype = torch.bfloat16, blocksize: int = 64, double_quant: bool = True
+    ) -> NF4Weight:
+        """A real NF4 weight: ``randn · 0.02`` in ``dtype``, quantized."""
 
-        def make():
-            weight = (torch.randn(n, k, generator=self.generator) * 0.02).to(self.device, torch.bfloat16)
-            return quantize_nf4(weight, blocksize=hopper_ops.BLOCKSIZE, double_quant=True)
+        def make() -> NF4Weight:
+            weight = (torch.randn(n, k, generator=self.generator) * 0.02).to(self.device, dtype)
+            return quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
 
-        return self._take(("nf4", n, k), make)
+        return self._take(("nf4", n, k, dtype, blocksize, double_quant), make)
 
 
 def _timer(device: str) -> Callable[[Callable[[], object]], dict[str, float]]:
@@ -96,16 +103,14 @@ def _time_dense_mm(timer, m: int, k: int, n: int, device: str, sets: int) -> dic
     return timer(call)
 
 
-def time_ops(ops: list[hopper_ops.OpCase], device: str, sets: int = 4) -> list[dict[str, Any]]:
+def time_ops(ops: list[OpCase], device: str, sets: int = 4) -> list[dict[str, Any]]:
     """Measured rows for ``ops`` (µs), each with the dense-GEMM reference of its shape."""
     if sets < 1:
         raise ValueError(f"sets must be >= 1, got {sets}")
     timer = _timer(device)
     pool = InputPool(device, sets)
-    saved = hopper_ops.fake, hopper_ops.fake_nf4
-    hopper_ops.fake, hopper_ops.fake_nf4 = pool.fake, pool.fake_nf4
     rows = []
-    try:
+    with inputs_from(pool):
         for op in ops:
 
             def call(op=op) -> None:
@@ -121,11 +126,9 @@ def time_ops(ops: list[hopper_ops.OpCase], device: str, sets: int = 4) -> list[d
                 "us_p20": 1e3 * timing["ms_p20"],
                 "us_p80": 1e3 * timing["ms_p80"],
             }
-            if op.M and op.K and op.N and op.op != "adapter_forward":
+            if op.M and op.K and op.N and op.flops and op.op != "adapter_forward":
                 row["dense_mm_us"] = 1e3 * _time_dense_mm(timer, op.M, op.K, op.N, device, sets)["ms"]
             rows.append(row)
-    finally:
-        hopper_ops.fake, hopper_ops.fake_nf4 = saved
     return rows
 
 
@@ -175,12 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", type=int, default=4, help="input sets rotated between calls (default 4)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("time_hopper_ops: no CUDA device (this script times the GPU)", file=sys.stderr)
+        print("tools.hopper.time_ops: no CUDA device (this command times the GPU)", file=sys.stderr)
         return 2
     minor = ".".join(triton.__version__.split(".")[:2])
     report_path = args.report or ROOT / "bench" / "hopper" / f"baseline-triton-{minor}.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else None
-    ops = [o for o in hopper_ops.all_ops() if o.op != "dense_tutorial_gemm"]
+    ops = [o for o in all_ops() if o.op != "dense_tutorial_gemm"]
     if args.ops:
         wanted = [w.strip() for w in args.ops.split(",") if w.strip()]
         ops = [o for o in ops if any(w in o.id for w in wanted)]

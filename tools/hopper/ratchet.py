@@ -1,6 +1,6 @@
 """The CI ratchet on the Hopper report: predicted/floor ratios may not get worse, K-loops may not spill.
 
-Also :func:`recompile_mismatches`, the check of ``hopper_report.py --recompile``.
+Also :func:`recompile_mismatches`, the check of ``python -m tools.hopper.report --recompile``.
 
 :func:`compare` fails an op whose ratio exceeds its baseline's by more than ``tolerance``
 (relative: 3 % by default) and any launch with a loop whose binary has a stack frame

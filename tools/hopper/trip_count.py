@@ -375,7 +375,7 @@ def main_loop(kernel: Any, args: dict[str, Any], grid: tuple[int, ...]) -> tuple
         loop = unknown[0]
         raise TripCountError(
             f"{name}: cannot evaluate the trips of `for ... in {loop.source}` ({loop.where}); "
-            f"add an entry for {name!r} to TRIP_OVERRIDES in scripts/trip_count.py"
+            f"add an entry for {name!r} to TRIP_OVERRIDES in tools/hopper/trip_count.py"
         )
     return int(best.total or 0), best
 

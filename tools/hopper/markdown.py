@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import cost_model
+from tools.hopper import cost_model
 
 
 def _num(value: Any, fmt: str = "{:,.1f}") -> str:

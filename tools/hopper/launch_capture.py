@@ -29,11 +29,12 @@ from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
-import sm90
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
+
+from tools.hopper import sm90
 
 CUDA = torch.device("cuda", 0)
 META = torch.device("meta")

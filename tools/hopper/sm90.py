@@ -1,25 +1,21 @@
 """Compile a Triton kernel for an H100/H200 (sm_90) without a GPU, specialised as the JIT would.
 
-One code path for every script that compiles for sm_90 (``check_sm90_compile.py``,
-``hopper_report.py``): a :class:`KernelSpec` (kernel, argument types, constexpr values, the
-arguments known to be divisible by 16, launch options) is compiled with
+The one compile path of the toolkit (the report, its ``--recompile`` check and the compile
+sweep): a :class:`KernelSpec` (kernel, argument types, constexpr values, the arguments known to
+be divisible by 16, launch options) is compiled with
 ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32))``.
 
-Where a spec comes from:
-
-* :func:`specialize_launch` runs the JIT's own binder (``create_function_from_signature`` with
-  a CUDA backend for sm_90, then ``JITFunction._pack_args``) on the arguments of a real launch,
-  so types, constexprs (declared ones, and ints equal to 1, which the JIT turns into constexprs)
-  and ``tt.divisibility`` hints are exactly what Triton would compile at run time, in whichever
-  Triton version is installed. Tensors are replaced by pointer stubs whose address is
-  512-byte aligned plus the view's offset: PyTorch's caching allocator hands out 512-byte
-  aligned blocks, so every whole tensor argument is "divisible by 16".
-* :func:`spec_from_types` builds one from argument types alone (``check_sm90_compile.py``): pointers
-  get the divisibility hint (always true at run time, see above), integers get none (the general
-  case the JIT compiles for sizes that are not multiples of 16).
+Specs come from :func:`specialize_launch`, which runs the JIT's own binder
+(``create_function_from_signature`` with a CUDA backend for sm_90, then ``JITFunction._pack_args``)
+on the arguments of a launch recorded by :mod:`tools.hopper.launch_capture`, so types, constexprs
+(declared ones, and ints equal to 1, which the JIT turns into constexprs) and ``tt.divisibility``
+hints are exactly what Triton would compile at run time, in whichever Triton version is
+installed. Tensors are replaced by pointer stubs whose address is 512-byte aligned plus the
+view's offset: PyTorch's caching allocator hands out 512-byte aligned blocks, so every whole
+tensor argument is "divisible by 16".
 
 The SASS and resource usage come from the ``cuobjdump`` Triton ships, run on ``asm["cubin"]``.
-TRITON_INTERPRET must be unset before Triton is imported (the interpreter never compiles).
+TRITON_INTERPRET must be unset before the kernels are imported (the interpreter never compiles).
 """
 
 from __future__ import annotations
@@ -41,6 +37,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from tools.hopper.sass import parse_res_usage, summarize
 
 TARGET = GPUTarget("cuda", 90, 32)  # compute capability 9.0, warp size 32
 _ALLOCATOR_ALIGNMENT = 512  # bytes: PyTorch's CUDA caching allocator
@@ -181,28 +179,6 @@ def specialize_launch(kernel: Any, args: tuple, kwargs: dict) -> tuple[KernelSpe
     return spec, dict(bound)
 
 
-def spec_from_types(kernel: Any, types: dict[str, str], consts: dict[str, Any], options: dict[str, Any]) -> KernelSpec:
-    """A spec from argument types (``"*bf16"``, ``"i32"``, ...) and constexpr values by name.
-
-    Pointers get the divisibility hint the JIT gives every caching-allocator tensor (unless the
-    parameter opts out with ``do_not_specialize_on_alignment``); integers get none.
-    """
-    fn = jit_function(kernel)
-    signature, divisible = {}, []
-    for param in fn.params:
-        name = param.name
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name in types:
-            signature[name] = types[name]
-            if types[name].startswith("*") and not param.do_not_specialize_on_alignment:
-                divisible.append(name)
-        else:
-            raise KeyError(f"{kernel_name(fn)}: no type or constexpr given for argument {name!r}")
-    constexprs = {name: _plain(value) for name, value in consts.items()}
-    return KernelSpec(kernel_name(fn), signature, constexprs, divisible, dict(options))
-
-
 # -- compiling and reading the binary -----------------------------------------------------------
 
 
@@ -242,6 +218,22 @@ def cuobjdump_path() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
+def ptxas_version() -> str | None:
+    """The version of the ptxas Triton assembles sm_90 with (e.g. "12.9.86"), None if it cannot be read.
+
+    Recorded in the report beside Triton's version: the same spec assembled by another ptxas
+    gives other SASS, so a report can only be recompiled by the toolchain that wrote it.
+    """
+    from triton.backends.nvidia.compiler import get_ptxas_version
+
+    try:
+        text = get_ptxas_version(TARGET.arch)
+    except Exception:  # an internal API: a Triton without it just records no version
+        return None
+    match = re.search(r"\bV(\d+(?:\.\d+)+)", text if isinstance(text, str) else str(text))
+    return match.group(1) if match else None
+
+
 def cuobjdump(cubin: bytes, flag: str) -> str:
     """``cuobjdump <flag>`` (``-sass`` or ``-res-usage``) on a cubin held in memory."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
@@ -266,8 +258,6 @@ def analyse(spec: KernelSpec, sass_dir: str | None = None) -> dict[str, Any]:
 
     Runs in worker processes, so it takes and returns plain data.
     """
-    from sass import parse_res_usage, summarize  # scripts/ is on sys.path wherever this runs
-
     start = time.perf_counter()
     try:
         compiled = compile_spec(spec)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import cost_model
-import trip_count
-from cost_model import H200, KernelCost, predict_launch
-from hopper_ops import OpCase
-from launch_capture import Candidate, Launch
+from tools.hopper import cost_model, trip_count
+from tools.hopper.cases import OpCase
+from tools.hopper.cost_model import H200, KernelCost, predict_launch
+from tools.hopper.launch_capture import Candidate, Launch
+from tools.hopper.sm90 import resolve
 
 # Keys every launch object carries (library calls have None for the compile-only ones).
 LAUNCH_KEYS = (
@@ -56,7 +56,7 @@ def cost_candidate(launch: Launch, cand: Candidate, analysis: dict[str, Any]) ->
         row["predicted_us"] = None
         return row
     sass = analysis["sass"]
-    kernel = _kernel(cand.spec.kernel)
+    kernel = resolve(cand.spec.kernel)
     trips, loop = trip_count.main_loop(kernel, cand.args, cand.grid)
     if not sass["has_loop"]:
         trips = 1  # no loop in the SASS (none in the source, or fully unrolled): the body counts once
@@ -132,12 +132,6 @@ def _other_mma_loops(kernel, cand: Candidate, sass: dict[str, Any], trips: int) 
             extra_instr += instr * (loop.total - 1)
             extra_flops += flops * (loop.total - 1)
     return int(source[index].total), extra_instr, extra_flops, [int(loop.total) for loop in source]
-
-
-def _kernel(name: str):
-    from sm90 import resolve
-
-    return resolve(name)
 
 
 def triton_launch(launch: Launch, analyses: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -231,9 +225,9 @@ def op_object(case: OpCase, launches: list[Launch], analyses: dict[str, dict[str
         "bytes": case.bytes,
         "floor_basis": "2·M·N·K at the bf16 rate" if case.floor_flops is not None else "max(FLOPs/bf16, bytes/HBM)",
     }
-    if case.op == "qlora_decode":
+    if case.bandwidth == "hbm":
         op["hbm_fraction"] = _round(case.bytes / (predicted * 1e-6) / H200.hbm_bytes_per_s, 4)
-    if case.op == "nf4_dequantize":
+    if case.bandwidth == "copy":
         op["copy_fraction"] = _round(case.bytes / (predicted * 1e-6) / H200.copy_bytes_per_s, 4)
     if case.goal:
         op["goal"] = {

@@ -1,8 +1,9 @@
 """Static Hopper (sm_90) cost report of peft_fast's hot ops: compile-time lower bounds, no GPU.
 
-For each op at Llama shapes (hopper_ops.py) the public launcher is called on fake CUDA tensors
-while every kernel launch, every autotune config the autotuner would time (after its pruning)
-and every torch op the launcher runs itself are recorded (launch_capture.py). Each distinct
+For each op at Llama shapes (the report cases of ``tools.hopper.ops.REGISTRY``) the public
+launcher is called on fake CUDA tensors while every kernel launch, every autotune config the
+autotuner would time (after its pruning) and every torch op the launcher runs itself are
+recorded (launch_capture.py; the modules named here are in ``tools/hopper/``). Each distinct
 binary is compiled for sm_90 exactly as the JIT would specialise it (sm90.py: the JIT's own
 binder; 512-byte aligned tensors; ints divisible by 16 or equal to 1 specialised), and its cubin
 read (sass.py): registers, stack (spills), shared memory, HGMMA / HMMA, cp.async, TMA, the
@@ -22,15 +23,16 @@ Launch = max(compute, memory); torch calls at roofline; autotuned launches take 
 config; op = sum of launches. Floors: max(op FLOPs / bf16 rate, fewest bytes / HBM rate); the
 backward's floor is one dense M×N×K GEMM (2MNK / rate).
 
-Usage:
-    python scripts/hopper_report.py --out DIR [--baseline JSON] [--ops SUBSTR,...] [--jobs 2]
-    python scripts/hopper_report.py --out DIR --write-baseline     # bench/hopper/baseline-triton-X.Y.json
-    python scripts/hopper_report.py --recompile DIR/hopper-report.json [MORE.json ...]
+Usage (from the repository root):
+    python -m tools.hopper.report --out DIR [--baseline JSON] [--ops SUBSTR,...] [--jobs 2]
+    python -m tools.hopper.report --out DIR --write-baseline     # bench/hopper/baseline-triton-X.Y.json
+    python -m tools.hopper.report --recompile DIR/hopper-report.json [MORE.json ...]
 
 Writes DIR/hopper-report.json, DIR/hopper-report.md and DIR/sass/*.sass. Exit 1 when the ratchet
 fails (an op's ratio worse than the baseline's by more than 3 %, or a kernel with a loop that
-spills), when a launch cannot be costed, or when --recompile finds a mismatch; goals not met are
-reported, not failures.
+spills), when a launch cannot be costed, or when --recompile finds a mismatch or is given a report
+that another toolchain wrote (its Triton or ptxas version differs: the same spec then assembles to
+other SASS); goals not met are reported, not failures.
 """
 
 from __future__ import annotations
@@ -51,20 +53,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-SCRIPTS = Path(__file__).resolve().parent
-ROOT = SCRIPTS.parent
-for path in (str(ROOT), str(SCRIPTS)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+import triton
 
-import hopper_eval  # noqa: E402
-import hopper_markdown  # noqa: E402
-import hopper_ops  # noqa: E402
-import hopper_ratchet  # noqa: E402
-import sm90  # noqa: E402
-import triton  # noqa: E402
-from cost_model import H200  # noqa: E402
-from launch_capture import record  # noqa: E402
+from tools.hopper import evaluate, markdown, ratchet, sm90
+from tools.hopper.cases import OpCase
+from tools.hopper.cost_model import H200
+from tools.hopper.launch_capture import record
+from tools.hopper.ops import all_ops
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def triton_minor() -> str:
@@ -86,12 +83,12 @@ def compile_all(specs: list[sm90.KernelSpec], jobs: int, sass_dir: str | None) -
     work = [(vars(spec), sass_dir) for spec in unique.values()]
     if jobs <= 1:
         return dict(map(_analyse_job, work))
-    # Forked workers inherit the imported kernels and sys.path; unordered: long compiles do not stall the rest.
+    # Forked workers inherit the imported kernels; unordered: long compiles do not stall the rest.
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
         return dict(pool.imap_unordered(_analyse_job, work))
 
 
-def build_report(cases: list[hopper_ops.OpCase], jobs: int, sass_dir: str | None) -> tuple[dict[str, Any], dict]:
+def build_report(cases: list[OpCase], jobs: int, sass_dir: str | None) -> tuple[dict[str, Any], dict]:
     """(report, timings): capture every op's launches, compile each distinct binary once, cost them."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -103,15 +100,38 @@ def build_report(cases: list[hopper_ops.OpCase], jobs: int, sass_dir: str | None
     timings["compile_s"] = time.perf_counter() - start
     timings["binaries"] = len(analyses)
     timings["compile_cpu_s"] = sum(a.get("compile_s", 0.0) for a in analyses.values())
-    ops = [hopper_eval.op_object(case, launches, analyses) for case, launches in captured]
+    ops = [evaluate.op_object(case, launches, analyses) for case, launches in captured]
     report = {
         "triton": triton.__version__,
+        "ptxas": sm90.ptxas_version(),
         "target": "cuda:90",
         "ceilings": H200.contract(),
         "ops": ops,
-        "goals": hopper_eval.global_goals(ops),
+        "goals": evaluate.global_goals(ops),
     }
     return report, timings
+
+
+def toolchain_mismatch(report: dict[str, Any]) -> str | None:
+    """Why ``report`` cannot be recompiled here (None: it can): it was written by another Triton or ptxas.
+
+    The SASS of one spec depends on the assembler: each Triton version ships its own ptxas for
+    sm_90 (3.6: 12.8, 3.9: 13.4; ``TRITON_PTXAS_PATH`` may name another). The decode
+    down-projection of Triton 3.6's baseline has a K-loop of 60 instructions per warp under
+    ptxas 12.8 or 12.9, 68 under Triton 3.9 and 69 under 3.6 with ptxas 13.4: recompiling a report
+    with another toolchain reports such differences as mismatches of the spec (16 for the 3.6
+    baseline under 3.9), which they are not.
+    """
+    here = {"triton": triton.__version__, "ptxas": sm90.ptxas_version()}
+    differs = [k for k in here if report.get(k) is not None and here[k] is not None and report[k] != here[k]]
+    if not differs:
+        return None
+    written = ", ".join(f"{k} {report.get(k)}" for k in here)
+    running = ", ".join(f"{k} {v}" for k, v in here.items())
+    return (
+        f"written by {written}; this is {running}: recompile it with that toolchain "
+        f"(the venv of Triton {report.get('triton')}, with the ptxas it ships)"
+    )
 
 
 def recompile_check(report: dict[str, Any], jobs: int = 2) -> list[str]:
@@ -124,11 +144,11 @@ def recompile_check(report: dict[str, Any], jobs: int = 2) -> list[str]:
     analyses = compile_all([s for s, _ in specs.values()], jobs, None)
     problems = []
     for key, (spec, la) in specs.items():
-        problems += [f"[{spec.short_hash()}] {p}" for p in hopper_ratchet.recompile_mismatches(la, analyses[key])]
+        problems += [f"[{spec.short_hash()}] {p}" for p in ratchet.recompile_mismatches(la, analyses[key])]
     return problems
 
 
-def _select(cases: list[hopper_ops.OpCase], filters: str | None) -> list[hopper_ops.OpCase]:
+def _select(cases: list[OpCase], filters: str | None) -> list[OpCase]:
     if not filters:
         return cases
     wanted = [f.strip() for f in filters.split(",") if f.strip()]
@@ -183,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         failed = False
         for path in args.recompile:
             start = time.perf_counter()
-            problems = recompile_check(json.loads(path.read_text()), args.jobs)
+            report = json.loads(path.read_text())
+            if reason := toolchain_mismatch(report):
+                print(f"ERROR: {path} was {reason}", file=sys.stderr)
+                failed = True
+                continue
+            problems = recompile_check(report, args.jobs)
             for p in problems:
                 print(f"MISMATCH {p}")
             print(f"recompiled {path}: {len(problems)} mismatches in {time.perf_counter() - start:.0f} s")
@@ -197,16 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     sass_dir = None if args.no_sass else str(args.out / "sass")
     if sass_dir:
         Path(sass_dir).mkdir(exist_ok=True)
-    cases = _select(hopper_ops.all_ops(), args.ops)
+    cases = _select(all_ops(), args.ops)
     print(f"hopper report: {len(cases)} ops, Triton {triton.__version__}, sm_90", flush=True)
     try:
         report, timings = build_report(cases, args.jobs, sass_dir)
-    except (hopper_eval.ReportError, RuntimeError) as exc:
+    except (evaluate.ReportError, RuntimeError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
     timings["total_s"] = time.perf_counter() - start
     (args.out / "hopper-report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "hopper-report.md").write_text(hopper_markdown.render(report))
+    (args.out / "hopper-report.md").write_text(markdown.render(report))
     _print_table(report)
     print(
         f"{timings['binaries']} binaries; capture {timings['capture_s']:.1f} s, compile {timings['compile_s']:.0f} s "
@@ -224,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.baseline.exists():
         print(f"ERROR: baseline {args.baseline} does not exist (create it with --write-baseline)", file=sys.stderr)
         return 1
-    failures, notes = hopper_ratchet.compare(report, json.loads(args.baseline.read_text()))
+    failures, notes = ratchet.compare(report, json.loads(args.baseline.read_text()))
     for note in notes:
         print(f"note: {note}")
     for failure in failures:

@@ -1,0 +1,140 @@
+"""The fused training-step ops (RMSNorm, RoPE, GLU, linear cross-entropy) as report and sweep entries.
+
+Shapes are Llama-3-8B's at two sequences of 2048 tokens (M = 4096 rows, hidden 4096, 32 query and
+8 key/value heads of 128, MLP 14336, vocabulary 128,256), bf16. RMSNorm, RoPE and the GLU are
+bandwidth-bound: floor = their fewest bytes at the HBM rate, goal ≥ 85 % of the copy rate. The
+linear cross-entropy is GEMM-bound: floor = its FLOPs at the bf16 rate, no goal stated yet.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tools.hopper.cases import DTYPES, Goal, OpCase, OpEntry, element_size, fake
+
+TOKENS, HIDDEN, MLP, VOCAB = 4096, 4096, 14336, 128256
+BATCH, SEQ, HEADS, KV_HEADS, HEAD_DIM = 2, 2048, 32, 8, 128
+COPY_GOAL = Goal("copy_fraction_min", 0.85)
+BANDWIDTH_NOTE = "bandwidth-bound: floor = the fewest bytes at the HBM rate"
+
+
+def _bandwidth_case(op: str, m: int, n: int, k: int, run, nbytes: float, dtype: str, note: str = "",
+                    goal: Goal | None = COPY_GOAL) -> OpCase:  # fmt: skip
+    return OpCase(op, m, n, k, 0, "dense", 0.0, run, flops=0.0, bytes=nbytes, goal=goal,
+                  note=note or BANDWIDTH_NOTE, dtype=dtype, bandwidth="copy")  # fmt: skip
+
+
+def rms_norm_forward(m: int = TOKENS, d: int = HIDDEN, *, dtype: str = "bf16", residual: bool = True) -> OpCase:
+    """``rms_norm_forward`` (Llama casting), with the residual add fused: reads x (+ residual), writes y (+ s)."""
+    t = DTYPES[dtype]
+
+    def run() -> None:
+        from peft_fast.kernels.rms_norm import rms_norm_forward as launch
+
+        launch(fake(m, d, dtype=t), fake(d, dtype=t), fake(m, d, dtype=t) if residual else None, 1e-5, 0.0, "llama")
+
+    tensors = 4 if residual else 2  # x, residual in; y, s out
+    nbytes = element_size(dtype) * (tensors * m * d + d) + 4 * m  # + weight, fp32 rstd
+    return _bandwidth_case("rms_norm_forward", m, d, d, run, nbytes, dtype)
+
+
+def rms_norm_backward(m: int = TOKENS, d: int = HIDDEN, *, dtype: str = "bf16", residual: bool = True) -> OpCase:
+    """``rms_norm_backward``: dY (+ dS), the norm input and rstd in; dX out (dw summed on the side)."""
+    t = DTYPES[dtype]
+
+    def run() -> None:
+        from peft_fast.kernels.rms_norm import rms_norm_backward as launch
+
+        launch(
+            fake(m, d, dtype=t), fake(m, d, dtype=t) if residual else None, fake(m, d, dtype=t), fake(d, dtype=t),
+            fake(m, dtype=torch.float32), 0.0, "llama", True, True,
+        )  # fmt: skip
+
+    tensors = 4 if residual else 3
+    nbytes = element_size(dtype) * (tensors * m * d + 2 * d) + 4 * m
+    return _bandwidth_case("rms_norm_backward", m, d, d, run, nbytes, dtype)
+
+
+def rope_forward(*, dtype: str = "bf16") -> OpCase:
+    """``rope_rotate_`` of q and k in place ([B, H, S, D], GQA): q and k read and written once, cos / sin read."""
+    t = DTYPES[dtype]
+
+    def run() -> None:
+        from peft_fast.kernels.rope import rope_rotate_
+
+        q = fake(BATCH, HEADS, SEQ, HEAD_DIM, dtype=t)
+        k = fake(BATCH, KV_HEADS, SEQ, HEAD_DIM, dtype=t)
+        rope_rotate_(q, k, fake(BATCH, SEQ, HEAD_DIM, dtype=t), fake(BATCH, SEQ, HEAD_DIM, dtype=t))
+
+    qk = BATCH * SEQ * (HEADS + KV_HEADS) * HEAD_DIM
+    nbytes = element_size(dtype) * (2 * qk + 2 * BATCH * SEQ * HEAD_DIM)
+    # The cost model charges each tensor argument once, so an in-place kernel's prediction counts q
+    # and k read but not written: below this floor, and its copy fraction overstated (about 2x).
+    # No goal is judged: a copy fraction near 200 % would read as "met" while it only shows the gap.
+    note = f"{BANDWIDTH_NOTE}; in place: the model charges q and k once (read, not written), so it predicts below it"
+    return _bandwidth_case(
+        "rope_forward", BATCH * SEQ, (HEADS + KV_HEADS) * HEAD_DIM, HEAD_DIM, run, nbytes, dtype, note, goal=None
+    )
+
+
+def glu_forward(m: int = TOKENS, i: int = MLP, *, dtype: str = "bf16", activation: str = "silu") -> OpCase:
+    """``glu_forward`` (SwiGLU): gate and up in, act(gate)·up out."""
+    t = DTYPES[dtype]
+
+    def run() -> None:
+        from peft_fast.kernels.glu import glu_forward as launch
+
+        launch(fake(m, i, dtype=t), fake(m, i, dtype=t), activation)
+
+    return _bandwidth_case("glu_forward", m, i, i, run, element_size(dtype) * 3 * m * i, dtype)
+
+
+def glu_backward(m: int = TOKENS, i: int = MLP, *, dtype: str = "bf16", activation: str = "silu") -> OpCase:
+    """``glu_backward``: dY, gate and up in; d_gate and d_up out."""
+    t = DTYPES[dtype]
+
+    def run() -> None:
+        from peft_fast.kernels.glu import glu_backward as launch
+
+        launch(fake(m, i, dtype=t), fake(m, i, dtype=t), fake(m, i, dtype=t), activation)
+
+    return _bandwidth_case("glu_backward", m, i, i, run, element_size(dtype) * 5 * m * i, dtype)
+
+
+def linear_cross_entropy(n: int = TOKENS, h: int = HIDDEN, v: int = VOCAB, *, dtype: str = "bf16") -> OpCase:
+    """``linear_cross_entropy_forward`` over a frozen head (QLoRA): the loss and dHidden, no logits kept."""
+    t = DTYPES[dtype]
+
+    def run() -> None:
+        from peft_fast.kernels.cross_entropy import linear_cross_entropy_forward
+
+        linear_cross_entropy_forward(
+            fake(n, h, dtype=t), fake(v, h, dtype=t), None, fake(n, dtype=torch.int64), None, -100, None, 0,
+            True, False, False,
+        )  # fmt: skip
+
+    # logits = hidden·Wᵀ and dHidden = dlogits·W: two N×H×V GEMMs
+    nbytes = element_size(dtype) * (2 * n * h + v * h) + 8 * n
+    note = "logits and dHidden GEMMs (2·2·N·H·V at the bf16 rate); the head is frozen"
+    return OpCase("linear_cross_entropy", n, v, h, 0, "dense", 0.0, run, flops=4.0 * n * h * v, bytes=nbytes,
+                  note=note, dtype=dtype)  # fmt: skip
+
+
+ENTRIES: list[OpEntry] = [
+    OpEntry(
+        "rms_norm",
+        lambda: [rms_norm_forward(), rms_norm_backward()],
+        lambda dtype: [
+            f(dtype=dtype, residual=res) for f in (rms_norm_forward, rms_norm_backward) for res in (True, False)
+        ],
+    ),
+    OpEntry("rope", lambda: [rope_forward()], lambda dtype: [rope_forward(dtype=dtype)]),
+    OpEntry(
+        "glu",
+        lambda: [glu_forward(), glu_backward()],
+        lambda dtype: [
+            f(dtype=dtype, activation=a) for f in (glu_forward, glu_backward) for a in ("silu", "gelu_tanh")
+        ],
+    ),
+    OpEntry("cross_entropy", lambda: [linear_cross_entropy()], lambda dtype: [linear_cross_entropy(dtype=dtype)]),
+]
