@@ -130,8 +130,9 @@ def test_each_family_fuses_what_the_table_names(family):
     model = patched(build(family))
     state = fused_step.fused_state(model)
     norms = NORMS_PER_LAYER.get(family, 2) * LAYERS + 1
-    assert state.pieces == {"rms_norm": norms, "residual_add": LAYERS, "rope": LAYERS, "glu": LAYERS,
-                            "tiled_mlp": LAYERS, "linear_cross_entropy": 1}, state.pieces  # fmt: skip
+    expected = {"rms_norm": norms, "residual_add": LAYERS, "rope": LAYERS, "glu": LAYERS, "tiled_mlp": LAYERS,
+                "linear_cross_entropy": 1, "keep_last_layer": 1}  # fmt: skip
+    assert state.pieces == expected, state.pieces
     assert all(rope_is_fused(layer.self_attn) for layer in model.model.layers)
     assert is_fused(model, "linear_cross_entropy") and type(model).__name__ == CONFIGS[family].__name__.replace(
         "Config", "ForCausalLM"
@@ -149,7 +150,7 @@ def test_unknown_families_are_left_as_they_are():
 def test_pieces_opt_out_and_bad_values():
     assert fused_step.fused_state(patched(build("llama"), fused=False)) is None
     state = fused_step.fused_state(patched(build("llama"), fused={"rope": False, "linear_cross_entropy": False}))
-    assert state.pieces.keys() == {"rms_norm", "residual_add", "glu", "tiled_mlp"}
+    assert state.pieces.keys() == {"rms_norm", "residual_add", "glu", "tiled_mlp", "keep_last_layer"}
     state = fused_step.fused_state(patched(build("llama"), fused=["rms_norm"]))
     assert state.pieces == {"rms_norm": 5}
     with pytest.raises(ValueError, match="unknown fused piece"):
@@ -275,7 +276,17 @@ def test_gradient_checkpointing_matches(backend):
     fused, plain = patched(build("mistral")), patched(build("mistral"), fused=False)
     for model in (fused, plain):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert_same_step(step(fused, inputs), step(plain, inputs), 2e-5)
+    runs = {}
+    for name, model in (("fused", fused), ("plain", plain)):
+        calls: list[int] = []
+        hooks = [layer.mlp.register_forward_pre_hook(lambda *a, i=i, seen=calls: seen.append(i)) for i, layer in
+                 enumerate(model.model.layers)]  # fmt: skip
+        runs[name] = step(model, inputs)
+        for hook in hooks:
+            hook.remove()
+        # Every layer is recomputed in backward but, fused, the last (keep_last_layer).
+        assert calls == ([0, 1, 0] if name == "fused" else [0, 1, 1, 0]), (name, calls)
+    assert_same_step(runs["fused"], runs["plain"], 2e-5)
 
 
 def test_activation_offload_matches_and_keeps_layer_inputs_on_the_host(monkeypatch):

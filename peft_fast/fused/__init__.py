@@ -8,10 +8,12 @@ piece             what runs                                                     
 ================  =====================================================================  ==================
 ``rms_norm``      ``peft_fast::rms_norm`` in the family's rounding (Llama's or Gemma's)   every RMSNorm
 ``residual_add``  the decoder layer's residual add fused into the next RMSNorm           decoder layers
-``rope``          ``peft_fast::rope`` on q and k in place (HF's cos / sin, every variant) attention modules
+``rope``          ``peft_fast::rope`` on q and k, one kernel (HF's cos / sin, every variant) attention modules
 ``glu``           ``peft_fast::glu``: act(gate)·up, recomputed in backward               MLPs
 ``tiled_mlp``     the MLP over token chunks at long context (only its input kept)        MLPs
 ``linear_cross_entropy``  the loss from the hidden states, chunked, never the logits     the causal LM
+``keep_last_layer``  under gradient checkpointing the last layer keeps its activations:  the last layer
+                  its backward follows its forward at once, so recomputing it frees nothing
 ================  =====================================================================  ==================
 
 plus, opt-in, ``offload_activations``: the checkpointed layer inputs in host memory (:mod:`.offload`).
@@ -33,12 +35,12 @@ from peft_fast.fused.decoder import fusable_decoder, fuse_decoder
 from peft_fast.fused.head import fusable_head, fuse_head
 from peft_fast.fused.mlp import fusable_mlp, fuse_mlp
 from peft_fast.fused.norm import fusable_norm, fuse_norm
-from peft_fast.fused.offload import offload_layer, restore_layer
+from peft_fast.fused.offload import keep_activations, offload_layer, restore_kept, restore_layer
 from peft_fast.models import Family, family_for
 
 __all__ = ["PIECES", "FusedState", "fuse", "fused_state", "resolve_pieces", "unfuse"]
 
-PIECES = ("rms_norm", "residual_add", "rope", "glu", "tiled_mlp", "linear_cross_entropy")
+PIECES = ("rms_norm", "residual_add", "rope", "glu", "tiled_mlp", "linear_cross_entropy", "keep_last_layer")
 _STATE_ATTR = "peft_fast_fused"
 # Tiled MLP: from this many tokens in one forward, in chunks of this many (Llama-3-8B: 4096 tokens of
 # the [tokens × 14336] gate / up / product activations are ~0.35 GB in bf16).
@@ -98,7 +100,7 @@ def fuse(
 
     Idempotent: an already fused model is returned as it is. Prints the summary once when ``verbose``.
     """
-    wanted = frozenset(piece for piece in resolve_pieces(pieces) if _op_available(piece))
+    wanted = resolve_pieces(pieces)
     if not isinstance(offload_activations, bool):
         raise TypeError(f"offload_activations must be True or False, got {offload_activations!r}")
     if fused_state(model) is not None:
@@ -150,17 +152,11 @@ def _fuse_family(model: nn.Module, family: Family, wanted: frozenset[str], state
                 swap(name, module, "residual_add", lambda m=module: fuse_decoder(m, family.decoder))
     if "linear_cross_entropy" in wanted and fusable_head(model, family):
         swap("", model, "linear_cross_entropy", lambda: fuse_head(model, family))
-
-
-_OP_MODULES = {"rms_norm": "rms_norm", "residual_add": "rms_norm", "rope": "rope", "glu": "glu", "tiled_mlp": "glu",
-               "linear_cross_entropy": "cross_entropy"}  # fmt: skip
-
-
-def _op_available(piece: str) -> bool:
-    # TRANSITIONAL (removed once every fused op has landed): pieces whose op module is not there yet.
-    import importlib.util
-
-    return importlib.util.find_spec(f"peft_fast.ops.{_OP_MODULES[piece]}") is not None
+    if "keep_last_layer" in wanted:
+        layers = [(name, m) for name, m in modules if type(m).__name__ in family.decoder.classes]
+        if layers and _is_checkpointing_layer(layers[-1][1]):
+            name, last = layers[-1]
+            swap(name, last, "keep_last_layer", lambda m=last: keep_activations(m))
 
 
 def _is_checkpointing_layer(module: nn.Module) -> bool:
@@ -191,10 +187,12 @@ def unfuse(model: nn.Module) -> None:
         return
     for name, cls in reversed(state.replaced):
         module = model.get_submodule(name) if name else model
-        offloaded = is_fused(module, "offload")
+        offloaded, kept = is_fused(module, "offload"), is_fused(module, "keep_last_layer")
         module.__class__ = cls
         if offloaded:
             restore_layer(module)
+        if kept:
+            restore_kept(module)
 
 
 __all__ += ["is_fused", "original_class"]

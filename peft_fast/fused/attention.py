@@ -1,4 +1,4 @@
-"""Attention modules whose rotary embedding runs through ``peft_fast::rope`` (q and k rotated in place, one kernel).
+"""Attention modules whose rotary embedding runs through ``peft_fast::rope`` (q and k rotated in one kernel).
 
 Hugging Face's attention forwards call their modeling module's ``apply_rotary_pos_emb``. The
 fused subclass's ``forward`` is the original function itself, rebuilt over a copy of its module's
@@ -34,7 +34,8 @@ def _fused_rope(original):
         from peft_fast.ops.rope import apply_rope
 
         bound = dict(zip(parameters[4:], args, strict=False), **kwargs)
-        return apply_rope(q, k, cos, sin, unsqueeze_dim=bound.get("unsqueeze_dim", 1))
+        # Out of place: q and k are views of the projections' outputs (see apply_rope's in_place).
+        return apply_rope(q, k, cos, sin, unsqueeze_dim=bound.get("unsqueeze_dim", 1), in_place=False)
 
     apply_rotary_pos_emb._peft_fast_rope = True
     return apply_rotary_pos_emb

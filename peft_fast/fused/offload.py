@@ -186,3 +186,31 @@ def restore_layer(layer: nn.Module) -> None:
     current = layer.__dict__.pop("_hf_ckpt", None)
     if current is not None:
         layer.__dict__["_gradient_checkpointing_func"] = current
+
+
+# -- the last layer, never recomputed -------------------------------------------------------------
+
+
+def _never_checkpointed(self) -> bool:
+    return False
+
+
+def _keep_flag(self, enabled: bool) -> None:
+    self.__dict__["_hf_gradient_checkpointing"] = enabled
+
+
+def keep_activations(layer: nn.Module) -> None:
+    """Make ``layer`` run without checkpointing whatever Hugging Face sets (its ``gradient_checkpointing``
+    reads False; what is assigned is kept for :func:`restore_kept`)."""
+    current = layer.__dict__.pop("gradient_checkpointing", None)
+    members = {"gradient_checkpointing": property(_never_checkpointed, _keep_flag)}
+    layer.__class__ = fused_subclass(type(layer), "keep_last_layer", members)
+    if current is not None:
+        layer.__dict__["_hf_gradient_checkpointing"] = current
+
+
+def restore_kept(layer: nn.Module) -> None:
+    """Undo :func:`keep_activations` (called with the class given back)."""
+    current = layer.__dict__.pop("_hf_gradient_checkpointing", None)
+    if current is not None:
+        layer.__dict__["gradient_checkpointing"] = current
