@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="one shape, two batch sizes (a few minutes on CPU)")
     bench.add_argument("--out", type=Path, default=Path("bench/results"), help="where JSON, markdown and PNG go")
     bench.add_argument(
-        "--suites", help="comma-separated: dequantize,lora_linear,saved_bytes,train_step,quantize_memory"
+        "--suites", help="comma-separated: dequantize,lora_linear,saved_bytes,train_step,quantize_memory,step_model"
     )
     bench.set_defaults(func=cmd_bench)
     info = sub.add_parser("info", help="versions, backend, device and an NF4 self-check")

@@ -1,12 +1,21 @@
-"""`peft-fast bench` on a tiny configuration: the files, their fields, and the memory claim."""
+"""`peft-fast bench` on a tiny configuration: the files, their fields, and the memory claim.
+
+The format tests run every suite's real code (both stacks: peft_fast and PEFT + bitsandbytes) on
+stubbed clocks: each timed call runs once and gets a made-up, distinct time, so a test checks what
+is written in a second or two instead of timing it for half a minute. The timer itself and the
+quantization memory probe are measured for real elsewhere (``test_time_ms_*`` here, and
+``test_streaming_quantization_peak_memory``, a slow study).
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 
 from peft_fast import benchmark
+from peft_fast.benchmark import suites
 
 
 @pytest.fixture(autouse=True)
@@ -14,10 +23,44 @@ def torch_backend(monkeypatch):
     monkeypatch.setenv("PEFT_FAST_BACKEND", "torch")
 
 
-def test_bench_writes_json_markdown_and_png_with_both_stacks(tmp_path, monkeypatch):
+@pytest.fixture
+def stub_clocks(monkeypatch):
+    """Tiny shapes; each timed function runs once (it must work) and gets the next made-up time;
+    the quantization memory suite gets made-up peaks without writing a checkpoint or starting
+    processes. Returns the list of (loader) calls of the memory probe."""
     monkeypatch.setattr(benchmark, "CPU_SHAPES", [(128, 192)])
     monkeypatch.setattr(benchmark, "CPU_M", [1, 8])
+    clock = itertools.count(1)
+
+    def time_once(fn, device, min_run_time=0.2):
+        fn()
+        ms = float(next(clock))
+        return {"ms": ms, "ms_p20": 0.9 * ms, "ms_p80": 1.1 * ms}
+
+    probes: list[str] = []
+
+    def peak_rss(path, loader="peft_fast"):
+        probes.append(loader)
+        return {"peft_fast": 100, "bitsandbytes": 300}[loader] * 2**20
+
+    monkeypatch.setattr(suites, "time_ms", time_once)
+    monkeypatch.setattr(suites, "write_random_llama_checkpoint", lambda path, layers=12: 1000 * layers)
+    monkeypatch.setattr(suites, "quantize_peak_rss", peak_rss)
+    return probes
+
+
+def test_time_ms_measures_a_function_with_quantiles():
+    """The real CPU timer (torch.utils.benchmark): a median and p20 <= p80, in milliseconds."""
+    calls = []
+    timing = benchmark.time_ms(lambda: calls.append(sum(range(2000))), "cpu", min_run_time=0.02)
+    assert set(timing) == {"ms", "ms_p20", "ms_p80"} and len(calls) > 2  # warm-up + the measured runs
+    assert 0 < timing["ms_p20"] <= timing["ms_p80"] and 0 < timing["ms"] < 100, timing
+
+
+def test_bench_writes_json_markdown_and_png_with_both_stacks(tmp_path, stub_clocks):
     rows = benchmark.run_benchmarks(quick=True)
+    assert not [r for r in rows if r["op"] == "suite_error"], rows
+    assert stub_clocks == ["peft_fast", "bitsandbytes"]  # each loader's peak, in its own process
     paths = benchmark.write_results(rows, tmp_path)
 
     data = json.loads(paths["json"].read_text())
@@ -25,7 +68,14 @@ def test_bench_writes_json_markdown_and_png_with_both_stacks(tmp_path, monkeypat
     for key in ("device", "backend", "torch", "triton", "transformers", "peft", "bitsandbytes", "git_commit", "date"):
         assert key in meta, key
     ops = {row["op"] for row in data["rows"]}
-    assert ops == {"nf4_dequantize", "lora_linear", "saved_for_backward", "train_step", "quantize_peak_rss"}
+    assert ops == {
+        "nf4_dequantize",
+        "lora_linear",
+        "saved_for_backward",
+        "train_step",
+        "quantize_peak_rss",
+        "step_model",
+    }
     for row in data["rows"]:
         assert {"op", "impl"} <= set(row)
         if row["op"] in ("nf4_dequantize", "lora_linear", "train_step"):
@@ -33,6 +83,18 @@ def test_bench_writes_json_markdown_and_png_with_both_stacks(tmp_path, monkeypat
     linear_impls = {row["impl"] for row in data["rows"] if row["op"] == "lora_linear"}
     assert {"peft_fast qlora", "peft+bnb qlora", "peft lora", "peft_fast lora", "matmul alone"} <= linear_impls
     assert all("tflops" in row for row in data["rows"] if row["op"] == "lora_linear")
+    both = {"peft_fast qlora", "peft+bnb qlora"}
+    for op in ("saved_for_backward", "train_step", "step_model"):  # both stacks in every suite
+        assert {row["impl"] for row in data["rows"] if row["op"] == op} == both, op
+    steps = [row for row in data["rows"] if row["op"] == "train_step"]
+    assert all(row["tokens_per_s"] > 0 and row["tflops"] > 0 for row in steps), steps
+    modelled = {row["impl"]: row for row in data["rows"] if row["op"] == "step_model"}
+    assert all(row["backend"] == "H200 roofline model" and row["seq"] == 2048 for row in modelled.values())
+    assert modelled["peft_fast qlora"]["ms"] < modelled["peft+bnb qlora"]["ms"]
+    quantize = {row["impl"]: row for row in data["rows"] if row["op"] == "quantize_peak_rss"}
+    assert set(quantize) == {"peft_fast quantize_model", "transformers+bnb load_in_4bit"}
+    ours = quantize["peft_fast quantize_model"]
+    assert ours["bytes"] == 100 * 2**20 and ours["params"] == 2000 and ours["fp32_bytes"] == 8000
     markdown = paths["md"].read_text()
     assert "## lora_linear" in markdown and "peft+bnb qlora" in markdown and meta["device"] in markdown
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -40,7 +102,7 @@ def test_bench_writes_json_markdown_and_png_with_both_stacks(tmp_path, monkeypat
 
 def test_model_saved_bytes_at_most_070_of_peft_bitsandbytes():
     """Tiny Llama, all-linear, r=16, dropout 0.05, bf16: what backward keeps, ours vs PEFT + bnb."""
-    counts = benchmark._model_saved_bytes("cpu")
+    counts = benchmark.model_saved_bytes("cpu")
     ratio = counts["peft_fast qlora"] / counts["peft+bnb qlora"]
     print(f"saved for backward: peft_fast {counts['peft_fast qlora']} B, PEFT + bnb {counts['peft+bnb qlora']} B")
     assert ratio <= 0.7, counts
@@ -49,9 +111,7 @@ def test_model_saved_bytes_at_most_070_of_peft_bitsandbytes():
 TIMED_FIELDS = {"op", "impl", "backend", "dtype", "ms", "ms_p20", "ms_p80", "tflops", "gb_per_s", "peak_mem_bytes"}
 
 
-def test_every_timed_row_carries_the_common_fields_and_the_run_has_target_checks(tmp_path, monkeypatch):
-    monkeypatch.setattr(benchmark, "CPU_SHAPES", [(128, 192)])
-    monkeypatch.setattr(benchmark, "CPU_M", [1, 8])
+def test_every_timed_row_carries_the_common_fields_and_the_run_has_target_checks(tmp_path, stub_clocks):
     rows = benchmark.run_benchmarks(quick=True, suites=("dequantize", "lora_linear"))
     for row in rows:
         assert TIMED_FIELDS <= set(row), (row["op"], row["impl"], TIMED_FIELDS - set(row))

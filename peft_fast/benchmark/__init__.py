@@ -24,6 +24,7 @@ from peft_fast.benchmark.harness import peak_memory_bytes as peak_memory_bytes
 from peft_fast.benchmark.harness import plot as plot
 from peft_fast.benchmark.harness import run_metadata, saved_bytes, target_checks, time_ms, write_results
 from peft_fast.benchmark.harness import timed_row as timed_row
+from peft_fast.benchmark.step_suite import bench_step_model as bench_step_model
 from peft_fast.benchmark.suites import RANK as RANK
 from peft_fast.benchmark.suites import bench_dequantize as bench_dequantize
 from peft_fast.benchmark.suites import bench_lora_linear as bench_lora_linear
@@ -39,10 +40,6 @@ from peft_fast.benchmark.suites import write_random_llama_checkpoint as write_ra
 
 __all__ = ["run_benchmarks", "run_metadata", "saved_bytes", "target_checks", "time_ms", "write_results"]
 
-# tests/test_benchmark.py still reads the measure under this name; drop it once the test reads model_saved_bytes.
-_model_saved_bytes = model_saved_bytes
-
-
 GPU_SHAPES = [(4096, 4096), (4096, 11008), (4096, 14336), (14336, 4096)]
 GPU_M = [1, 16, 512, 4096, 16384]
 CPU_SHAPES = [(1024, 1024), (1024, 2816)]
@@ -52,7 +49,7 @@ CPU_M = [1, 16, 256]
 # -- running and writing ------------------------------------------------------------------------
 
 
-SUITES = ("dequantize", "lora_linear", "saved_bytes", "train_step", "quantize_memory")
+SUITES = ("dequantize", "lora_linear", "saved_bytes", "train_step", "quantize_memory", "step_model")
 
 
 def run_benchmarks(
@@ -81,6 +78,7 @@ def run_benchmarks(
         "saved_bytes": lambda: bench_saved_bytes(device),
         "train_step": lambda: bench_train_step(device, quick),
         "quantize_memory": lambda: bench_quantize_memory(quick),
+        "step_model": lambda: bench_step_model(quick),
     }
     rows: list[dict] = []
     for suite in chosen:

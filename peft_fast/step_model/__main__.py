@@ -1,0 +1,85 @@
+"""``python -m peft_fast.step_model``: both stacks' training step on the H200 roofline model, as tables.
+
+python -m peft_fast.step_model --seq 2048 16384 --checkpointing on off --out bench/step_model
+python -m peft_fast.step_model --seq 2048 --layers 4 --extrapolate       # quick
+python -m peft_fast.step_model --context --offload                        # + longest S per budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from peft_fast.step_model.report import BUDGETS, context_table, kind_table, longest_context, step_table, write_report
+from peft_fast.step_model.runner import one_layer, run
+from peft_fast.step_model.stacks import STACKS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m peft_fast.step_model", description=__doc__.split("\n")[0])
+    parser.add_argument("--seq", type=int, nargs="+", default=[2048, 16384], help="sequence lengths (batch 1)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--checkpointing", nargs="+", choices=("on", "off"), default=["on", "off"])
+    parser.add_argument("--stacks", nargs="+", choices=STACKS, default=list(STACKS))
+    parser.add_argument("--layers", type=int, default=None, help="depth (default: the config's, 32)")
+    parser.add_argument("--extrapolate", action="store_true", help="from 2- and 3-layer runs instead of full depth")
+    parser.add_argument("--offload", action="store_true", help="also peft_fast with offload_activations (ckpt on)")
+    parser.add_argument("--context", action="store_true", help="longest S on 24 / 48 / 80 GB (ckpt on)")
+    parser.add_argument(
+        "--context-direct",
+        action="store_true",
+        help="trace the context search at full depth (default: extrapolated from 2 and 3 layers)",
+    )
+    parser.add_argument("--no-hopper-report", action="store_true", help="ms = roofline ms (no report ratios)")
+    parser.add_argument("--kinds", type=int, default=12, help="op kinds per step in the breakdown tables")
+    parser.add_argument("--out", default=None, help="directory for step-model.json and step-model.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    common = {"batch": args.batch, "layers": args.layers, "extrapolate": args.extrapolate,
+              "hopper_report": not args.no_hopper_report}  # fmt: skip
+    settings = [(stack, seq, ckpt == "on", False) for ckpt in args.checkpointing for seq in args.seq
+                for stack in args.stacks]  # fmt: skip
+    if args.offload and "peft_fast" in args.stacks:
+        settings += [("peft_fast", seq, True, True) for seq in args.seq]
+    results = []
+    for stack, seq, ckpt, offload in settings:
+        print(f"[step model] {stack} S={seq} checkpointing {'on' if ckpt else 'off'}"
+              f"{' offload' if offload else ''} ...", file=sys.stderr, flush=True)  # fmt: skip
+        results.append(run(stack=stack, seq=seq, checkpointing=ckpt, offload=offload, **common))
+    layers = {}
+    for stack in args.stacks:  # one decoder layer at the first length, checkpointing on
+        print(f"[step model] one layer of {stack} ...", file=sys.stderr, flush=True)
+        layers[stack] = one_layer(stack=stack, seq=args.seq[0], batch=args.batch,
+                                  hopper_report=not args.no_hopper_report)  # fmt: skip
+    print(step_table(results))
+    for result in results:
+        print()
+        print(kind_table(result, args.kinds))
+    for result in layers.values():
+        print()
+        print(kind_table(result, args.kinds))
+    contexts = {}
+    if args.context:
+        variants = [(stack, False) for stack in args.stacks]
+        if args.offload and "peft_fast" in args.stacks:
+            variants.append(("peft_fast", True))
+        for stack, offload in variants:
+            print(f"[step model] longest context: {stack}{' offload' if offload else ''} ...", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            context_args = {**common, "extrapolate": not args.context_direct}
+            contexts[f"{stack}{' + offload' if offload else ''}, ckpt on"] = longest_context(
+                stack, BUDGETS, checkpointing=True, offload=offload, **context_args
+            )
+        print()
+        print(context_table(contexts))
+    if args.out:
+        paths = write_report(results, args.out, contexts, layers=list(layers.values()))
+        print(f"\nwrote {paths['json']} and {paths['md']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
