@@ -518,3 +518,25 @@ def test_bad_backward_inputs_raise_clear_errors():
         backward(case, torch.zeros_like(y), h.double())
     with pytest.raises(ValueError, match="h must have shape"):
         backward(case, torch.zeros_like(y), h[:, :-1])
+
+
+@pytest.mark.parametrize("poison", ["nan_grad_y", "inf_a"])
+def test_zero_scale_keeps_a_nan_as_the_reference_does(poison):
+    """scale = 0 with a NaN in dY (or an Inf in A): dA and dB are NaN, as in the torch reference and float64.
+
+    (A library addmm with alpha = 0 skips the product and would give exact zeros.)
+    """
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 32), torch.randn(8, 32)
+    a, b = torch.randn(2, 32), torch.randn(8, 2)
+    grad_y = torch.randn(4, 8)
+    if poison == "nan_grad_y":
+        grad_y[1, 3] = float("nan")
+    else:
+        a[0, 5] = float("inf")
+    h = x @ a.t()
+    got = lora_linear_backward(grad_y, x, h, w, a, b, 0.0, 0.0, SEED, True, True, True)
+    want = kernels.lora_linear_reference_backward(grad_y, x, h, w, a, b, 0.0, None, 0.0, True, True, True)
+    for name, g, r in zip(("dx", "da", "db"), got, want, strict=True):
+        assert torch.equal(g.isnan(), r.isnan()), name
+    assert got[2].isnan().any() or got[1].isnan().any()

@@ -501,6 +501,10 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     No fp32 copies of the operands: dY is M x N, so casting it would move more bytes than the
     thin GEMMs themselves.
     """
+    if scale == 0.0:
+        # addmm with alpha = 0 skips the product, so a NaN / Inf operand would give exact zeros;
+        # the reference (and float64) give 0·NaN = NaN. Rare (a zero LoRA scale): keep the NaN.
+        return torch.mm(a, b).mul_(0.0)
     out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
     return out.addmm_(a, b, beta=0, alpha=scale)
 
