@@ -289,6 +289,25 @@ def test_gradient_checkpointing_matches(backend):
     assert_same_step(runs["fused"], runs["plain"], 2e-5)
 
 
+def test_the_last_layer_is_checkpointed_from_keep_last_layer_max_tokens_on(monkeypatch):
+    """Long inputs: the kept layer's activations would outweigh the one layer's recompute they save."""
+    from peft_fast.fused import offload
+
+    inputs = batch()
+    tokens = inputs["input_ids"].numel()
+    model = patched(build("llama"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for limit, expected in ((tokens + 1, [0, 1, 0]), (tokens, [0, 1, 1, 0])):
+        monkeypatch.setattr(offload, "KEEP_LAST_LAYER_MAX_TOKENS", limit)
+        calls: list[int] = []
+        hooks = [layer.mlp.register_forward_pre_hook(lambda *a, i=i, seen=calls: seen.append(i)) for i, layer in
+                 enumerate(model.model.layers)]  # fmt: skip
+        step(model, inputs)
+        for hook in hooks:
+            hook.remove()
+        assert calls == expected, (limit, calls)
+
+
 def test_activation_offload_matches_and_keeps_layer_inputs_on_the_host(monkeypatch):
     from peft_fast.fused import offload
 
