@@ -64,8 +64,20 @@ def pytest_configure(config) -> None:
     assert int(out) == 3
 
 
+# The fused step's per-family tests under the Triton interpreter (~4 s each): the fast suite keeps
+# two families of different layouts (pre-norm Llama, Gemma 2's sandwich norms and softcap); the
+# others run with the slow studies (`-m slow`, CI's second step). The torch backend runs every family.
+FAST_INTERPRETER_FAMILIES = ("llama", "gemma2")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items) -> None:
-    """``@pytest.mark.cuda`` tests (or parameters) are skipped here, in one place, without a GPU."""
+    """Marks the interpreter's other families ``slow``; skips ``@pytest.mark.cuda`` without a GPU, in one place."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if (item.path.name == "test_fused_step.py" and params.get("backend") == "triton"
+                and params.get("family", "llama") not in FAST_INTERPRETER_FAMILIES):  # fmt: skip
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     no_gpu = pytest.mark.skip(reason="no GPU (cuda marker)")
