@@ -208,11 +208,13 @@ def _keep_flag(self, enabled: bool) -> None:
 
 
 def _call_keeping_short_inputs(self, *args, **kwargs):
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    tokens = hidden.shape[:-1].numel() if isinstance(hidden, torch.Tensor) else 0
-    self.__dict__["_peft_fast_keep_now"] = tokens < KEEP_LAST_LAYER_MAX_TOKENS
-    owner = next(c for c in type(self).__mro__ if c.__dict__.get("__call__") is _call_keeping_short_inputs)
-    return super(owner, self).__call__(*args, **kwargs)
+    # Decided in eager mode only: under torch.compile the layer keeps what the last eager call
+    # decided (kept, by default), and Dynamo traces the plain call with no graph break.
+    if not torch.compiler.is_compiling():
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        tokens = hidden.shape[:-1].numel() if isinstance(hidden, torch.Tensor) else 0
+        self.__dict__["_peft_fast_keep_now"] = tokens < KEEP_LAST_LAYER_MAX_TOKENS
+    return self._peft_fast_keep_base.__call__(self, *args, **kwargs)
 
 
 def keep_activations(layer: nn.Module) -> None:
@@ -221,7 +223,7 @@ def keep_activations(layer: nn.Module) -> None:
     what is assigned is kept for :func:`restore_kept` and used from that many tokens on)."""
     current = layer.__dict__.pop("gradient_checkpointing", None)
     members = {"gradient_checkpointing": property(_checkpointed_unless_kept, _keep_flag),
-               "__call__": _call_keeping_short_inputs}  # fmt: skip
+               "__call__": _call_keeping_short_inputs, "_peft_fast_keep_base": type(layer)}  # fmt: skip
     layer.__class__ = fused_subclass(type(layer), "keep_last_layer", members)
     if current is not None:
         layer.__dict__["_hf_gradient_checkpointing"] = current
