@@ -63,6 +63,20 @@ def test_the_fastest_candidate_is_kept_per_bucket_and_cached_on_disk():
     assert calls[:3] == ["fused", "library", "other"]
 
 
+def test_each_timed_bucket_is_logged_when_asked(tmp_path, monkeypatch):
+    log = tmp_path / "choices.jsonl"
+    monkeypatch.setenv("PEFT_FAST_CHOICE_LOG", str(log))
+    calls = []
+    choice = make_choice({"fused": 3.0, "library": 1.0}, calls)
+    choice(torch.ones(4))
+    choice(torch.ones(4))  # decided: not timed, not logged again
+    choice(torch.ones(8))
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["bucket"] for line in lines] == ["(4, torch.float32)", "(8, torch.float32)"]
+    assert lines[0]["op"] == "test_op" and lines[0]["chosen"] == "library"
+    assert lines[0]["ms"] == {"fused": 3.0, "library": 1.0} and lines[0]["scope"].startswith("Fake GPU | torch ")
+
+
 def test_no_timing_off_the_gpu_or_when_disabled(monkeypatch):
     calls = []
     choice = make_choice({"fused": 3.0, "library": 1.0}, calls, timeable=False)

@@ -12,7 +12,9 @@ The choice is cached on disk per device name and library versions, as Triton's a
 its configs (``$PEFT_FAST_CACHE_DIR``, default ``~/.cache/peft_fast``). Environment:
 
 - ``PEFT_FAST_TUNE=0``: never time; take each bucket's first (statically preferred) candidate;
-- ``PEFT_FAST_FORCE="op=candidate,..."``: always run that candidate for that op.
+- ``PEFT_FAST_FORCE="op=candidate,..."``: always run that candidate for that op;
+- ``PEFT_FAST_CHOICE_LOG=path``: append one JSON line per timed bucket (op, bucket, device and
+  versions, each candidate's milliseconds, the one kept) — what a GPU session reports.
 
 Off the GPU (the Triton interpreter, fake tensors of a traced step, CUDA-graph capture) nothing
 is timed and the static order decides. Candidates must compute the same function (tolerance by
@@ -193,7 +195,22 @@ class Choice:
     def _time(self, key: Hashable, options: Sequence[Candidate], args: Sequence) -> str:
         timings = {c.name: self.timer(lambda c=c: c.run(*args)) for c in options}
         self.timings[key] = timings
-        return min(options, key=lambda c: timings[c.name]).name
+        name = min(options, key=lambda c: timings[c.name]).name
+        _log_choice(self.op, key, f"{self.device_name(args)} | {_versions()}", timings, name)
+        return name
+
+
+def _log_choice(op: str, key: Hashable, scope: str, timings: dict[str, float], chosen: str) -> None:
+    """One JSON line in ``$PEFT_FAST_CHOICE_LOG`` (if set) for a bucket just timed."""
+    path = os.environ.get("PEFT_FAST_CHOICE_LOG")
+    if not path:
+        return
+    line = json.dumps({"op": op, "bucket": repr(key), "scope": scope, "ms": timings, "chosen": chosen})
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError:
+        pass  # a log that cannot be written never stops the op
 
 
 def _device_name(args: Sequence) -> str:
