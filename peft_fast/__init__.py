@@ -2,6 +2,7 @@
 
 from peft_fast.adapters import BottleneckAdapter, load_adapters, patch_adapters, save_adapters, unpatch_adapters
 from peft_fast.config import AdapterConfig, IA3Config, LoraConfig
+from peft_fast.distributed import shard
 from peft_fast.front_doors import (
     add_adapter,
     disable_adapters,
@@ -70,6 +71,7 @@ __all__ = [
     "save_ia3",
     "save_prompt_adapter",
     "set_adapter",
+    "shard",
     "trainable_parameters",
     "unpatch",
     "unpatch_adapters",

@@ -341,8 +341,11 @@ def _add_train_flags(train: argparse.ArgumentParser) -> None:
     flag("--save-every", dest="save_every", type=int, help="checkpoint every N steps")
     flag("--fsdp", action="store_true",
          help="under torchrun: FSDP2 instead of DDP, sharding parameters, gradients and optimizer state "
-              "(one unit per transformer block, then the root); every --method; in one process: ignored, "
-              "it trains as usual")  # fmt: skip
+              "(one unit per transformer block, then the root), a QLoRA model's NF4 base too; every --method; "
+              "in one process: ignored, it trains as usual")  # fmt: skip
+    flag("--fsdp-offload", dest="fsdp_offload", action="store_true",
+         help="with --fsdp: keep the shards (NF4 base, LoRA parameters, gradients, Adam state) in host memory, "
+              "copied to the GPU per block (FSDP2's CPUOffloadPolicy)")  # fmt: skip
     flag("--fuse", help="the fused training step for Llama / Mistral / Qwen2 / Qwen3 / Gemma / Gemma 2 / 3 / Phi-3: "
          "all (default), none, or comma-separated pieces (rms_norm, residual_add, rope, glu, tiled_mlp, "
          "linear_cross_entropy)")  # fmt: skip

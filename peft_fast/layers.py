@@ -16,6 +16,10 @@ __all__ = ["AdapterLayer", "LoraEmbedding", "LoraLayer", "LoraLinear", "NF4Linea
 
 # NF4Weight fields kept as (non-persistent) buffers so that .to(), .cuda() and friends move them.
 _NF4_BUFFERS = ("packed", "absmax", "nested_absmax", "nested_offset")
+# The fields FSDP2 shards once :meth:`NF4Linear.make_shardable` turns them into frozen parameters
+# (fully_shard shards parameters, never buffers). The 0-d nested offset (4 bytes) stays a buffer:
+# FSDP2 shards along dim 0, which a scalar does not have.
+_NF4_SHARDABLE = ("packed", "absmax", "nested_absmax")
 
 
 class NF4Linear(nn.Module):
@@ -33,11 +37,34 @@ class NF4Linear(nn.Module):
         self._set_weight(weight)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
-    def _set_weight(self, weight: NF4Weight) -> None:
+    def _set_weight(self, weight: NF4Weight, shardable: bool | None = None) -> None:
         self.weight_dtype = weight.dtype
         self.blocksize = weight.blocksize
+        shardable = self.is_shardable if shardable is None else shardable
         for name in _NF4_BUFFERS:
-            self.register_buffer(f"weight_{name}", getattr(weight, name), persistent=False)
+            key, value = f"weight_{name}", getattr(weight, name)
+            self._parameters.pop(key, None)
+            self._buffers.pop(key, None)
+            if shardable and name in _NF4_SHARDABLE and value is not None:
+                self.register_parameter(key, nn.Parameter(value, requires_grad=False))
+            else:
+                self.register_buffer(key, value, persistent=False)
+
+    @property
+    def is_shardable(self) -> bool:
+        """Whether the NF4 arrays are frozen parameters (see :meth:`make_shardable`)."""
+        return "weight_packed" in self._parameters
+
+    def make_shardable(self) -> None:
+        """Hold the packed codes and both levels of scales as frozen ``nn.Parameter``s instead of buffers.
+
+        FSDP2's ``fully_shard`` shards a module's parameters (dim 0), never its buffers; with this
+        it shards the 4-bit base too and all-gathers it, byte for byte, right before the layer's
+        forward and backward. The bytes, names and the bitsandbytes state dict are unchanged, and
+        the parameters never need a gradient (``requires_grad=False``: no optimizer state either).
+        """
+        if not self.is_shardable:
+            self._set_weight(self.nf4, shardable=True)
 
     @property
     def nf4(self) -> NF4Weight:
@@ -73,6 +100,8 @@ class NF4Linear(nn.Module):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias
+        for name in _NF4_SHARDABLE:  # as parameters (make_shardable) they are saved in bitsandbytes' keys alone
+            destination.pop(f"{prefix}weight_{name}", None)
         for key, value in self.nf4.to_bnb_state_dict(prefix + "weight").items():
             destination[key] = value if keep_vars else value.detach()
 
@@ -97,7 +126,11 @@ class NF4Linear(nn.Module):
                 else:
                     self._set_weight(weight.to(self.weight_packed.device))
         rest = {k: v for k, v in state_dict.items() if k not in own}
+        internal = {f"{prefix}weight_{name}" for name in _NF4_SHARDABLE}
+        before = len(missing_keys)
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        # Shardable NF4 arrays are parameters, loaded above from bitsandbytes' keys, never by their own names.
+        missing_keys[before:] = [k for k in missing_keys[before:] if k not in internal]
 
 
 class AdapterLayer(nn.Module):

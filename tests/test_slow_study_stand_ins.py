@@ -70,8 +70,8 @@ def one_rank_group(tmp_path, monkeypatch):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
                                          world_size=1)  # fmt: skip
     state, real_wrap = {"wrap": True}, distributed.wrap
-    monkeypatch.setattr(distributed, "wrap", lambda model, world, fsdp: real_wrap(model, 2 if state["wrap"] else world,
-                                                                                   fsdp))  # fmt: skip
+    monkeypatch.setattr(distributed, "wrap", lambda model, world, fsdp, **kw: real_wrap(
+        model, 2 if state["wrap"] else world, fsdp, **kw))  # fmt: skip
     try:
         yield state
     finally:
@@ -136,7 +136,7 @@ def test_fsdp_over_one_rank_trains_as_one_process(runs, single, one_rank_group, 
     import torch.distributed.fsdp
 
     sharded, real_shard = [], torch.distributed.fsdp.fully_shard
-    monkeypatch.setattr(torch.distributed.fsdp, "fully_shard", lambda m: sharded.append(m) or real_shard(m))
+    monkeypatch.setattr(torch.distributed.fsdp, "fully_shard", lambda m, **kw: sharded.append(m) or real_shard(m, **kw))
     out = runs.once(f"fsdp-{method}", method=method, fsdp=True)
     assert len(sharded) == 2  # its one transformer block, then the root: FSDP2 units as under torchrun
     assert_same_adapter(single[method], out, 1e-6)

@@ -399,6 +399,43 @@ def test_fsdp_ctrl_c_checkpoint_resumes_in_one_process_and_under_fsdp(fsdp_runs)
     assert_same_adapter(fsdp_runs("lora", fsdp=True), out, 0.0)
 
 
+@pytest.mark.slow
+def test_qlora_checkpoints_move_between_fsdp_ddp_and_one_process_bit_exactly(llama_dir, tmp_path):
+    """QLoRA with the NF4 base sharded (--fsdp): a checkpoint saved under FSDP resumes under DDP and
+    in one process, and theirs under FSDP; resumed at its last step, each saves back the very bytes
+    it loaded (LoRA parameters, Adam moments, RNG) and the same adapter file."""
+    data = write_jsonl(tmp_path / "data.jsonl", "text", count=32)
+    env = {**os.environ, "PEFT_FAST_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
+
+    def train(parallelism: str, out: Path, *flags: str) -> None:
+        argv = ["train", "--model", str(llama_dir), "--data", str(data), "--method", "qlora", "--max-steps", "2",
+                "--seq-len", "32", "--lr", "1e-2", "--dropout", "0", "--seed", "3", "--output", str(out),
+                *flags]  # fmt: skip
+        if parallelism == "single":
+            launch = [sys.executable, "-m", "peft_fast.cli", *argv, "--batch-size", "8"]
+        else:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                      free_port(), "-m", "peft_fast.cli", *argv, "--batch-size", "4",
+                      *(["--fsdp"] if parallelism == "fsdp" else [])]  # fmt: skip
+        result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    for parallelism in ("single", "ddp", "fsdp"):
+        train(parallelism, tmp_path / parallelism)
+    for source, target in (("fsdp", "ddp"), ("fsdp", "single"), ("ddp", "fsdp"), ("single", "fsdp")):
+        moved = tmp_path / f"{source}-to-{target}"
+        shutil.copytree(tmp_path / source, moved)
+        train(target, moved, "--resume")
+        before = load_file(tmp_path / source / "checkpoint" / "trainer_state.safetensors")
+        after = load_file(moved / "checkpoint" / "trainer_state.safetensors")
+        assert before.keys() == after.keys() and any(k.startswith("optimizer.") for k in before)
+        for key in before:
+            assert torch.equal(before[key], after[key]), f"{source} -> {target}: {key}"
+        a = load_file(tmp_path / source / "adapter_model.safetensors")
+        b = load_file(moved / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{source} -> {target}"
+
+
 def test_fsdp_flag_in_one_process_trains_as_usual(llama_dir, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", "text", count=16)
     for name in ("plain", "fsdp"):
@@ -415,10 +452,12 @@ def test_fsdp_that_cannot_shard_is_a_usage_error(llama_dir, monkeypatch):
     from peft_fast import distributed
     from peft_fast.train import UsageError
 
-    def refuse(module):
+    def refuse(module, **options):
         raise ValueError("fully_shard does not support this\nsecond line")
 
     monkeypatch.setattr(torch.distributed.fsdp, "fully_shard", refuse)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as under torchrun, 2 ranks
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir)
     assert len(distributed.transformer_blocks(model)) == model.config.num_hidden_layers
     with pytest.raises(UsageError, match=r"^--fsdp cannot shard this LlamaForCausalLM \(fully_shard does not "

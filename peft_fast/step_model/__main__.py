@@ -3,6 +3,7 @@
 python -m peft_fast.step_model --seq 2048 16384 --checkpointing on off --out bench/step_model
 python -m peft_fast.step_model --seq 2048 --layers 4 --extrapolate       # quick
 python -m peft_fast.step_model --context --offload                        # + longest S per budget
+python -m peft_fast.step_model --fsdp-70b --out DIR                       # FSDP2 per-GPU memory, Llama-3-70B
 """
 
 from __future__ import annotations
@@ -32,12 +33,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-hopper-report", action="store_true", help="ms = roofline ms (no report ratios)")
     parser.add_argument("--kinds", type=int, default=12, help="op kinds per step in the breakdown tables")
+    parser.add_argument("--fsdp-70b", dest="fsdp_70b", action="store_true",
+                        help="only the FSDP2 per-GPU peak of Llama-3-70B QLoRA (S 2048, batch 2; 2 and 8 ranks, "
+                             "with and without CPU offload): fsdp-70b.json / .md")  # fmt: skip
     parser.add_argument("--out", default=None, help="directory for step-model.json and step-model.md")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.fsdp_70b:
+        return _fsdp_70b(args.out)
     common = {"batch": args.batch, "layers": args.layers, "extrapolate": args.extrapolate,
               "hopper_report": not args.no_hopper_report}  # fmt: skip
     settings = [(stack, seq, ckpt == "on", False) for ckpt in args.checkpointing for seq in args.seq
@@ -78,6 +84,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         paths = write_report(results, args.out, contexts, layers=list(layers.values()))
         print(f"\nwrote {paths['json']} and {paths['md']}", file=sys.stderr)
+    return 0
+
+
+def _fsdp_70b(out: str | None) -> int:
+    import json
+    from pathlib import Path
+
+    from peft_fast.step_model.fsdp import fsdp_memory, fsdp_table
+    from peft_fast.step_model.report import metadata
+
+    print("[step model] Llama-3-70B QLoRA, one rank's step, then FSDP2's per-GPU peak ...", file=sys.stderr)
+    result = {"meta": metadata(), **fsdp_memory()}
+    table = fsdp_table(result)
+    print(table)
+    if out:
+        directory = Path(out)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "fsdp-70b.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        anchors = "\n".join(f"- {a['what']}: " + (f"{a['per_gpu_gib']} GiB" if "per_gpu_gib" in a else
+                                                   f"{a['per_gpu_gb']} GB") for a in result["anchors"])  # fmt: skip
+        (directory / "fsdp-70b.md").write_text(
+            "# FSDP2 QLoRA per-GPU peak — a model (peft_fast.step_model.fsdp), not a measurement\n\n"
+            + table
+            + "\n\nPublished anchors (other models and settings):\n\n"
+            + anchors
+            + "\n"
+        )
+        print(f"wrote {directory / 'fsdp-70b.json'} and {directory / 'fsdp-70b.md'}", file=sys.stderr)
     return 0
 
 

@@ -69,6 +69,7 @@ class TrainArgs:
     log_every: int = 50  # without a terminal: a progress line every N steps ...
     log_every_seconds: float = 10.0  # ... or every S seconds, whichever comes first (0: off)
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (one process: ignored)
+    fsdp_offload: bool = False  # with fsdp: the shards (NF4 base, LoRA parameters, Adam state) in host memory
     fuse: str = "all"  # the fused training step: all, none, or comma-separated pieces (peft_fast.fused.PIECES)
     offload_activations: bool = False  # checkpointed layer inputs in host memory (implies gradient checkpointing)
     extra: dict = field(default_factory=dict)
@@ -102,6 +103,8 @@ def check_args(args: TrainArgs) -> None:
         raise UsageError(f"--max-steps must be positive, got {args.max_steps}")
     if (args.model is None) != (args.data is None):
         raise UsageError("give both --model and --data, or neither (the embedded demo)")
+    if args.fsdp_offload and not args.fsdp:
+        raise UsageError("--fsdp-offload keeps FSDP's shards in host memory: it needs --fsdp")
     if args.log_every < 0 or not args.log_every_seconds >= 0:
         raise UsageError("--log-every and --log-every-seconds must be 0 (off) or positive")
 

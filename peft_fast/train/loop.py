@@ -121,7 +121,8 @@ def run_training(args: TrainArgs, interrupt_at_step: int | None = None) -> dict:
     pad_id = tokenizer.pad_token_id
     per_epoch = max(1, len(train) // (args.batch_size * world))
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
-    training_model = distributed.wrap(model, world, args.fsdp)  # FSDP shards model's parameters in place
+    # FSDP shards model's parameters in place (a QLoRA model's NF4 base too)
+    training_model = distributed.wrap(model, world, args.fsdp, offload=args.fsdp_offload)
     sharded = distributed.is_sharded(model)
     evaluates = rank == 0 or sharded  # under FSDP a forward needs every rank
     trainable = [p for p in model.parameters() if p.requires_grad]

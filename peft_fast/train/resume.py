@@ -28,7 +28,8 @@ CHANGEABLE_ON_RESUME = ("lr", "batch_size", "grad_accum", "epochs", "max_steps",
                         "eval_data", "seed", "packing", "gradient_checkpointing", "warmup_ratio",
                         "fuse", "offload_activations")  # fmt: skip
 # How this invocation runs, not what it trains: never compared, never taken from the record.
-NOT_RECORDED = ("output", "resume", "overwrite", "progress", "log_every", "log_every_seconds", "fsdp", "extra")
+NOT_RECORDED = ("output", "resume", "overwrite", "progress", "log_every", "log_every_seconds", "fsdp", "fsdp_offload",
+                "extra")  # fmt: skip
 
 
 def read_run_record(directory: str | Path) -> dict | None:
