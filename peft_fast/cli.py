@@ -166,14 +166,12 @@ _HEADS = ("classifier", "score")  # modules_to_save of a sequence classifier (tr
 
 def _head_rows(adapter_dir: Path, config: dict) -> int | None:
     """Rows of the trained classification head in the adapter file (= num_labels), if it has one."""
-    from safetensors import safe_open
-
     from peft_fast.adapter_files import ADAPTER_WEIGHTS
+    from peft_fast.io import safetensors_shapes
 
     try:
-        with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as handle:
-            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
-    except Exception:  # a damaged file is reported by load_adapter, with its name
+        shapes = safetensors_shapes(adapter_dir / ADAPTER_WEIGHTS)
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged file is reported by load_adapter, with its name
         return None
     for head in [h for h in config.get("modules_to_save") or () if h.split(".")[-1] in _HEADS]:
         for suffix in ("out_proj.weight", "weight"):  # RoBERTa-style heads end in out_proj

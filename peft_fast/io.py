@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_files",
     "current_umask",
     "directory_lock",
+    "fsync_directory",
     "iter_safetensors",
     "json_object",
     "read_json",
@@ -35,6 +36,7 @@ __all__ = [
     "remove_stale_temporaries",
     "respect_umask",
     "safetensors_files",
+    "safetensors_shapes",
 ]
 
 _SAFETENSORS_DTYPES = {
@@ -106,10 +108,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
 
     If the body raises, the temporary file is removed and ``path`` keeps its old content. The
     file's mode is 0666 less the umask, as for ``open``; missing parent directories are made
-    with 0777 less the umask.
+    with 0777 less the umask. Temporaries of ``path`` that killed writers left are swept first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, (path.name,))
     fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, mode) as handle:
@@ -138,6 +141,7 @@ def atomic_write_files(*paths: str | os.PathLike) -> Iterator[list]:
     try:
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path.parent, (path.name,))  # what killed writers of it left
             fd, tmp = _create_temporary(path)
             temps.append(tmp)
             handles.append(os.fdopen(fd, "wb"))
@@ -156,6 +160,28 @@ def atomic_write_files(*paths: str | os.PathLike) -> Iterator[list]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Make the renames and creations in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # Windows: directories are not opened; its renames are durable by the file system
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory: nothing more can be done
+    finally:
+        os.close(fd)
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+    """Each tensor's shape in a safetensors file, from its header alone (no tensor is read)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        header, _ = _read_header(handle, path)
+    return {name: list(info["shape"]) for name, info in header.items()}
 
 
 ADAPTER_LOCK = ".peft_fast.lock"  # locked only where a directory itself cannot be (Linux NFS)

@@ -121,6 +121,31 @@ def test_gradcheck_float64_torch_backend(monkeypatch):
     assert torch.autograd.gradcheck(lambda *t: lora_linear(t[0], nf4, t[1], t[2], None, scale=2.0), (x64, a64, b64))
 
 
+def test_float64_runs_the_reference_on_every_backend(monkeypatch):
+    """The public checks accept float64 activations; the kernels compute in fp32 / bf16 / fp16, so
+    float64 runs the torch reference on the Triton backend too (it used to refuse it there)."""
+    x = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
+    dense = torch.randn(8, 32, dtype=torch.float64)
+    a = torch.randn(2, 32, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("PEFT_FAST_BACKEND", backend)
+        y = lora_linear(x, dense, a, b, None, scale=0.5)
+        (gx, ga, gb) = torch.autograd.grad(y.sum(), (x, a, b))
+        outputs[backend] = (y, gx, ga, gb)
+    assert outputs["triton"][0].dtype == torch.float64
+    for t, r in zip(outputs["triton"], outputs["torch"], strict=True):
+        assert torch.equal(t, r)
+    from peft_fast.ops import rms_norm
+
+    w = torch.randn(32, dtype=torch.float64)
+    monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+    triton_norm = rms_norm(x.detach(), w, 1e-6)
+    monkeypatch.setenv("PEFT_FAST_BACKEND", "torch")
+    assert torch.equal(triton_norm, rms_norm(x.detach(), w, 1e-6))
+
+
 def test_leading_dims_and_non_contiguous_inputs(backend):
     device = device_for(backend)
     x, base, lora_a, lora_b, bias = make_case(12, 64, 24, 8, torch.float32, "nf4", True, device=device)

@@ -249,6 +249,64 @@ def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_pa
     assert load_outcome(directory) == 16
 
 
+def test_every_atomic_write_sweeps_its_files_stale_temporaries(tmp_path):
+    """Not only adapter saves: the run record, checkpoints' JSON and the bench files go through
+    atomic_write / atomic_write_files, which remove what killed writers of that file left."""
+    from peft_fast.io import atomic_write, atomic_write_files
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)
+    stale = [tmp_path / f".run.json.{dead}.0badc0de.tmp", tmp_path / f".a.bin.{dead}.0badc0de.tmp"]
+    kept = tmp_path / f".other.json.{dead}.0badc0de.tmp"  # another file's: not this write's to sweep
+    for path in (*stale, kept):
+        path.write_bytes(b"partial")
+    with atomic_write(tmp_path / "run.json", "w") as handle:
+        handle.write("{}")
+    assert not stale[0].exists() and stale[1].exists() and kept.exists()
+    with atomic_write_files(tmp_path / "a.bin", tmp_path / "b.bin") as (a, b):
+        a.write(b"a")
+        b.write(b"b")
+    assert not stale[1].exists() and kept.exists() and (tmp_path / "a.bin").read_bytes() == b"a"
+
+
+def test_checkpoint_swap_fsyncs_the_directories(tmp_path, monkeypatch):
+    from peft_fast.train import checkpoints
+
+    synced = []
+    monkeypatch.setattr(checkpoints, "fsync_directory", lambda d: synced.append(Path(d)))
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    checkpoints.save_checkpoint(tmp_path, model, optimizer, scheduler, step=1, micro_step=1)
+    assert synced == [tmp_path / checkpoints.CHECKPOINT_STAGING, tmp_path]  # the copy's entries, then the swap
+    assert (tmp_path / checkpoints.CHECKPOINT / "trainer_state.json").exists()
+
+
+def test_safetensors_shapes_reads_the_header_only(tmp_path):
+    from safetensors.torch import save_file
+
+    from peft_fast.io import safetensors_shapes
+
+    save_file({"a": torch.zeros(3, 5), "b.c": torch.zeros(7, dtype=torch.int8)}, tmp_path / "w.safetensors")
+    assert safetensors_shapes(tmp_path / "w.safetensors") == {"a": [3, 5], "b.c": [7]}
+    (tmp_path / "bad.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        safetensors_shapes(tmp_path / "bad.safetensors")
+
+
+def test_fsync_directory_really_syncs(tmp_path, monkeypatch):
+    from peft_fast import io
+
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(io.os, "fsync", lambda fd: calls.append(os.path.samefile(f"/proc/self/fd/{fd}", tmp_path))
+                        or real(fd))  # fmt: skip
+    io.fsync_directory(tmp_path)
+    assert calls == [True]
+
+
 # -- ENOSPC on either rename, for every method ---------------------------------------------------
 
 METHOD_PAIRS = {  # (old config, new config): different files, tensors of the same shapes

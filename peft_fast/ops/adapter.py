@@ -58,7 +58,7 @@ def _bottleneck_adapter_op(
     kernels = _adapter_kernels()
     args = (x, residual, ln_weight, ln_bias, ln_eps, down_weight, down_bias, up_weight, up_bias, scale, activation)
     with no_autocast(x.device):
-        if uses_kernels(x.device):
+        if uses_kernels(x):
             return kernels.bottleneck_adapter_forward(*args, dropout_p, int(seed))
         return kernels.bottleneck_adapter_reference_forward(*args, _output_keep(x, dropout_p, int(seed)), dropout_p)
 
@@ -100,7 +100,7 @@ def _bottleneck_adapter_backward_op(
     flags = (residual_is_x, needs_dx, needs_dln, needs_ddown, needs_dup)
     kernels = _adapter_kernels()
     with no_autocast(x.device):
-        if not uses_kernels(x.device):
+        if not uses_kernels(x):
             keep = _output_keep(grad_y, dropout_p, int(seed))
             grads = kernels.bottleneck_adapter_reference_backward(grad_y, x, z, mean, rstd, ln_weight, ln_bias, ln_eps,
                                                                   down_weight, up_weight, scale, activation, keep,

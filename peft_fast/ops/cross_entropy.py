@@ -51,7 +51,7 @@ def _linear_cross_entropy_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_hidden, grad_weight, grad_bias): the gradients of the loss itself, empty where not needed."""
     kernels = _cross_entropy_kernels()
-    if uses_kernels(hidden.device):
+    if uses_kernels(hidden):
         forward = kernels.linear_cross_entropy_forward
     else:
         forward = kernels.linear_cross_entropy_reference_forward

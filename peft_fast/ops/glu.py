@@ -35,7 +35,7 @@ def _glu_op(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tens
     """act(gate)·up, contiguous."""
     kernels = _glu_kernels()
     with no_autocast(gate.device):
-        if uses_kernels(gate.device):
+        if uses_kernels(gate):
             return kernels.glu_forward(gate, up, activation)
         return kernels.glu_reference_forward(gate, up, activation)
 
@@ -50,7 +50,7 @@ def _glu_backward_op(grad_y: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                      needs_d_gate: bool, needs_d_up: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(d_gate, d_up); one that is not needed comes back as an empty tensor."""
     kernels = _glu_kernels()
-    backward = kernels.glu_backward if uses_kernels(gate.device) else kernels.glu_reference_backward
+    backward = kernels.glu_backward if uses_kernels(gate) else kernels.glu_reference_backward
     with no_autocast(gate.device):
         d_gate, d_up = backward(grad_y, gate, up, activation, needs_d_gate, needs_d_up)
     return (gate.new_empty(0) if d_gate is None else d_gate), (up.new_empty(0) if d_up is None else d_up)
@@ -91,7 +91,7 @@ def _glu_packed_op(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     kernels = _glu_kernels()
     gate, up = _halves(gate_up)
     with no_autocast(gate_up.device):
-        if uses_kernels(gate_up.device):
+        if uses_kernels(gate_up):
             return kernels.glu_forward(gate, up, activation)
         return kernels.glu_reference_forward(gate, up, activation)
 
@@ -106,7 +106,7 @@ def _glu_packed_backward_op(grad_y: torch.Tensor, gate_up: torch.Tensor, activat
     """The gradient of gate_up, [..., 2I]: d_gate then d_up, both halves written by one kernel."""
     kernels = _glu_kernels()
     gate, up = _halves(gate_up)
-    backward = kernels.glu_backward if uses_kernels(gate_up.device) else kernels.glu_reference_backward
+    backward = kernels.glu_backward if uses_kernels(gate_up) else kernels.glu_reference_backward
     with no_autocast(gate_up.device):
         return backward(grad_y, gate, up, activation, packed=True)
 

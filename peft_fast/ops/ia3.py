@@ -54,7 +54,7 @@ def _ia3_linear_op(
     base = args_to_base(weight, absmax, nested_absmax, nested_offset, blocksize, out_features, in_features)
     kernels = _ia3_kernels()
     with no_autocast(x.device):
-        if not uses_kernels(x.device):
+        if not uses_kernels(x):
             return kernels.ia3_linear_reference_forward(x, base, ia3_scale, bias, scale_input)
         y, y0 = kernels.ia3_linear_forward(_flat(x), base, ia3_scale, bias, scale_input)
     lead = x.shape[:-1]
@@ -88,7 +88,7 @@ def _ia3_linear_backward_op(
     base = args_to_base(weight, absmax, nested_absmax, nested_offset, blocksize, out_features, in_features)
     kernels = _ia3_kernels()
     with no_autocast(grad_y.device):
-        if not uses_kernels(grad_y.device):
+        if not uses_kernels(grad_y):
             dx, dl = kernels.ia3_linear_reference_backward(grad_y, saved, base, ia3_scale, scale_input, needs_dx,
                                                            needs_dl)  # fmt: skip
         else:

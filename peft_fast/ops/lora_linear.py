@@ -53,7 +53,7 @@ def _lora_linear_op(
     base = args_to_base(weight, absmax, nested_absmax, nested_offset, blocksize, lora_b.shape[0], x.shape[1])
     kernels = _kernels()
     with no_autocast(x.device):
-        if uses_kernels(x.device):
+        if uses_kernels(x):
             return kernels.lora_linear_forward(x, base, lora_a, lora_b, bias, scale, dropout_p, int(seed))
         keep = keep_mask(x, dropout_p, int(seed))
         return kernels.lora_linear_reference_forward(x, base, lora_a, lora_b, bias, scale, keep, dropout_p)
@@ -88,7 +88,7 @@ def _lora_linear_backward_op(
     kernels = _kernels()
     needs = (needs_dx, needs_da, needs_db)
     with no_autocast(x.device):  # backward may run inside an autocast region (a loop calling it there)
-        if uses_kernels(x.device):
+        if uses_kernels(x):
             args = (grad_y, x, h, base, lora_a, lora_b, scale, dropout_p, int(seed))
             grads = kernels.lora_linear_backward(*args, *needs)
         else:

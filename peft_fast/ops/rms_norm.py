@@ -43,7 +43,7 @@ def _rms_norm_op(
     """(y, s, rstd): s = residual + x (empty without a residual), rstd [x's leading shape] for backward."""
     kernels = _rms_norm_kernels()
     with no_autocast(x.device):
-        if not uses_kernels(x.device):
+        if not uses_kernels(x):
             return kernels.rms_norm_reference_forward(x, weight, residual, eps, offset, casting)
         return kernels.rms_norm_forward(x, weight, residual, eps, offset, casting)
 
@@ -72,7 +72,7 @@ def _rms_norm_backward_op(
     """(dx, dw): dx in the norm input's dtype (grad_s added), dw in weight's; empty where not needed."""
     kernels = _rms_norm_kernels()
     with no_autocast(grad_y.device):
-        backward = kernels.rms_norm_backward if uses_kernels(grad_y.device) else kernels.rms_norm_reference_backward
+        backward = kernels.rms_norm_backward if uses_kernels(grad_y) else kernels.rms_norm_reference_backward
         dx, dw = backward(grad_y, grad_s, norm_input, weight, rstd, offset, casting, needs_dx, needs_dw)
     return (norm_input.new_empty(0) if dx is None else dx), (weight.new_empty(0) if dw is None else dw)
 

@@ -48,7 +48,7 @@ def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor,
                      unsqueeze_dim: int) -> None:  # fmt: skip
     """q (and k) <- their rotations by cos / sin, in place."""
     kernels = _rope_kernels()
-    if uses_kernels(q.device):
+    if uses_kernels(q):
         kernels.rope_rotate_(q, k, cos, sin, unsqueeze_dim)
     else:
         kernels.rope_reference_(q, k, cos, sin, unsqueeze_dim)
@@ -64,7 +64,7 @@ def _rope_op(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: to
              inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(q_rot, k_rot): new tensors with their inputs' strides where dense (k_rot empty without k)."""
     kernels = _rope_kernels()
-    rotate = kernels.rope_rotate if uses_kernels(q.device) else kernels.rope_reference_rotate
+    rotate = kernels.rope_rotate if uses_kernels(q) else kernels.rope_reference_rotate
     q_rot, k_rot = rotate(q, k, cos, sin, unsqueeze_dim, inverse)
     return q_rot, (q.new_empty(0) if k_rot is None else k_rot)
 

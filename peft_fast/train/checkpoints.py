@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from peft_fast import distributed
-from peft_fast.io import atomic_write, respect_umask
+from peft_fast.io import atomic_write, fsync_directory, respect_umask
 from peft_fast.train.args import CHECKPOINT, UsageError, first_line
 
 __all__ = ["CHECKPOINT_OLD", "CHECKPOINT_STAGING", "load_checkpoint", "recover_checkpoint", "save_checkpoint"]
@@ -107,11 +107,13 @@ def save_checkpoint(
              "python_random": repr(random.getstate()), "global_batch": global_batch}  # fmt: skip
     with atomic_write(staging / "trainer_state.json", "w") as handle:  # last: the copy is complete
         json.dump(state, handle, default=str)
+    fsync_directory(staging)  # the copy's file entries on disk before it is swapped in
     final, old = out / CHECKPOINT, out / CHECKPOINT_OLD
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(staging, final)
+    fsync_directory(out)  # the swap itself durable: a power loss now keeps the new checkpoint
     shutil.rmtree(old, ignore_errors=True)
 
 
