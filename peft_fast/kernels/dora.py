@@ -113,17 +113,26 @@ def _check(base: torch.Tensor | NF4Weight, lora_a: torch.Tensor, lora_b: torch.T
 
 
 def dora_weight_norm_triton(
-    base: torch.Tensor | NF4Weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+    base: torch.Tensor | NF4Weight,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """‖W + s·B·A‖ over each row of W [N, K], in lora_a's dtype, by :func:`_dora_norm_kernel`.
 
     ``base`` is dense (in lora_a's dtype) or NF4 (dequantized to lora_a's dtype in the kernel).
+    ``out`` (optional, [N] contiguous in lora_a's dtype) receives the result: tests pass a
+    poisoned buffer to see that every element is written.
     """
     _check(base, lora_a, lora_b)
     n, k = base.shape
     rank = lora_a.shape[0]
     dtype = lora_a.dtype
-    out = torch.empty(n, dtype=dtype, device=lora_a.device)
+    if out is None:
+        out = torch.empty(n, dtype=dtype, device=lora_a.device)
+    elif out.shape != (n,) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{n}] {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
     if n == 0:
         return out
     lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
