@@ -39,22 +39,30 @@ __all__ = ["dora_weight_norm_reference", "dora_weight_norm_triton"]
 # streaming its rows once; BLOCK_K = 64 is no wider than any NF4 block of 64 or more, so the
 # row-scaled loader (one scale per tile row) applies to every aligned NF4 weight.
 _BLOCK_N, _BLOCK_K = 32, 64
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+# The compute dtype as an int constexpr (the static report stores constexprs as plain values).
+_FP32, _FP16, _BF16 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @triton.jit
-def _rounded(v, DTYPE: tl.constexpr):
-    """fp32 ``v`` rounded to DTYPE (nearest even) and back to fp32.
+def _rounded(v, KIND: tl.constexpr):
+    """fp32 ``v`` rounded to the compute dtype (KIND: 0 fp32, 1 fp16, 2 bf16; nearest even) and back to fp32.
 
     On GPUs two plain casts. The Triton interpreter truncates fp32 -> bf16, so there the bf16
     rounding is done on the bits (the result is then exact in bf16).
     """
-    if _CAST_BF16_BY_BITS and DTYPE == tl.bfloat16:
-        bits = v.to(tl.float32).to(tl.int32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        return rounded.to(tl.float32, bitcast=True)
+    v = v.to(tl.float32)
+    if KIND == _BF16:
+        if _CAST_BF16_BY_BITS:
+            bits = v.to(tl.int32, bitcast=True)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            return rounded.to(tl.float32, bitcast=True)
+        else:
+            return v.to(tl.bfloat16).to(tl.float32)
+    elif KIND == _FP16:
+        return v.to(tl.float16).to(tl.float32)
     else:
-        return v.to(DTYPE).to(tl.float32)
+        return v
 
 
 @triton.jit
@@ -62,10 +70,10 @@ def _dora_norm_kernel(
     w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
     a_ptr, b_ptr, out_ptr, N, K, R, scale,
     IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-    BLOCKS_IN_ROWS: tl.constexpr, ROWS: tl.constexpr, DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCKS_IN_ROWS: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """out[n] = ‖DTYPE(DTYPE(W[n, :]) + DTYPE(s·DTYPE((B·A)[n, :])))‖₂ for the program's BLOCK_N rows."""
+    """out[n] = ‖t(t(W[n, :]) + t(s·t((B·A)[n, :])))‖₂ for the program's BLOCK_N rows, t: rounding to KIND."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -80,7 +88,7 @@ def _dora_norm_kernel(
             w = _load_weight_tile(w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
                                   offs_n[:, None], offs_k[None, :], k0, N, K,
                                   IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED, BLOCKS_IN_ROWS, BLOCK_K)  # fmt: skip
-        w = _rounded(w, DTYPE)
+        w = _rounded(w, KIND)
         ba = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -90,12 +98,14 @@ def _dora_norm_kernel(
             a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :],
                         mask=r_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
             ba = _dot(b, a, ba, DOT_PRECISION)
-        lora = _rounded(scale * _rounded(ba, DTYPE), DTYPE)
-        v = _rounded(w + lora, DTYPE)
+        lora = _rounded(scale * _rounded(ba, KIND), KIND)
+        v = _rounded(w + lora, KIND)
         # Rows >= N (junk from the row loader) and columns >= K must not count.
         v = tl.where(n_mask[:, None] & k_mask[None, :], v, 0.0)
         acc += tl.sum(v * v, axis=1)
-    tl.store(out_ptr + offs_n, _rounded(tl.sqrt(acc), DTYPE).to(DTYPE), mask=n_mask)  # exact: rounded already
+    tl.store(
+        out_ptr + offs_n, _rounded(tl.sqrt(acc), KIND).to(out_ptr.dtype.element_ty), mask=n_mask
+    )  # exact: rounded already
 
 
 def _check(base: torch.Tensor | NF4Weight, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
@@ -147,7 +157,7 @@ def dora_weight_norm_triton(
     grid = (triton.cdiv(n, block_n),)
     _dora_norm_kernel[grid](
         *pointers, lora_a, lora_b, out, n, k, rank, float(scale),
-        **meta, ROWS=rows, DTYPE=_TL_DTYPES[dtype], DOT_PRECISION=_DOT_PRECISION[dtype],
+        **meta, ROWS=rows, KIND=_KIND[dtype], DOT_PRECISION=_DOT_PRECISION[dtype],
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block_r(rank), num_warps=4, **_compile_options(base),
     )  # fmt: skip
     return out
