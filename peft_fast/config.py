@@ -30,7 +30,7 @@ _PEFT_LORA_DEFAULTS: dict[str, Any] = {
     "kasa_config": None, "ensure_weight_tying": False,
 }  # fmt: skip
 # PEFT features that change the math; an adapter that uses one cannot load here.
-_UNSUPPORTED_WHEN_SET = ("use_dora", "lora_bias", "layer_replication", "target_parameters", "use_qalora",
+_UNSUPPORTED_WHEN_SET = ("lora_bias", "layer_replication", "target_parameters", "use_qalora",
                          "trainable_token_indices", "alora_invocation_tokens", "arrow_config")  # fmt: skip
 
 
@@ -126,6 +126,7 @@ class LoraConfig:
     exclude_modules: list[str] | str | None = None
     bias: str = "none"
     use_rslora: bool = False
+    use_dora: bool = False
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -150,6 +151,7 @@ class LoraConfig:
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
         check_bool("use_rslora", self.use_rslora)
+        check_bool("use_dora", self.use_dora)
         _check_nf4_storage(self)
         if self.target_modules is None:
             raise ValueError("target_modules is required: a list of names, a regex, or 'all-linear'")

@@ -12,7 +12,7 @@ from torch import nn
 
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
-__all__ = ["AdapterLayer", "LoraEmbedding", "LoraLayer", "LoraLinear", "NF4Linear"]
+__all__ = ["AdapterLayer", "DoraMagnitude", "LoraEmbedding", "LoraLayer", "LoraLinear", "NF4Linear"]
 
 # NF4Weight fields kept as (non-persistent) buffers so that .to(), .cuda() and friends move them.
 _NF4_BUFFERS = ("packed", "absmax", "nested_absmax", "nested_offset")
@@ -242,12 +242,33 @@ class LoraLayer(AdapterLayer):
         return f"adapters={dict(self.r)}, active={self.active_adapters}"
 
 
+class DoraMagnitude(nn.Module):
+    """DoRA's trained magnitude vector m [out_features] of one adapter, as ``weight``.
+
+    A module (not a bare parameter) so that the layer's state dict key is PEFT's,
+    ``lora_magnitude_vector.<adapter>.weight`` (PEFT's ``DoraLinearLayer``); PEFT's file drops
+    the adapter name and the ``.weight``: ``<layer>.lora_magnitude_vector``.
+    """
+
+    def __init__(self, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+    def extra_repr(self) -> str:
+        return f"features={self.weight.shape[0]}"
+
+
 class LoraLinear(LoraLayer):
     """A frozen base linear (dense ``nn.Linear`` or :class:`NF4Linear`) plus LoRA adapters.
 
     The module layout is PEFT's (``base_layer``, ``lora_A.<adapter>``, ``lora_B.<adapter>``), so
     state dicts carry PEFT's names. The first active adapter runs fused with the base matmul in
     one ``peft_fast::lora_linear`` op; further active adapters (rare) are added with plain torch.
+
+    DoRA adapters (``use_dora=True``) also hold ``lora_magnitude_vector.<adapter>`` (a
+    :class:`DoraMagnitude`) and compute as PEFT's DoRA (:func:`peft_fast.ops.dora_linear`): the
+    weight norm ‖W + s·B·A‖ by one fused pass over W per forward, kept between calls only in eval
+    mode without autograd while A, B and W are unchanged (PEFT's inference cache).
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -257,6 +278,9 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout_p: dict[str, float] = {}
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only, PEFT's name
+        self.use_dora: dict[str, bool] = {}
+        self._dora_norms: dict[str, tuple[tuple, torch.Tensor]] = {}  # eval-mode cache, not state
 
     def update_layer(
         self,
@@ -266,9 +290,14 @@ class LoraLinear(LoraLayer):
         lora_dropout: float = 0.0,
         init_lora_weights: bool | str = True,
         use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
-        """Add (or replace) adapter ``adapter_name`` with rank ``r``, initialised as PEFT does."""
-        from peft_fast.config import check_probability
+        """Add (or replace) adapter ``adapter_name`` with rank ``r``, initialised as PEFT does.
+
+        With ``use_dora`` the magnitude starts as PEFT's: ‖W + s·B·A‖ per output row (deq(W) for
+        an NF4 base), which is ‖W‖ with the default B = 0, so the new adapter is the identity.
+        """
+        from peft_fast.config import check_bool, check_probability
 
         self._check_adapter(adapter_name, r, lora_alpha)
         check_probability("lora_dropout", lora_dropout)
@@ -278,6 +307,24 @@ class LoraLinear(LoraLayer):
         self.lora_dropout_p[adapter_name] = float(lora_dropout)
         self._record(adapter_name, r, lora_alpha, use_rslora)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
+        check_bool("use_dora", use_dora)
+        self.use_dora[adapter_name] = use_dora
+        if adapter_name in self.lora_magnitude_vector:  # replacing a DoRA adapter
+            del self.lora_magnitude_vector[adapter_name]
+        self._dora_norms.pop(adapter_name, None)
+        if use_dora:
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(self._initial_magnitude(adapter_name))
+
+    def _initial_magnitude(self, adapter_name: str) -> torch.Tensor:
+        """‖W + s·B·A‖ per row in the base's dtype, as PEFT's ``DoraLinearLayer.update_layer``."""
+        from peft_fast.ops import dora_weight_norm
+
+        dtype = self.base_dtype()
+        base = self.base_weight()
+        base = base.detach().to(dtype) if isinstance(base, torch.Tensor) else base
+        lora_a, lora_b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        with torch.no_grad():
+            return dora_weight_norm(base, lora_a.to(dtype), lora_b.to(dtype), self.scaling[adapter_name]).clone()
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
         """PEFT's initialisation: B = 0 so the adapter starts as the identity on the base output."""
@@ -293,19 +340,55 @@ class LoraLinear(LoraLayer):
         nn.init.zeros_(lora_b)
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
-        """The trainable parameters of adapter ``adapter_name``."""
-        return [*self.lora_A[adapter_name].parameters(), *self.lora_B[adapter_name].parameters()]
+        """The trainable parameters of adapter ``adapter_name`` (A, B, and DoRA's magnitude)."""
+        params = [*self.lora_A[adapter_name].parameters(), *self.lora_B[adapter_name].parameters()]
+        if adapter_name in self.lora_magnitude_vector:
+            params.append(self.lora_magnitude_vector[adapter_name].weight)
+        return params
 
     def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Adapter ``adapter_name``'s tensors under their PEFT file suffixes (``lora_A.weight``, ...)."""
-        return {"lora_A.weight": self.lora_A[adapter_name].weight, "lora_B.weight": self.lora_B[adapter_name].weight}
+        out = {"lora_A.weight": self.lora_A[adapter_name].weight, "lora_B.weight": self.lora_B[adapter_name].weight}
+        if adapter_name in self.lora_magnitude_vector:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector[adapter_name].weight
+        return out
 
     def delete_adapter(self, adapter_name: str) -> None:
         for table in (self.lora_A, self.lora_B):
             del table[adapter_name]
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p):
             del table[adapter_name]
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
+        self.use_dora.pop(adapter_name, None)
+        self._dora_norms.pop(adapter_name, None)
         self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
+
+    def train(self, mode: bool = True) -> LoraLinear:
+        if mode:
+            self._dora_norms.clear()  # training changes A and B: the eval cache would go stale
+        return super().train(mode)
+
+    def _weight_norm(self, name: str, base, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        """‖W + s·B·A‖ of DoRA adapter ``name`` (A, B in the compute dtype), cached in no-grad eval calls.
+
+        The cache key holds the versions and storages of A, B and W (and the dtype), so an
+        optimizer step, ``load_state_dict`` or a cast recomputes it, as PEFT's cache does not.
+        """
+        from peft_fast.ops import dora_weight_norm
+
+        scale = self.scaling[name]
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return dora_weight_norm(base, lora_a, lora_b, scale)
+        params = (self.lora_A[name].weight, self.lora_B[name].weight)
+        stored = base.packed if isinstance(base, NF4Weight) else self.base_layer.weight
+        key = (*((t._version, t.data_ptr()) for t in (*params, stored)), lora_a.dtype, lora_a.device)
+        hit = self._dora_norms.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        norm = dora_weight_norm(base, lora_a, lora_b, scale)
+        self._dora_norms[name] = (key, norm)
+        return norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from peft_fast.ops import base_linear, lora_linear
@@ -315,6 +398,8 @@ class LoraLinear(LoraLayer):
         active = [] if self.disable_adapters else [a for a in self.active_adapters if a in self.lora_A]
         if not active:
             return base_linear(x, base, bias).to(out_dtype)
+        if any(self.use_dora.get(name, False) for name in active):
+            return self._dora_forward(x, base, bias, dtype, active).to(out_dtype)
         first, *others = active
         y = lora_linear(
             x, base, self.lora_A[first].weight.to(dtype), self.lora_B[first].weight.to(dtype), bias,
@@ -326,17 +411,63 @@ class LoraLinear(LoraLayer):
             y = y + self.scaling[name] * (dropped @ lora_a.t() @ lora_b.t())
         return y.to(out_dtype)
 
-    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W + Σ s·B·A over the active adapters, dense, in ``dtype`` (default: the base's dtype)."""
-        from peft_fast.ops import merge_lora
+    def _dora_forward(self, x, base, bias, dtype: torch.dtype, active: list[str]) -> torch.Tensor:
+        """The active adapters, at least one of them DoRA, as PEFT's forward runs them (in order)."""
+        from peft_fast.ops import base_linear, dora_linear
 
+        def weights(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
+
+        def dropped(name: str) -> torch.Tensor | None:
+            p = self.lora_dropout_p[name]
+            # As PEFT: dropout only in training with p > 0; the mask is torch's (nn.Dropout's) RNG.
+            return nn.functional.dropout(x, p, True) if self.training and p > 0 else None
+
+        if len(active) == 1:  # the common case: one fused GEMM without dropout, as dora_linear explains
+            (name,) = active
+            lora_a, lora_b = weights(name)
+            norm = self._weight_norm(name, base, lora_a, lora_b)
+            magnitude = self.lora_magnitude_vector[name].weight
+            return dora_linear(x, base, lora_a, lora_b, magnitude, bias, self.scaling[name], dropped(name), norm)
+        y = base_linear(x, base, bias)
+        for name in active:
+            lora_a, lora_b = weights(name)
+            x_d = dropped(name)
+            lora = self.scaling[name] * ((x if x_d is None else x_d) @ lora_a.t() @ lora_b.t())
+            if not self.use_dora.get(name, False):
+                y = y + lora
+                continue
+            # PEFT's DoraLinearLayer.forward on the running result: without dropout its base part is
+            # the result so far minus the bias, with dropout the base GEMM of the dropped input.
+            factor = self.lora_magnitude_vector[name].weight / self._weight_norm(name, base, lora_a, lora_b)
+            if x_d is None:
+                base_part = y if bias is None else y - bias
+            else:
+                base_part = base_linear(x_d, base, None)
+            y = (y + (factor - 1) * base_part + factor * lora).to(dtype)
+        return y
+
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W + Σ s·B·A over the active adapters, dense, in ``dtype`` (default: the base's dtype).
+
+        A DoRA adapter merges as PEFT's: ``(m / ‖W₀ + s·B·A‖)·(W + s·B·A)`` per row, the norm
+        taken on the unmerged base W₀ and W the weight merged so far.
+        """
         merged = self.base_weight()
         out_dtype = dtype or self.base_dtype()
         if isinstance(merged, NF4Weight):
             merged = dequantize_nf4(merged, torch.float32)
-        merged = merged.float()
+        original = merged = merged.detach().float()
         for name in [] if self.disable_adapters else self.active_adapters:
-            merged = merge_lora(merged, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+            delta = self.scaling[name] * (
+                self.lora_B[name].weight.detach().float() @ self.lora_A[name].weight.detach().float()
+            )
+            if self.use_dora.get(name, False):
+                norm = torch.linalg.vector_norm(original + delta, dim=1)
+                factor = self.lora_magnitude_vector[name].weight.detach().float() / norm
+                merged = factor[:, None] * (merged + delta)
+            else:
+                merged = merged + delta
         return merged.to(out_dtype)
 
 
@@ -365,8 +496,12 @@ class LoraEmbedding(LoraLayer):
         lora_dropout: float = 0.0,
         init_lora_weights: bool | str = True,
         use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         """Add adapter ``adapter_name``: A = 0, B ~ N(0, 1) as PEFT; both N(0, 1) with ``init_lora_weights=False``."""
+        if use_dora:
+            raise ValueError("DoRA (use_dora=True) on an Embedding layer is not supported: peft_fast runs DoRA on "
+                             "Linear layers (dense or NF4) only")  # fmt: skip
         self._check_adapter(adapter_name, r, lora_alpha)
         del lora_dropout  # PEFT's Embedding keeps it but never applies it
         factory = {"device": self.base_device(), "dtype": self.base_dtype()}

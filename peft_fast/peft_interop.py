@@ -15,8 +15,8 @@ exactly what PEFT would:
 
 - adapters disabled, merged adapters, no active adapter on the layer (PEFT's base-only paths);
 - extra forward arguments (``adapter_names`` mixed batches, variant kwargs);
-- several active adapters on the layer, a LoRA variant or ``lora_bias`` on the active adapter
-  (added after ``patch``), a dropout module other than ``nn.Dropout`` / ``nn.Identity``;
+- several active adapters on the layer, a LoRA variant other than DoRA or ``lora_bias`` on the active
+  adapter (added after ``patch``), a dropout module other than ``nn.Dropout`` / ``nn.Identity``;
 - hooks or an instance-level ``forward`` on the base layer, ``lora_A`` or ``lora_B`` (accelerate's
   offloading hooks, for instance), a base weight that requires grad;
 - without autocast, tensors whose dtypes differ (e.g. fp32 activations and LoRA weights over a
@@ -31,7 +31,10 @@ The configuration-dependent fallbacks warn once per reason. Layers of other LoRA
 PEFT's forward, with one warning at ``patch``: LoRA ``Embedding``, ``Conv1d/2d/3d``,
 ``MultiheadAttention``, ``ParamWrapper`` (``target_parameters``), and ``lora.Linear`` over GPT-2's
 ``Conv1D`` (``fan_in_fan_out``) or over an ``nn.Linear`` subclass with its own ``forward``.
-``patch`` refuses, leaving every module as it was: non-LoRA PEFT methods, DoRA, ``lora_bias``,
+DoRA adapters (``use_dora=True``) on those two layer kinds run :func:`peft_fast.ops.dora_linear` (the
+fused weight-norm kernel and the fused op) with PEFT's ``lora_magnitude_vector`` and PEFT's own dropout
+module; DoRA on the kinds left on PEFT stays on PEFT's forward like their LoRA.
+``patch`` refuses, leaving every module as it was: non-LoRA PEFT methods, ``lora_bias``,
 other LoRA variants (aLoRA, Arrow, ...), bitsandbytes 8-bit and 4-bit fp4, and every other
 quantized LoRA layer (GPTQ, AWQ, HQQ, torchao, ...). Patching again takes over layers added since,
 and is otherwise a no-op.
@@ -49,7 +52,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from peft_fast.nf4 import NESTED_BLOCKSIZE, NF4Weight, dynamic_map, nf4_code
-from peft_fast.ops import autocast_dtype, lora_linear
+from peft_fast.ops import autocast_dtype, dora_linear, lora_linear
 
 __all__ = ["fast_layers", "is_peft_model", "patch_peft_model", "unpatch_peft_model"]
 
@@ -162,8 +165,12 @@ def _fused_forward(layer, x) -> torch.Tensor | None:
         return None
     name = active[0]
     lora_a, lora_b, base = layer.lora_A[name], layer.lora_B[name], layer.base_layer
-    if name in getattr(layer, "lora_variant", ()) or layer.use_dora.get(name, False) or lora_b.bias is not None:
-        return None  # DoRA or another variant, or lora_bias (B's bias), added after patch
+    dora = layer.use_dora.get(name, False)
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if (
+        variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant")
+    ) or lora_b.bias is not None:
+        return None  # a variant other than plain DoRA, or lora_bias (B's bias), added after patch
     dropout = _dropout_of(layer, name)
     if dropout is None:
         _warn_fallback(layer, f"dropout module {type(layer.lora_dropout[name]).__name__}")
@@ -208,10 +215,30 @@ def _fused_forward(layer, x) -> torch.Tensor | None:
             return None
     elif any(t.dtype not in _AUTOCAST_DTYPES for t in floats):
         return None
-    p, training = dropout
-    y = lora_linear(x, weight, lora_a.weight, lora_b.weight, bias, scale=layer.scaling[name], dropout_p=p,
-                    training=training)  # fmt: skip
+    if dora:
+        y = _dora_forward(layer, name, x, weight, bias, cast)
+    else:
+        p, training = dropout
+        y = lora_linear(x, weight, lora_a.weight, lora_b.weight, bias, scale=layer.scaling[name], dropout_p=p,
+                        training=training)  # fmt: skip
     return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _dora_forward(layer, name: str, x, weight, bias, cast) -> torch.Tensor:
+    """PEFT's DoRA (``DoraLinearVariant.forward``) on the layer's own tensors through :func:`dora_linear`.
+
+    As PEFT: the DoRA term takes dropout(x) only when the layer trains and its dropout is not an
+    Identity (PEFT's module, so its RNG draw is PEFT's); otherwise base(x) is reused (one fused GEMM).
+    """
+    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if cast is not None:  # the op's autocast, done here because the norm and the scale need one dtype too
+        x, lora_a, lora_b = x.to(cast), lora_a.to(cast), lora_b.to(cast)
+        bias = None if bias is None else bias.to(cast)
+        weight = weight.to(cast) if isinstance(weight, torch.Tensor) else weight
+    dropout = layer.lora_dropout[name]
+    dropped = None if isinstance(dropout, nn.Identity) or not layer.training else dropout(x)
+    magnitude = layer.lora_magnitude_vector[name].weight
+    return dora_linear(x, weight, lora_a, lora_b, magnitude, bias, layer.scaling[name], dropped)
 
 
 # -- what can be taken over ----------------------------------------------------------------
@@ -255,7 +282,7 @@ def _check_adapters(name: str, module, refusals: _Refusals) -> None:
     for adapter in list(getattr(module, "lora_A", {})) + list(getattr(module, "lora_embedding_A", {})):
         where = f"{name} (adapter {adapter!r})"
         if getattr(module, "use_dora", {}).get(adapter, False):
-            refusals.add("DoRA (use_dora=True)", where)
+            pass  # DoRA: fused on linear layers, PEFT's own forward on the kinds left on PEFT
         elif adapter in getattr(module, "lora_variant", {}):
             refusals.add(_variant_name(module.lora_variant[adapter]), where)
         if getattr(module, "lora_bias", {}).get(adapter, False):

@@ -382,9 +382,51 @@ def assert_refused(model, match: str) -> None:
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-def test_refuses_dora():
-    model = peft.get_peft_model(tiny_llama(), lora_config(use_dora=True))
-    assert_refused(model, r"DoRA \(use_dora=True\)")
+def _dora_llama(base_dir: Path | None = None, **overrides):
+    """PEFT DoRA on every linear, its magnitudes moved off their init (m/‖W + s·B·A‖ ≠ 1)."""
+    model = peft_llama(base_dir, use_dora=True, **overrides)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_magnitude_vector["default"].weight.mul_(1.25)
+    return model
+
+
+@pytest.fixture
+def dora_calls(monkeypatch) -> list[int]:
+    calls = [0]
+    original = peft_interop.dora_linear
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(peft_interop, "dora_linear", counting)
+    return calls
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
+def test_dora_swap_keeps_logits_and_gradients(quantized, base_dir, dora_calls):
+    model = _dora_llama(base_dir if quantized else None)
+    ids = batch()
+    before = logits_and_grads(model, ids)
+    assert any(".lora_magnitude_vector." in name for name in before[1])
+    peft_fast.patch(model, fused=False)
+    after = logits_and_grads(model, ids)
+    assert dora_calls[0] == 14  # every DoRA layer ran the fused DoRA forward
+    assert_same_outputs(before, after, NF4_TOL if quantized else DENSE_TOL)
+
+
+def test_dora_dropout_swap_keeps_outputs(dora_calls):
+    """PEFT's DoRA with dropout: base(x) on x, the DoRA term on PEFT's own dropout(x) (same RNG draw)."""
+    model = _dora_llama(lora_dropout=0.25)
+    ids = batch()
+    torch.manual_seed(3)
+    before = logits_and_grads(model, ids)
+    peft_fast.patch(model, fused=False)
+    torch.manual_seed(3)
+    after = logits_and_grads(model, ids)
+    assert dora_calls[0] == 14
+    assert_same_outputs(before, after, DENSE_TOL)
 
 
 def test_refuses_fp4(base_dir):

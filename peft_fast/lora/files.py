@@ -76,6 +76,8 @@ def model_key(peft_key: str, adapter_name: str) -> str:
     for part in (".lora_embedding_A", ".lora_embedding_B"):  # an embedding's adapter is a bare parameter
         if name.endswith(part):
             name = f"{name}.{adapter_name}"
+    if name.endswith(".lora_magnitude_vector"):  # DoRA: PEFT's file drops the adapter name and ".weight"
+        name = f"{name}.{adapter_name}.weight"
     return name
 
 
@@ -169,7 +171,7 @@ def reload_in_place(model: nn.Module, directory, adapter_name: str) -> None:
     ours = _require_state(model).configs[adapter_name]
     differ = [
         f"{key}: file {getattr(file_config, key)!r}, model {getattr(ours, key)!r}"
-        for key in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias")
+        for key in ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "bias")
         if getattr(file_config, key) != getattr(ours, key)
     ]
     if differ:
@@ -225,6 +227,8 @@ def _expected_adapter_shapes(model, config, targets) -> dict[str, tuple | None]:
         out_features, in_features = module_features(module)
         shapes[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (rank, in_features)
         shapes[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (out_features, rank)
+        if config.use_dora:
+            shapes[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = (out_features,)
     target_set = set(targets)
     if config.bias != "none":
         for name, param in model.named_parameters():

@@ -123,6 +123,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             unsupported.append(f"{name} ({type(module).__name__})")
             continue
         names.append(name)
+    if config.use_dora:
+        _check_dora_targets(model, names)
     if unsupported:
         raise ValueError(
             "target_modules selects modules that are not Linear / Conv1D / Embedding layers: "
@@ -133,6 +135,24 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         filters = {key: getattr(config, key) for key in ("exclude_modules", "layers_to_transform")}
         raise no_match_error(model, config.target_modules, filters)
     return names
+
+
+def _check_dora_targets(model: nn.Module, names: list[str]) -> None:
+    """DoRA runs on linear layers only: refuse, naming them, targets that are embeddings (PEFT's DoRA
+    embedding variant is not implemented here), before the model is touched."""
+    embeddings = []
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LoraLayer):
+            module = module.base_layer
+        if isinstance(module, nn.Embedding):
+            embeddings.append(name)
+    if embeddings:
+        shown = ", ".join(embeddings[:8]) + ("" if len(embeddings) <= 8 else f" and {len(embeddings) - 8} more")
+        raise ValueError(
+            f"DoRA (use_dora=True) is supported on Linear / Conv1D layers (dense or NF4) only; these targets are "
+            f"Embedding layers: {shown}. Leave them out of target_modules (or use plain LoRA for them)"
+        )
 
 
 def _with_task_modules(config: LoraConfig) -> LoraConfig:
@@ -151,7 +171,7 @@ def _check_user_modules_to_save(model: nn.Module, config: LoraConfig) -> None:
 
 def _new_adapter(layer: LoraLayer, name: str, config: LoraConfig, adapter_name: str) -> None:
     layer.update_layer(adapter_name, config.rank_for(name), config.alpha_for(name), config.lora_dropout,
-                       config.init_lora_weights, config.use_rslora)  # fmt: skip
+                       config.init_lora_weights, config.use_rslora, config.use_dora)  # fmt: skip
     # PEFT's autocast_adapter_dtype (get_peft_model's default): over an fp16 / bf16 base the adapter
     # is kept in fp32 (the forward casts it to the compute dtype; its gradients and optimizer state
     # stay fp32). compute_dtype, when given, is the adapter's dtype instead.

@@ -1,4 +1,4 @@
-"""The fused training-step ops (RMSNorm, RoPE, GLU, linear cross-entropy) as report and sweep entries.
+"""Report and sweep entries: the fused training-step ops (RMSNorm, RoPE, GLU, cross-entropy), DoRA's weight norm.
 
 Shapes are Llama-3-8B's at two sequences of 2048 tokens (M = 4096 rows, hidden 4096, 32 query and
 8 key/value heads of 128, MLP 14336, vocabulary 128,256), bf16. RMSNorm, RoPE and the GLU are
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tools.hopper.cases import DTYPES, Goal, OpCase, OpEntry, element_size, fake
+from tools.hopper.cases import DTYPES, Goal, OpCase, OpEntry, element_size, fake, fake_base, weight_bytes
 
 TOKENS, HIDDEN, MLP, VOCAB = 4096, 4096, 14336, 128256
 BATCH, SEQ, HEADS, KV_HEADS, HEAD_DIM = 2, 2048, 32, 8, 128
@@ -120,6 +120,23 @@ def linear_cross_entropy(n: int = TOKENS, h: int = HIDDEN, v: int = VOCAB, *, dt
                   note=note, dtype=dtype)  # fmt: skip
 
 
+def dora_weight_norm(
+    n: int = HIDDEN, k: int = HIDDEN, r: int = 16, *, dtype: str = "bf16", base: str = "nf4dq"
+) -> OpCase:
+    """``dora_weight_norm_triton``: ‖deq(W) + s·B·A‖ per row; W, A, B read once, N norms written."""
+    t = DTYPES[dtype]
+
+    def run() -> None:
+        from peft_fast.kernels.dora import dora_weight_norm_triton
+
+        dora_weight_norm_triton(fake_base(base, n, k, t), fake(r, k, dtype=t), fake(n, r, dtype=t), 2.0)
+
+    nbytes = weight_bytes(base, n, k, dtype) + element_size(dtype) * (r * k + n * r + n)
+    note = f"{BANDWIDTH_NOTE}; B·A (2·N·K·r FLOPs) is computed per tile, never stored"
+    return OpCase("dora_weight_norm", 0, n, k, r, base, 0.0, run, flops=2.0 * n * k * r, bytes=nbytes,
+                  goal=COPY_GOAL, note=note, dtype=dtype, bandwidth="copy")  # fmt: skip
+
+
 ENTRIES: list[OpEntry] = [
     OpEntry(
         "rms_norm",
@@ -137,4 +154,9 @@ ENTRIES: list[OpEntry] = [
         ],
     ),
     OpEntry("cross_entropy", lambda: [linear_cross_entropy()], lambda dtype: [linear_cross_entropy(dtype=dtype)]),
+    OpEntry(
+        "dora",
+        lambda: [dora_weight_norm()],
+        lambda dtype: [dora_weight_norm(dtype=dtype, base=b, r=r) for b in ("dense", "nf4", "nf4dq") for r in (16, 64)],
+    ),
 ]
