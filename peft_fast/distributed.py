@@ -157,11 +157,11 @@ def nf4_resident_bytes(model: nn.Module, device_type: str | None = None) -> int:
     """
     from torch.distributed.tensor import DTensor
 
-    from peft_fast.layers import _NF4_BUFFERS
+    from peft_fast.layers import NF4_FIELDS
 
     seen: dict[int, int] = {}
     for _, layer in _nf4_layers(model):
-        for name in _NF4_BUFFERS:
+        for name in NF4_FIELDS:
             tensor = getattr(layer, f"weight_{name}")
             if tensor is None:
                 continue

@@ -12,10 +12,10 @@ from torch import nn
 
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
-__all__ = ["AdapterLayer", "DoraMagnitude", "LoraEmbedding", "LoraLayer", "LoraLinear", "NF4Linear"]
+__all__ = ["NF4_FIELDS", "AdapterLayer", "DoraMagnitude", "LoraEmbedding", "LoraLayer", "LoraLinear", "NF4Linear"]
 
 # NF4Weight fields kept as (non-persistent) buffers so that .to(), .cuda() and friends move them.
-_NF4_BUFFERS = ("packed", "absmax", "nested_absmax", "nested_offset")
+NF4_FIELDS = ("packed", "absmax", "nested_absmax", "nested_offset")
 # The fields FSDP2 shards once :meth:`NF4Linear.make_shardable` turns them into frozen parameters
 # (fully_shard shards parameters, never buffers). The 0-d nested offset (4 bytes) stays a buffer:
 # FSDP2 shards along dim 0, which a scalar does not have.
@@ -41,7 +41,7 @@ class NF4Linear(nn.Module):
         self.weight_dtype = weight.dtype
         self.blocksize = weight.blocksize
         shardable = self.is_shardable if shardable is None else shardable
-        for name in _NF4_BUFFERS:
+        for name in NF4_FIELDS:
             key, value = f"weight_{name}", getattr(weight, name)
             self._parameters.pop(key, None)
             self._buffers.pop(key, None)

@@ -25,7 +25,7 @@ import transformers
 
 import peft_fast
 from peft_fast.distributed import nf4_resident_bytes
-from peft_fast.layers import _NF4_BUFFERS, NF4Linear
+from peft_fast.layers import NF4_FIELDS, NF4Linear
 
 VOCAB, SEQ, PER_RANK = 96, 12, 2
 
@@ -85,7 +85,7 @@ def main() -> None:
     grads_ref = lora_grads(reference)
     total_nf4 = nf4_resident_bytes(reference)
     layer_nf4 = max(
-        sum(getattr(m, f"weight_{n}").nbytes for n in _NF4_BUFFERS if getattr(m, f"weight_{n}") is not None)
+        sum(getattr(m, f"weight_{n}").nbytes for n in NF4_FIELDS if getattr(m, f"weight_{n}") is not None)
         for m in reference.modules()
         if isinstance(m, NF4Linear)
     )
@@ -94,7 +94,7 @@ def main() -> None:
     )  # fmt: skip
 
     # Every all-gathered NF4 array is checked, byte for byte, against the unsharded layer's.
-    originals = {name: {n: getattr(m, f"weight_{n}") for n in _NF4_BUFFERS}
+    originals = {name: {n: getattr(m, f"weight_{n}") for n in NF4_FIELDS}
                  for name, m in reference.named_modules() if isinstance(m, NF4Linear)}  # fmt: skip
     gathered = {"checked": 0, "mismatched": []}
     in_forward = []
