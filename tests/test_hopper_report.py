@@ -579,3 +579,32 @@ print(json.dumps({"failures": len(failures), "dtypes": sorted({j.dtype for j in 
     for kernel in ("_lora_down_kernel", "_nf4_rows_splitk_kernel"):  # every config the autotuner would time
         assert 1 < len(configs[kernel]) <= result["listed"][kernel], kernel
         assert len({json.dumps(c, sort_keys=True) for c in configs[kernel]}) == len(configs[kernel])
+
+
+_DIRECT_RECOMPILE = """
+import json, sys
+from tools.hopper import sm90
+report = json.load(open(sys.argv[1]))
+out = {}
+for op in report["ops"]:
+    for la in op["launches"]:
+        if la.get("signature") is not None:
+            got = sm90.analyse(sm90.KernelSpec.from_json(la))
+            out[la["kernel"]] = [la["kloop_instr_per_warp"], got["sass"]["kloop_instr"], la["regs"], got["regs"]]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not _cuobjdump().exists(), reason="Triton's cuobjdump is missing: cannot read SASS")
+def test_decode_down_projection_report_equals_a_direct_recompile(tmp_path):
+    """Issue #24: the report's K-loop count of the decode down-projection (M = 16) is what a direct
+    ``triton.compile`` of its stored spec gives, in a fresh process that never captured a launch."""
+    out = _python("-m", "tools.hopper.report", "--out", str(tmp_path), "--ops", "qlora_decode M=16", "--jobs", "1",
+                  "--no-sass")  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    direct = _python("-c", _DIRECT_RECOMPILE, str(tmp_path / "hopper-report.json"))
+    assert direct.returncode == 0, direct.stdout + direct.stderr
+    counts = json.loads(direct.stdout.strip().splitlines()[-1])
+    (down,) = [v for k, v in counts.items() if k.endswith(":_lora_down_kernel")]
+    assert down[0] == down[1] and down[2] == down[3], counts
+    assert all(v[0] == v[1] for v in counts.values()), counts
