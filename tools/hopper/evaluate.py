@@ -3,7 +3,9 @@
 For a Triton launch every candidate (autotune config) is costed with :mod:`cost_model`; the one
 with the lowest predicted time is what the autotuner would pick if the model were right, and
 its numbers fill the launch object (the others go to ``configs_considered``). Library calls are
-costed at roofline. An op's prediction is the sum over its launches.
+costed at roofline. An op's prediction is the sum over its launches plus a launch gap per launch
+after the first; LoRA-linear ops also carry what PEFT + bitsandbytes' layer would take
+(:mod:`tools.hopper.peft_bnb`) and their speedup over it.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tools.hopper import cost_model, trip_count
+from tools.hopper import cost_model, peft_bnb, trip_count, ttir
 from tools.hopper.cases import OpCase
 from tools.hopper.cost_model import H200, KernelCost, predict_launch
-from tools.hopper.launch_capture import Candidate, Launch
+from tools.hopper.launch_capture import Candidate, Launch, TensorInfo
 from tools.hopper.sm90 import resolve
 
 # Keys every launch object carries (library calls have None for the compile-only ones).
@@ -37,6 +39,9 @@ LAUNCH_KEYS = (
     "predicted_us",
 )
 OP_KEYS = ("op", "M", "N", "K", "r", "dtype", "base", "dropout", "floor_us", "predicted_us", "ratio", "launches")
+# The cost terms every Triton launch object carries (cost_model.LaunchPrediction), per CTA unless said.
+TERM_KEYS = ("smem_cycles_per_cta", "gather_cycles_per_cta", "fill_cycles", "epilogue_cycles", "lone_groups",
+             "l2_us", "l2_bytes")  # fmt: skip
 
 
 class ReportError(RuntimeError):
@@ -47,6 +52,20 @@ def _round(value: float | None, digits: int = 3) -> float | None:
     if value is None or math.isinf(value) or math.isnan(value):
         return None
     return round(value, digits)
+
+
+def gather_wavefronts(cand: Candidate, loads: dict[str, Any]) -> tuple[int, int]:
+    """(per K-loop trip, once) L1 wavefronts of a CTA's data-dependent gathers; table sizes from the launch."""
+    per_trip = once = 0
+    for raw in loads.get("gathers", []):
+        gather = ttir.Gather(**raw)
+        table = cand.args.get(gather.table) if gather.table else None
+        waves = ttir.gather_wavefronts(gather, table.nbytes if isinstance(table, TensorInfo) else None)
+        if gather.in_kloop:
+            per_trip += waves
+        else:
+            once += waves
+    return per_trip, once
 
 
 def cost_candidate(launch: Launch, cand: Candidate, analysis: dict[str, Any]) -> dict[str, Any]:
@@ -61,6 +80,9 @@ def cost_candidate(launch: Launch, cand: Candidate, analysis: dict[str, Any]) ->
     if not sass["has_loop"]:
         trips = 1  # no loop in the SASS (none in the source, or fully unrolled): the body counts once
     trips, extra_instr, extra_flops, loop_trips = _other_mma_loops(kernel, cand, sass, trips)
+    loads = analysis.get("loads") or {}
+    gather_trip, gather_once = gather_wavefronts(cand, loads)
+    in_loop = sass["has_loop"]  # without a SASS loop, the TTIR's loop loads count once like the body
     cost = KernelCost(
         num_warps=analysis["num_warps"],
         regs=analysis["regs"],
@@ -71,6 +93,15 @@ def cost_candidate(launch: Launch, cand: Candidate, analysis: dict[str, Any]) ->
         other_mma_flops=sass["other_mma_flops"] + extra_flops,
         trips=trips,
         wgmma_wait=sass["wgmma_wait"],
+        kloop_smem_bytes=sass.get("kloop_smem_bytes", 0) if in_loop else 0,
+        other_smem_bytes=sass.get("other_smem_bytes", 0) if in_loop else sass.get("kloop_smem_bytes", 0),
+        kloop_gather_wavefronts=gather_trip if in_loop else 0,
+        other_gather_wavefronts=gather_once + (0 if in_loop else gather_trip),
+        kloop_load_bytes=loads.get("kloop_load_bytes", 0) if in_loop else 0,
+        other_load_bytes=loads.get("other_load_bytes", 0) + (0 if in_loop else loads.get("kloop_load_bytes", 0)),
+        store_bytes=sass.get("store_bytes", 0),
+        num_stages=cand.spec.num_stages,
+        has_loop=in_loop,
     )
     nbytes = launch.tensor_bytes(cand)
     pred = predict_launch(cost, cand.grid, nbytes)
@@ -86,6 +117,18 @@ def cost_candidate(launch: Launch, cand: Candidate, analysis: dict[str, Any]) ->
         waves=pred.waves,
         issue_cycles_per_cta=_round(pred.issue_cycles, 1),
         mma_cycles_per_cta=_round(pred.mma_cycles, 1),
+        smem_cycles_per_cta=_round(pred.smem_cycles, 1),
+        gather_cycles_per_cta=_round(pred.gather_cycles, 1),
+        fill_cycles=_round(pred.fill_cycles, 1),
+        epilogue_cycles=_round(pred.epilogue_cycles, 1),
+        lone_groups=pred.lone_groups,
+        l2_us=_round(pred.l2_us),
+        l2_bytes=pred.l2_bytes,
+        kloop_smem_bytes=cost.kloop_smem_bytes,
+        kloop_gather_wavefronts=cost.kloop_gather_wavefronts,
+        kloop_load_bytes=cost.kloop_load_bytes,
+        store_bytes=cost.store_bytes,
+        gathers=loads.get("gathers", []),
         loop_trips=trips,
         loop_source=f"{loop.where} {loop.source}" if loop else None,
         mma_loop_trips=loop_trips,
@@ -178,6 +221,9 @@ def triton_launch(launch: Launch, analyses: dict[str, dict[str, Any]]) -> dict[s
                 "kloop_instr_per_warp",
                 "wgmma_wait",
                 "loop_trips",
+                "smem_cycles_per_cta",
+                "gather_cycles_per_cta",
+                "l2_us",
                 "error",
                 "spec_hash",
             )
@@ -204,7 +250,8 @@ def library_launch(launch: Launch) -> dict[str, Any]:
 def op_object(case: OpCase, launches: list[Launch], analyses: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The report's object for one op."""
     objs = [triton_launch(la, analyses) if la.kind == "triton" else library_launch(la) for la in launches]
-    predicted = sum(o["predicted_us"] for o in objs)
+    gaps = cost_model.launch_gaps_us(len(objs))
+    predicted = sum(o["predicted_us"] for o in objs) + gaps
     floor_flops = case.floor_flops if case.floor_flops is not None else case.flops
     floor_bytes = 0.0 if case.floor_flops is not None else case.bytes
     floor = cost_model.roofline_us(floor_flops, floor_bytes)
@@ -221,6 +268,8 @@ def op_object(case: OpCase, launches: list[Launch], analyses: dict[str, dict[str
         "floor_us": _round(floor),
         "predicted_us": _round(predicted),
         "ratio": _round(predicted / floor, 4) if floor > 0 else None,
+        "n_launches": len(objs),
+        "launch_gaps_us": _round(gaps),
         "flops": case.flops,
         "bytes": case.bytes,
         "floor_basis": "2·M·N·K at the bf16 rate" if case.floor_flops is not None else "max(FLOPs/bf16, bytes/HBM)",
@@ -229,6 +278,11 @@ def op_object(case: OpCase, launches: list[Launch], analyses: dict[str, dict[str
         op["hbm_fraction"] = _round(case.bytes / (predicted * 1e-6) / H200.hbm_bytes_per_s, 4)
     if case.bandwidth == "copy":
         op["copy_fraction"] = _round(case.bytes / (predicted * 1e-6) / H200.copy_bytes_per_s, 4)
+    baseline = peft_bnb.layer_for(case)
+    if baseline is not None:
+        op["peft_bnb_us"] = _round(baseline.predicted_us)
+        op["speedup_vs_peft_bnb"] = _round(baseline.predicted_us / predicted, 4) if predicted > 0 else None
+        op["peft_bnb_launches"] = baseline.rows()
     if case.goal:
         op["goal"] = {
             "kind": case.goal.kind,

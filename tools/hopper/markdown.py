@@ -28,6 +28,24 @@ def _config(launch: dict[str, Any]) -> str:
     return f"{tiles} w{launch['num_warps']} s{launch['num_stages']}".strip()
 
 
+def _terms(launch: dict[str, Any]) -> str:
+    """Per-CTA cycles of the four SM resources (library calls: none)."""
+    if launch.get("signature") is None:
+        return "–"
+    cyc = lambda key: _num(launch.get(key), "{:,.0f}")
+    gather = launch.get("gather_cycles_per_cta")
+    return (f"{cyc('issue_cycles_per_cta')} / {cyc('mma_cycles_per_cta')} / {cyc('smem_cycles_per_cta')}"
+            + (f" ({cyc('gather_cycles_per_cta')})" if gather else ""))  # fmt: skip
+
+
+def _lone(launch: dict[str, Any]) -> str:
+    """Fill + epilogue cycles a lone CTA pays, and how many such groups the busiest SM runs."""
+    if launch.get("signature") is None:
+        return "–"
+    fill, epilogue = launch.get("fill_cycles") or 0, launch.get("epilogue_cycles") or 0
+    return f"{fill:,.0f} + {epilogue:,.0f} × {launch.get('lone_groups') or 0}"
+
+
 def render(report: dict[str, Any]) -> str:
     """The markdown report."""
     ceil = report["ceilings"]
@@ -37,11 +55,16 @@ def render(report: dict[str, Any]) -> str:
         "Compile-time **lower bounds** from each kernel's cubin / SASS for an H200 — predictions, not measurements.",
         f"Ceilings: {ceil['sms']} SMs at {ceil['clock_hz'] / 1e9:.2f} GHz, bf16 {ceil['bf16_flops_per_s'] / 1e12:.0f}"
         f" TFLOP/s, HBM {ceil['hbm_bytes_per_s'] / 1e12:.1f} TB/s (measured copy rate, read + write).",
+        f"Leads (estimates, see Cost model): shared memory {ceil.get('smem_bytes_per_clock', '–')} B/clk/SM, L2"
+        f" {_num(ceil.get('l2_bytes_per_s', 0) / 1e12, '{:.2f}')} TB/s, load latency"
+        f" {ceil.get('load_latency_cycles', '–')} cycles, {_num(ceil.get('launch_gap_s', 0) * 1e6, '{:.1f}')} µs"
+        " between dependent launches.",
         "",
         "## Ops",
         "",
-        "| op | M | N | K | floor µs | predicted µs | ratio | goal | met? |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| op | M | N | K | floor µs | predicted µs | launch gaps µs | ratio | PEFT + bnb µs | speedup vs PEFT + bnb"
+        " | goal | met? |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for op in report["ops"]:
         goal = op.get("goal") or {}
@@ -52,7 +75,9 @@ def render(report: dict[str, Any]) -> str:
             extra = f" ({_num(op['copy_fraction'], '{:.0%}')} of copy bw)"
         lines.append(
             f"| {op['op']} | {op['M']} | {op['N']} | {op['K']} | {_num(op['floor_us'])} | {_num(op['predicted_us'])} | "
-            f"{_num(op['ratio'], '{:.2f}')}{extra} | {goal.get('text', '–')} | {_met(goal.get('met'))} |"
+            f"{_num(op.get('launch_gaps_us'))} | {_num(op['ratio'], '{:.2f}')}{extra} | "
+            f"{_num(op.get('peft_bnb_us'))} | "
+            f"{_num(op.get('speedup_vs_peft_bnb'), '{:.2f}×')} | {goal.get('text', '–')} | {_met(goal.get('met'))} |"
         )
     goals = report.get("goals", {})
     lines += ["", "Kernel-wide goals:", ""]
@@ -61,13 +86,24 @@ def render(report: dict[str, Any]) -> str:
         lines += [f"  - {v}" for v in goal["violations"]]
     lines += ["", "## Launches", ""]
     for op in report["ops"]:
-        lines += [f"### {op['id']} — {_num(op['predicted_us'])} µs vs floor {_num(op['floor_us'])} µs", ""]
+        versus = f"{_num(op.get('ratio'), '{:.2f}')}× its floor"
+        if op.get("peft_bnb_us") is not None:
+            speedup = _num(op.get("speedup_vs_peft_bnb"), "{:.2f}")
+            versus += f", {speedup}× the speed of PEFT + bnb's layer ({op['peft_bnb_us']:,.1f} µs)"
+        lines += [
+            f"### {op['id']} — {_num(op['predicted_us'])} µs vs floor {_num(op['floor_us'])} µs ({versus})",
+            "",
+            f"{op.get('n_launches', len(op['launches']))} launches, "
+            f"{_num(op.get('launch_gaps_us'))} µs of launch gaps.",
+            "",
+        ]
         if op.get("note"):
             lines += [f"_{op['note']}_", ""]
         lines += [
             "| kernel | config | grid | trips | CTAs/SM | regs | stack B | smem KB | HGMMA | wait | K-loop instr"
+            " | issue / MMA / smem (gather) cyc per CTA | fill + epilogue cyc × lone groups | L2 µs | HBM µs"
             " | bound | µs |",
-            "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---:|",
+            "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---:|---:|---|---:|",
         ]
         for la in op["launches"]:
             name = la["kernel"].rpartition(":")[2]
@@ -78,7 +114,9 @@ def render(report: dict[str, Any]) -> str:
                 f"| {name} | {_config(la)} | {grid} | {_num(la.get('loop_trips'), '{}')} | "
                 f"{_num(la.get('ctas_per_sm'), '{}')} | {_num(la.get('regs'), '{}')} | "
                 f"{_num(la.get('spill_bytes'), '{}')} | {smem} | {hgmma} | {_num(la.get('wgmma_wait'), '{}')} | "
-                f"{_num(la.get('kloop_instr_per_warp'), '{:,}')} | {la.get('bound', '')} | {_num(la['predicted_us'])} |"
+                f"{_num(la.get('kloop_instr_per_warp'), '{:,}')} | {_terms(la)} | {_lone(la)} | "
+                f"{_num(la.get('l2_us'), '{:,.2f}')} | {_num(la.get('memory_us'), '{:,.2f}')} | "
+                f"{la.get('bound', '')} | {_num(la['predicted_us'])} |"
             )
         lines.append("")
     lines += ["## Cost model", "", *(cost_model.__doc__ or "").strip().splitlines(), ""]

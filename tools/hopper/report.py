@@ -11,17 +11,20 @@ K-loop's instructions per warp (innermost backward-branch loop holding the MMA) 
 wait depth. trip_count.py reads the K-loop's trips per CTA from the kernel source and the
 launch's arguments.
 
-Cost model (cost_model.py; a lower bound, ignoring launch overhead): H200 ceilings, clock
-1.98 GHz, 132 SMs, bf16 790 TFLOP/s (cuBLAS, measured), HBM = measured copy rate 4.3 TB/s
-(read + write), i.e. 3,023 MMA FLOP per SM per clock. Per CTA: issue cycles = (K-loop
-instructions × trips + the other instructions once) × num_warps / 4; MMA cycles = MMA FLOPs /
-3,023. CTAs per SM from shared memory (228 KB/SM, 1 KB reserved per CTA), registers (65,536,
-8-per-thread granules), threads (2,048) and 32 blocks; c resident CTAs take max(c·issue, c·MMA),
-or issue + MMA when the K-loop drains wgmma (wait 0) with one CTA per SM; the busiest SM runs
-ceil(CTAs / 132) CTAs in such groups. Memory bound: each tensor argument once at the HBM rate.
-Launch = max(compute, memory); torch calls at roofline; autotuned launches take their best
-config; op = sum of launches. Floors: max(op FLOPs / bf16 rate, fewest bytes / HBM rate); the
-backward's floor is one dense M×N×K GEMM (2MNK / rate).
+Cost model (cost_model.py, whose docstring states every figure and its source; a lower bound):
+H200 ceilings, clock 1.98 GHz, 132 SMs, bf16 790 TFLOP/s (cuBLAS, measured), HBM = measured copy
+rate 4.3 TB/s (read + write), i.e. 3,023 MMA FLOP per SM per clock; shared memory 128 B/clk/SM;
+leads: L2 10.75 TB/s, load latency 700 cycles, 1.5 µs between dependent launches. Per CTA: issue
+cycles = (K-loop instructions × trips + the other instructions once) × num_warps / 4; MMA cycles =
+MMA FLOPs / 3,023; smem cycles = shared-memory bytes (SASS widths, wgmma operands) / 128 + the
+wavefronts of data-dependent gathers (ttir.py). c resident CTAs take max(c·issue, c·MMA, c·smem)
+(issue + MMA when the K-loop drains wgmma); a CTA alone on its SM adds its pipeline fill and its
+epilogue's stores; the busiest SM runs ceil(CTAs / 132) CTAs in such groups. Memory bounds: each
+tensor argument once at the HBM rate, and every CTA's loads at the L2 rate. Launch = max(compute,
+HBM, L2); torch calls at roofline; autotuned launches take their best config; op = sum of launches
++ 1.5 µs per launch after the first. Floors: max(op FLOPs / bf16 rate, fewest bytes / HBM rate);
+the backward's floor is one dense M×N×K GEMM (2MNK / rate). QLoRA ops also carry PEFT +
+bitsandbytes' layer costed the same way (peft_bnb.py) and their speedup over it.
 
 Usage (from the repository root):
     python -m tools.hopper.report --out DIR [--baseline JSON] [--ops SUBSTR,...] [--jobs 2]

@@ -18,6 +18,14 @@ What is read, and why:
   the tensor-core work the hardware really does (padding included, e.g. 16-row tiles for M = 1).
 * Spills: ``STL``/``LDL`` (local memory) instructions; the stack frame size is in the resource usage.
 * ``LDGSTS`` is cp.async (Ampere-style asynchronous copy); ``UTMALDG``/``UBLKCP`` are TMA loads.
+* Shared-memory traffic (:func:`smem_bytes`): what a CTA writes into or reads out of shared memory,
+  from each instruction's width × 32 lanes × the CTA's warps: ``LDGSTS`` (cp.async writes), ``STS``,
+  ``LDS`` (``.128`` 16 B, ``.64`` 8 B, ``.U16``/``.S16`` 2 B, ``.U8``/``.S8`` 1 B, none 4 B a lane),
+  ``LDSM``/``STSM`` (ldmatrix / stmatrix: one 8×8 matrix of 16-bit values = 128 B a warp per
+  ``.1``/``.2``/``.4``), and ``HGMMA``'s shared-memory operands, read once per warpgroup: B
+  (n×k) always, A (m×k) too when its operand is a descriptor (``gdesc``) rather than registers.
+  TMA copies (``UTMALDG``) carry their size in a descriptor the SASS does not show: not counted.
+* Global stores (``STG``) outside the K-loop are the epilogue's bytes (:attr:`SassSummary.store_bytes`).
 """
 
 from __future__ import annotations
@@ -35,6 +43,10 @@ _HMMA_SHAPES = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4)}
 _WAIT = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0\s*,\s*0x([0-9a-fA-F]+)")
 _RES = re.compile(r"(REG|STACK|SHARED|LOCAL):(\d+)")
 _TMA_OPS = ("UTMALDG", "UBLKCP", "UTMASTG", "UTMAPF", "UTMAREDG")
+_LANE_WIDTHS = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}  # bytes a lane; 4 when none
+_SMEM_LANE_OPS = ("LDGSTS", "STS", "LDS")  # one access of ``width`` bytes per lane
+_MATRIX_OPS = ("LDSM", "STSM")  # 128 B a warp per 8×8 16-bit matrix
+_MMA_ELEM_BYTES = {"BF16": 2, "F16": 2, "TF32": 4, "E4M3": 1, "E5M2": 1, "S8": 1, "U8": 1}
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,38 @@ def mma_flops(instr: Instr, num_warps: int) -> int:
     return 0
 
 
+def lane_width(instr: Instr) -> int:
+    """Bytes one lane moves in a load/store instruction, from its width modifier (4 B without one)."""
+    for modifier in instr.opcode.split(".")[1:]:
+        if modifier in _LANE_WIDTHS:
+            return _LANE_WIDTHS[modifier]
+    return 4
+
+
+def smem_bytes(instr: Instr, num_warps: int) -> int:
+    """Bytes one execution of ``instr`` writes into or reads from shared memory across a CTA of ``num_warps``."""
+    op = instr.base_op
+    if op in _SMEM_LANE_OPS:
+        return lane_width(instr) * 32 * num_warps
+    if op in _MATRIX_OPS:
+        last = instr.opcode.rsplit(".", 1)[-1]
+        matrices = int(last) if last in ("1", "2", "4") else 1
+        return 128 * matrices * num_warps
+    match = _HGMMA_SHAPE.match(instr.opcode)
+    if match:
+        m, n, k = (int(g) for g in match.groups())
+        elem = next((_MMA_ELEM_BYTES[t] for t in reversed(instr.opcode.split(".")) if t in _MMA_ELEM_BYTES), 2)
+        a_operand = instr.operands.split(",")[1].strip() if "," in instr.operands else ""
+        per_group = n * k * elem + (m * k * elem if a_operand.startswith("gdesc") else 0)
+        return per_group * max(1, num_warps // 4)
+    return 0
+
+
+def store_bytes(instr: Instr, num_warps: int) -> int:
+    """Bytes one execution of a global store (``STG``) writes across a CTA (0 for anything else)."""
+    return lane_width(instr) * 32 * num_warps if instr.base_op == "STG" else 0
+
+
 def is_mma(instr: Instr) -> bool:
     return instr.base_op in ("HGMMA", "HMMA")
 
@@ -145,6 +189,9 @@ class SassSummary:
     # (say, a two-pass kernel) has each costed with its own trips when the source shows as many.
     mma_loops: list[tuple[int, int]] = field(default_factory=list)
     kloop_index: int | None = None
+    kloop_smem_bytes: int = 0  # shared-memory bytes (written + read) of one K-loop trip, whole CTA
+    other_smem_bytes: int = 0  # shared-memory bytes outside the K-loop, whole CTA, once
+    store_bytes: int = 0  # global-store bytes outside the K-loop (the epilogue), whole CTA
 
 
 def _innermost(loops: list[Loop]) -> list[Loop]:
@@ -182,6 +229,8 @@ def summarize(text: str, num_warps: int) -> SassSummary:
     histogram: dict[str, int] = {}
     for i in in_loop:
         histogram[i.base_op] = histogram.get(i.base_op, 0) + 1
+    loop_smem = sum(smem_bytes(i, num_warps) for i in in_loop)
+    outside = [i for i in instrs if not (kloop and kloop.start <= i.addr <= kloop.end)]
     with_mma = [loop for loop in loops if any(is_mma(i) for i in loop.body(instrs))]
     mma_inner = sorted(_innermost(with_mma), key=lambda loop: loop.start)
     return SassSummary(
@@ -204,6 +253,9 @@ def summarize(text: str, num_warps: int) -> SassSummary:
         n_loops=len(loops),
         kloop_range=(kloop.start, kloop.end) if kloop else None,
         opcode_histogram=dict(sorted(histogram.items(), key=lambda kv: -kv[1])[:12]),
+        kloop_smem_bytes=loop_smem,
+        other_smem_bytes=sum(smem_bytes(i, num_warps) for i in outside) if kloop else 0,
+        store_bytes=sum(store_bytes(i, num_warps) for i in outside),
     )
 
 

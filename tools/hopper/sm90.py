@@ -38,6 +38,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+from tools.hopper import ttir
 from tools.hopper.sass import parse_res_usage, summarize
 
 TARGET = GPUTarget("cuda", 90, 32)  # compute capability 9.0, warp size 32
@@ -248,9 +249,9 @@ _DOT = re.compile(
 )
 
 
-def dot_shapes(ttir: str) -> list[tuple[int, int, int]]:
+def dot_shapes(text: str) -> list[tuple[int, int, int]]:
     """(M, N, K) of every ``tt.dot`` in the TTIR, in source order."""
-    return [(int(m.group(5)), int(m.group(6)), int(m.group(2))) for m in _DOT.finditer(ttir)]
+    return [(int(m.group(5)), int(m.group(6)), int(m.group(2))) for m in _DOT.finditer(text)]
 
 
 def analyse(spec: KernelSpec, sass_dir: str | None = None) -> dict[str, Any]:
@@ -288,6 +289,7 @@ def analyse(spec: KernelSpec, sass_dir: str | None = None) -> dict[str, Any]:
         "num_warps": spec.num_warps,
         "sass": asdict(summary),
         "dots": dot_shapes(compiled.asm.get("ttir", "")),
+        "loads": asdict(ttir.summarize(compiled.asm.get("ttir", ""))),
         "ptx_fma": compiled.asm["ptx"].count("fma.rn.f32"),
         "sass_file": os.path.basename(sass_file) if sass_file else None,
     }
