@@ -161,11 +161,12 @@ def test_bad_inputs_raise_clear_errors(change, error, message):
 
 @pytest.mark.parametrize("scale_input", [False, True], ids=["output", "input"])
 def test_large_m_dequantizes_once_then_runs_dense(monkeypatch, scale_input):
-    """Blocks spanning rows: the (IA)3 GEMMs stream deq(W) from a scratch buffer (dX from DX_DEQUANT_MIN_M on)."""
+    """Blocks spanning rows: the (IA)3 GEMMs stream deq(W) from a scratch buffer (dX from the dX switch points on)."""
     calls = []
     original = kernels.dequantize_nf4_triton
     monkeypatch.setattr(kernels, "dequantize_nf4_triton", lambda *a: calls.append(a) or original(*a))
-    monkeypatch.setattr(plans, "DX_DEQUANT_MIN_M", 32)
+    monkeypatch.setattr(plans, "DX_LIBRARY_MIN_M", 32)
+    monkeypatch.setattr(plans, "IA3_DX_DEQUANT_MIN_M", 32)
     check_against_formula(make_case(33, 72, 40, torch.bfloat16, "nf4_dq", scale_input))
     # Forward and backward (output scaling's backward leads with the library path, which dequantizes too).
     assert len(calls) == 2
@@ -185,6 +186,7 @@ def test_row_streaming_nf4_forward(monkeypatch, m, scale_input, base_kind, dtype
             return lambda *a, **kw: launched.append(grid) or kernel[grid](*a, **kw)
 
     monkeypatch.setattr(kernels, "_ia3_rows_fwd_kernel", Recorder())
+    monkeypatch.setenv("PEFT_FAST_FORCE", f"ia3_forward={plans.ROWS}")  # not the plan's head over NF4 any more
     case = make_case(m, 128, 45, dtype, base_kind, scale_input, bias=m != 17)
     check_against_formula(case)
     assert len(launched) == 1

@@ -217,6 +217,7 @@ def test_split_policies_split_small_shapes_on_a_small_device_model():
     original = kernels._empty
     with pytest.MonkeyPatch.context() as patched:
         patched.setattr(kernels, "_empty", lambda shape, *a: calls.append(shape) or original(shape, *a))
+        patched.setenv("PEFT_FAST_FORCE", f"lora_forward={plans.SPLITK}")  # the split-K GEMV, whatever leads
         case = make_case(3, 512, 40, 8, torch.float32, "nf4")
         check_against_formula(case, p=0.3)
     assert any(len(shape) == 3 and shape[1:] == (3, 8) for shape in calls)  # H's fp32 partials per K slice
@@ -254,26 +255,29 @@ def test_forward_follows_the_plan(monkeypatch):
     for name, run in list(kernels._Y_IMPLEMENTATIONS.items()):
         spy = lambda *a, _name=name, _run=run: calls.append(_name) or _run(*a)
         monkeypatch.setitem(kernels._Y_IMPLEMENTATIONS, name, spy)
+    expected = []
     for m in (kernels.SMALL_M_MAX, kernels.SMALL_M_MAX + 1):
-        forward(make_case(m, 128, 16, 4, base_kind="nf4"))  # the row loader's layout
-        forward(make_case(m, 72, 16, 4, base_kind="nf4"))  # blocks span rows
-        forward(make_case(m, 32, 16, 4))  # dense
-    splitk, rows, fused, dequant = plans.SPLITK, plans.ROWS, plans.FUSED, plans.DEQUANT_FUSED
-    assert calls == [splitk, splitk, fused, rows, dequant, fused]
+        for k, base_kind in ((128, "nf4"), (72, "nf4"), (32, "dense")):  # the row loader's layout, blocks span rows
+            case = make_case(m, k, 16, 4, base_kind=base_kind)
+            forward(case)
+            kind = base_kind_of(case["base"])
+            expected.append(plans.lora_forward_plan(m, 16, k, kind, torch.float32, 4, 0.0)[0])
+    assert calls == expected  # each launch is its plan's head (off the GPU nothing is timed)
+    assert set(expected) == {plans.LIBRARY, plans.FUSED}  # NF4: the library path; dense: the fused GEMM
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("base_kind", ["nf4", "nf4_dq"])
 def test_general_layout_dequantizes_once_then_runs_dense(monkeypatch, base_kind, dtype):
-    """Blocks spanning rows: the forward streams deq(W) from a scratch buffer, dX from DX_DEQUANT_MIN_M on."""
+    """Blocks spanning rows: the forward streams deq(W) from a scratch buffer, dX from DX_LIBRARY_MIN_M on."""
     case = make_case(40, 96, 33, 8, dtype, base_kind, bias=True, blocksize=32)
     dequantized = []
     original = kernels.dequantize_nf4_triton
     monkeypatch.setattr(kernels, "dequantize_nf4_triton", lambda *a: dequantized.append(a) or original(*a))
-    monkeypatch.setattr(plans, "DX_DEQUANT_MIN_M", 32)
+    monkeypatch.setattr(plans, "DX_LIBRARY_MIN_M", 32)
     check_against_formula(case, 0.3)
     assert len(dequantized) == 2  # forward and dX, nowhere else
-    monkeypatch.setattr(plans, "DX_DEQUANT_MIN_M", 128)  # above M's bucket (64)
+    monkeypatch.setattr(plans, "DX_LIBRARY_MIN_M", 128)  # above M's bucket (64)
     check_against_formula(case, 0.3)
     assert len(dequantized) == 3  # the forward only
 
@@ -303,9 +307,13 @@ def test_row_streaming_kernels_are_the_ones_launched(monkeypatch):
                 return lambda *a, **kw: launched.append(_name) or _kernel[grid](*a, **kw)
 
         monkeypatch.setattr(kernels, name, Recorder())
+    # Forced (the static order leads with the library path over NF4): each candidate's own kernel runs.
+    monkeypatch.setenv("PEFT_FAST_FORCE", f"lora_forward={plans.SPLITK}")
     forward(make_case(3, 128, 45, 8, torch.float32, "nf4"))
+    monkeypatch.setenv("PEFT_FAST_FORCE", f"lora_forward={plans.ROWS}")
     forward(make_case(17, 128, 45, 8, torch.float32, "nf4_dq"))
-    forward(make_case(17, 72, 45, 8, torch.float32, "nf4"))  # blocks span rows: the general kernel
+    monkeypatch.setenv("PEFT_FAST_FORCE", f"lora_forward={plans.DEQUANT_FUSED}")
+    forward(make_case(17, 72, 45, 8, torch.float32, "nf4"))  # blocks span rows: dequantized, the general kernel
     assert launched == ["_nf4_rows_splitk_kernel", "_nf4_rows_fwd_kernel", "_lora_linear_fwd_kernel"]
 
 

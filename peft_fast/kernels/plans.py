@@ -32,8 +32,9 @@ import triton
 __all__ = [
     "BASE_KINDS",
     "DEQUANT_FUSED",
-    "DX_DEQUANT_MIN_M",
+    "DX_LIBRARY_MIN_M",
     "FUSED",
+    "IA3_DX_DEQUANT_MIN_M",
     "LIBRARY",
     "ROWS",
     "SMALL_M_MAX",
@@ -54,30 +55,37 @@ LIBRARY = "library"
 BASE_KINDS = ("dense", "nf4_rows", "nf4")  # see peft_fast.kernels.nf4_gemm.base_kind
 
 # The switch points, with the report's predictions on either side (Triton 3.9, H200, N = K = 4096,
-# bf16, NF4 blocksize 64 + double quantization, r = 16, dropout 0.1; µs):
+# bf16, NF4 blocksize 64 + double quantization, r = 16, dropout 0.1; µs). Since the cost model sees
+# shared memory, the pair-table gathers (one wavefront per 128-byte line of the 2 KB table per
+# warp-wide lookup), L2 re-reads, pipeline fill and a 1.5 µs gap between dependent launches, the
+# NF4 kernels that dequantize inside the GEMM lose most shapes to the library path (our dequant
+# kernel, cuBLAS, the LoRA term): the static order below follows those predictions, and on a GPU
+# the runtime choice (kernels/choice.py) times the candidates anyway.
 #
-# SMALL_M_MAX: the LoRA forward over a row-layout NF4 base leaves the split-K GEMV (its BLOCK_M is
-# tl.dot's minimum, 16) for the row-streaming GEMM: at M = 16 split-K 4.1 < rows 11.5 < library
-# 18.0. Over a dense base the split-K GEMV never leads (M = 16: fused GEMM 8.2, library 8.2,
-# split-K 8.7; dense W is 4x the bytes of NF4, and the fused GEMM already streams it at 97% of HBM).
+# SMALL_M_MAX: up to here the split-K GEMV is a candidate (its BLOCK_M is tl.dot's minimum, 16);
+# it no longer leads anywhere: NF4 at M = 1 library 26.1 < split-K 30.9 < rows 64.2, at M = 16
+# 26.2 < 31.1 < 64.2 (its gathers: ~33k cycles per CTA); dense M = 16: fused GEMM first (4x the
+# bytes of NF4, streamed at HBM rate).
 SMALL_M_MAX = 16
-# DX_DEQUANT_MIN_M (M's bucket, i.e. from M = 65 on): dX = dY·deq(W) over NF4 dequantizes once
-# into a scratch buffer instead of in the GEMM's N loop (the general loader, once per row tile of
-# dX): M = 64 fused 16.6 < dequant + fused 17.9; M = 128 dequant + fused 18.1 < library 19.0 <
-# fused 22.0. (IA)³'s input-scaling dX switches there too (M = 16: fused 16.5 < 17.7; M = 512: 32.3 < 73.3).
-DX_DEQUANT_MIN_M = 128
+# DX_LIBRARY_MIN_M (M's bucket): dX = dY·deq(W) + the LoRA term over NF4 leaves the fused GEMM
+# (the general loader, deq(W) once per row tile of dX) for the library path: M = 64 fused 19.0 <
+# dequant + fused 22.4 < library 24.0; M = 128 library 24.3 < fused 24.9 < dequant + fused 25.6;
+# M = 512 38.8 < 51.4 < 78.5; M = 4096 210.8 < 321.5 < 617.3.
+DX_LIBRARY_MIN_M = 128
+# IA3_DX_DEQUANT_MIN_M: (IA)³'s input-scaling dX (its dl needs X ⊙ dX-row sums the library path
+# computes in a second pass) leaves the fused GEMM for dequantize + fused: M = 128 fused 25.9 <
+# dequant + fused 26.9 < library 33.7; M = 256 and up dequant + fused first (M = 512: 52.2 <
+# library 62.6 < fused 78.2; M = 4096: 317.6 < 358.2 < 604.2).
+IA3_DX_DEQUANT_MIN_M = 256
 #
-# No switch (one leader at every M the report costs, 1 ... 8192):
-# - the LoRA forward over a row-layout NF4 base above SMALL_M_MAX: the row-streaming GEMM (M = 4096:
-#   188.9 < dequant + dense fused 198.7 < library 200.4; M = 8192: 377.1 < 381.3 < 390.3). The
-#   former DEQUANT_GEMM_MIN_M = 2048 predated the row GEMM: its deq(W) work hides under the MMA.
-# - over a general-layout NF4 base (K % blocksize != 0) above SMALL_M_MAX: dequantize + dense fused
-#   (M = 32: 18.2 vs 47.4 for the general loader in the GEMM; M = 2048: 105.7 vs 431.1), which is
-#   then left out.
-# - (IA)³'s forward over a row-layout NF4 base: the row-streaming GEMM (output scaling: M = 16
-#   5.9 < 17.7 dequant + fused < 18.0 library; M = 4096 179.4 < 189.2 < 261.8).
-# - (IA)³'s output-scaling backward: the library path (M = 64: 20.8 < fused 28.4; M = 4096:
-#   371.1 < dequant + fused 492.5), the fused kernel reducing dl across its rows every N step.
+# No switch (one leader at every M the report costs):
+# - the LoRA forward over NF4: the library path (M = 32: 26.3 < dequant + fused 27.5 < rows 64.2;
+#   M = 512: 41.9 < 42.8 < 119.8; M = 4096: 208.7 < 225.9 < 921.7). The row-streaming GEMM stays a
+#   candidate: its cost is the gather model's, which a GPU may prove pessimistic.
+# - (IA)³'s forward over NF4: dequantize + fused (output scaling: M = 16 22.1 < library 24.0 <
+#   rows 28.6; M = 512 36.3 < 47.3 < 114.0; M = 4096 211.1 < 267.8 < 912.2).
+# - (IA)³'s output-scaling backward: the library path, the fused kernel reducing dl across its
+#   rows every N step.
 
 
 def _check(m: int, base_kind: str) -> None:
@@ -93,7 +101,13 @@ def _bucket(m: int) -> int:
 
 
 def _nf4_dx(m: int) -> list[str]:
-    if _bucket(m) < DX_DEQUANT_MIN_M:
+    if _bucket(m) < DX_LIBRARY_MIN_M:
+        return [FUSED, DEQUANT_FUSED, LIBRARY]
+    return [LIBRARY, FUSED, DEQUANT_FUSED]
+
+
+def _nf4_ia3_dx(m: int) -> list[str]:
+    if _bucket(m) < IA3_DX_DEQUANT_MIN_M:
         return [FUSED, DEQUANT_FUSED, LIBRARY]
     return [DEQUANT_FUSED, LIBRARY, FUSED]
 
@@ -110,8 +124,8 @@ def lora_forward_plan(
     if base_kind == "dense":
         return [FUSED, LIBRARY, *([SPLITK] if m <= SMALL_M_MAX else [])]
     if m <= SMALL_M_MAX:
-        return [SPLITK, ROWS, LIBRARY] if base_kind == "nf4_rows" else [SPLITK, LIBRARY]
-    return [ROWS, DEQUANT_FUSED, LIBRARY] if base_kind == "nf4_rows" else [DEQUANT_FUSED, LIBRARY]
+        return [LIBRARY, SPLITK, ROWS] if base_kind == "nf4_rows" else [LIBRARY, SPLITK]
+    return [LIBRARY, DEQUANT_FUSED, ROWS] if base_kind == "nf4_rows" else [LIBRARY, DEQUANT_FUSED]
 
 
 def lora_dx_plan(m: int, n: int, k: int, base_kind: str, dtype: torch.dtype, rank: int, dropout_p: float) -> list[str]:
@@ -125,7 +139,7 @@ def ia3_forward_plan(m: int, n: int, k: int, base_kind: str, dtype: torch.dtype,
     _check(m, base_kind)
     if base_kind == "dense":
         return [FUSED, LIBRARY]
-    return [ROWS, DEQUANT_FUSED, LIBRARY] if base_kind == "nf4_rows" else [DEQUANT_FUSED, LIBRARY]
+    return [DEQUANT_FUSED, LIBRARY, ROWS] if base_kind == "nf4_rows" else [DEQUANT_FUSED, LIBRARY]
 
 
 def ia3_backward_plan(m: int, n: int, k: int, base_kind: str, dtype: torch.dtype, scale_input: bool) -> list[str]:
@@ -133,8 +147,9 @@ def ia3_backward_plan(m: int, n: int, k: int, base_kind: str, dtype: torch.dtype
     _check(m, base_kind)
     if base_kind == "dense":
         return [FUSED, LIBRARY] if scale_input else [LIBRARY, FUSED]
-    fused = _nf4_dx(m)
-    return fused if scale_input else [LIBRARY, *(c for c in fused if c != LIBRARY)]
+    if scale_input:
+        return _nf4_ia3_dx(m)
+    return [LIBRARY, *(c for c in _nf4_dx(m) if c != LIBRARY)]
 
 
 def choice_bucket(m: int, *shape_and_kind: object) -> tuple:
