@@ -36,6 +36,40 @@ _UNSUPPORTED_WHEN_SET = ("lora_bias", "layer_replication", "target_parameters", 
 
 # -- argument checks shared by the configs -------------------------------------------------------
 
+# What init_lora_weights may be: PEFT's random inits, and those that start from the base weight
+# (peft_fast.lora.init: PiSSA, its fast-SVD form "pissa_niter_<n>", OLoRA, LoftQ).
+LORA_INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
+
+
+def _check_init_lora_weights(config) -> None:
+    init = config.init_lora_weights
+    niter = isinstance(init, str) and init.startswith("pissa_niter_")
+    if niter and not (init.removeprefix("pissa_niter_").isdigit() and int(init.removeprefix("pissa_niter_")) > 0):
+        raise ValueError(f"init_lora_weights {init!r}: 'pissa_niter_<n>' needs a positive number of iterations n")
+    if not niter and ((isinstance(init, (int, float)) and not isinstance(init, bool)) or init not in LORA_INITS):
+        raise ValueError(
+            f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' or 'loftq', "
+            f"got {init!r}"
+        )
+    if not isinstance(config.loftq_config, dict):
+        config.loftq_config = dict(vars(config.loftq_config))  # a peft.LoftQConfig, as PEFT converts it
+    if init != "loftq":
+        config.loftq_config = {}  # PEFT drops it (with a warning) unless init_lora_weights is 'loftq'
+        return
+    if not config.loftq_config:
+        raise ValueError("init_lora_weights='loftq' needs loftq_config, e.g. {'loftq_bits': 4, 'loftq_iter': 1}")
+    unknown = sorted(set(config.loftq_config) - {"loftq_bits", "loftq_iter"})
+    if unknown:
+        raise ValueError(f"loftq_config has unknown keys {unknown}; it takes loftq_bits and loftq_iter")
+    if config.loftq_config.get("loftq_bits", 4) != 4:
+        raise ValueError(
+            f"loftq_config loftq_bits={config.loftq_config['loftq_bits']!r}: peft_fast's LoftQ quantizes to NF4 "
+            "(4 bits) only"
+        )
+    iterations = config.loftq_config.get("loftq_iter", 1)
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+        raise ValueError(f"loftq_config loftq_iter must be a positive integer, got {iterations!r}")
+
 
 def _is_real(value: Any) -> bool:
     """A real number that is not a bool (True would otherwise pass as 1)."""
@@ -128,6 +162,7 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | str = True
+    loftq_config: dict = field(default_factory=dict)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
@@ -148,8 +183,7 @@ class LoraConfig:
         check_probability("lora_dropout", self.lora_dropout)
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        _check_init_lora_weights(self)
         check_bool("use_rslora", self.use_rslora)
         check_bool("use_dora", self.use_dora)
         _check_nf4_storage(self)

@@ -291,8 +291,12 @@ class LoraLinear(LoraLayer):
         init_lora_weights: bool | str = True,
         use_rslora: bool = False,
         use_dora: bool = False,
+        initial: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Add (or replace) adapter ``adapter_name`` with rank ``r``, initialised as PEFT does.
+
+        ``initial``: (A, B) computed from the base weight (PiSSA, OLoRA, LoftQ: ``peft_fast.lora.init``,
+        which already left the base its residual), taken as they are (fp32, as PEFT assigns them).
 
         With ``use_dora`` the magnitude starts as PEFT's: ‖W + s·B·A‖ per output row (deq(W) for
         an NF4 base), which is ‖W‖ with the default B = 0, so the new adapter is the identity.
@@ -306,7 +310,14 @@ class LoraLinear(LoraLayer):
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)
         self.lora_dropout_p[adapter_name] = float(lora_dropout)
         self._record(adapter_name, r, lora_alpha, use_rslora)
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        if initial is None:
+            self.reset_lora_parameters(adapter_name, init_lora_weights)
+        else:
+            lora_a, lora_b = initial
+            if tuple(lora_a.shape) != (r, self.in_features) or tuple(lora_b.shape) != (self.out_features, r):
+                raise ValueError(f"initial A {tuple(lora_a.shape)} / B {tuple(lora_b.shape)} do not fit rank {r}")
+            self.lora_A[adapter_name].weight.data = lora_a.to(self.base_device())
+            self.lora_B[adapter_name].weight.data = lora_b.to(self.base_device())
         check_bool("use_dora", use_dora)
         self.use_dora[adapter_name] = use_dora
         if adapter_name in self.lora_magnitude_vector:  # replacing a DoRA adapter

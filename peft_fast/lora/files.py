@@ -20,6 +20,7 @@ from peft_fast.adapter_files import (
 )
 from peft_fast.config import LoraConfig
 from peft_fast.layers import LoraEmbedding, LoraLayer, LoraLinear
+from peft_fast.lora.init import is_base_init
 from peft_fast.lora.patching import (
     _require_state,
     _state,
@@ -147,10 +148,14 @@ def load_lora(
     check_adapter_tensors(tensors, expected, f"adapter at {directory}", model)
     files.check_written_together()  # an interrupted or concurrent save: refused before the model changes
     tensors = {**tensors, **embedding_bases}
+    # The file's A and B overwrite the initialisation, so it is skipped; except PiSSA / OLoRA / LoftQ,
+    # whose initialisation also makes the base its residual: PEFT runs it again when it loads such
+    # an adapter onto the original base, and so does this.
+    init = config.init_lora_weights if is_base_init(config.init_lora_weights) else False
     if state is None:
-        patch_lora(model, config.replace(init_lora_weights=False), adapter_name)
+        patch_lora(model, config.replace(init_lora_weights=init), adapter_name)
     else:
-        add_lora_adapter(model, config.replace(init_lora_weights=False), adapter_name)
+        add_lora_adapter(model, config.replace(init_lora_weights=init), adapter_name)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, tensor in tensors.items():

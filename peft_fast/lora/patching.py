@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from peft_fast.host import (
     untie,
 )
 from peft_fast.layers import LoraEmbedding, LoraLayer, LoraLinear, NF4Linear
+from peft_fast.lora.init import is_base_init
 from peft_fast.method import flags_set
 from peft_fast.targeting import (
     check_modules_to_save,
@@ -169,9 +171,33 @@ def _check_user_modules_to_save(model: nn.Module, config: LoraConfig) -> None:
     check_modules_to_save(model, [name for name in config.modules_to_save or () if name not in added])
 
 
-def _new_adapter(layer: LoraLayer, name: str, config: LoraConfig, adapter_name: str) -> None:
+def _base_inits(model: nn.Module, targets: list[str], config: LoraConfig) -> dict[str, tuple]:
+    """PiSSA / OLoRA / LoftQ: (A, B) per target from its base weight, each base left its residual.
+
+    Every target is checked before any weight changes (a refused one leaves the model as it was).
+    """
+    from peft_fast.lora.init import init_from_base
+
+    bases: dict[str, nn.Module] = {}
+    for name in targets:
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if type(base) is not nn.Linear and not (isinstance(base, NF4Linear) and config.init_lora_weights == "olora"):
+            init_from_base(base, config.init_lora_weights, 1, 1.0, where=name)  # raises, naming the layer
+        bases[name] = base
+    out = {}
+    for name, base in bases.items():
+        r, alpha = config.rank_for(name), config.alpha_for(name)
+        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        out[name] = init_from_base(base, config.init_lora_weights, r, scaling, config.loftq_config, where=name)
+    return out
+
+
+def _new_adapter(
+    layer: LoraLayer, name: str, config: LoraConfig, adapter_name: str, initial: tuple | None = None
+) -> None:
     layer.update_layer(adapter_name, config.rank_for(name), config.alpha_for(name), config.lora_dropout,
-                       config.init_lora_weights, config.use_rslora, config.use_dora)  # fmt: skip
+                       config.init_lora_weights, config.use_rslora, config.use_dora, initial=initial)  # fmt: skip
     # PEFT's autocast_adapter_dtype (get_peft_model's default): over an fp16 / bf16 base the adapter
     # is kept in fp32 (the forward casts it to the compute dtype; its gradients and optimizer state
     # stay fp32). compute_dtype, when given, is the adapter's dtype instead.
@@ -211,6 +237,9 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     # check in the loop below no longer sees as one), so that merge gives back Conv1D layers.
     state.conv1d_names = conv1d_names(model)
 
+    # PiSSA / OLoRA / LoftQ read the full-precision weights: before NF4 quantization, which then
+    # quantizes the residual bases (what PEFT advises: "re-quantize the residual model").
+    initial = _base_inits(model, targets, config) if is_base_init(config.init_lora_weights) else {}
     # Not host.prepare_host_model: LoRA keeps modules_to_save dense too, quantizes (with a progress
     # bar) whatever Linear layers are left even if some are NF4 already, and freezes every
     # parameter, another method's included (patch LoRA first: see peft_fast.ia3).
@@ -223,7 +252,7 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
         if not isinstance(module, (nn.Linear, NF4Linear, nn.Embedding)):
             state.conv1d_names.add(name)
         layer = _wrap(module)
-        _new_adapter(layer, name, config, adapter_name)
+        _new_adapter(layer, name, config, adapter_name, initial.get(name))
         set_submodule(model, name, layer)
     _mark_trainable(model, config, adapter_name, state)
     setattr(model, STATE_ATTR, state)
@@ -269,6 +298,9 @@ def add_lora_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) ->
     # case); it starts inactive and frozen.
     targets = find_targets(model, config)
     _check_user_modules_to_save(model, config)
+    # From the base weight (PiSSA, OLoRA, LoftQ): the shared base becomes the new adapter's residual,
+    # under the other adapters too, as in PEFT.
+    initial = _base_inits(model, targets, config) if is_base_init(config.init_lora_weights) else {}
     for name in targets:
         layer = model.get_submodule(name)
         if not isinstance(layer, LoraLayer):
@@ -276,7 +308,7 @@ def add_lora_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) ->
                 state.conv1d_names.add(name)
             layer = _wrap(layer)
             set_submodule(model, name, layer)
-        _new_adapter(layer, name, config, adapter_name)
+        _new_adapter(layer, name, config, adapter_name, initial.get(name))
         layer.set_adapter([n for n in state.active if n in layer.lora_A])
         for param in layer.adapter_parameters(adapter_name):
             param.requires_grad_(False)
