@@ -263,7 +263,7 @@ def test_forward_follows_the_plan(monkeypatch):
             kind = base_kind_of(case["base"])
             expected.append(plans.lora_forward_plan(m, 16, k, kind, torch.float32, 4, 0.0)[0])
     assert calls == expected  # each launch is its plan's head (off the GPU nothing is timed)
-    assert set(expected) == {plans.LIBRARY, plans.FUSED}  # NF4: the library path; dense: the fused GEMM
+    assert set(expected) == {plans.SPLITK, plans.LIBRARY, plans.FUSED}  # NF4: split-K then library; dense: fused
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -48,6 +48,14 @@ PLAN_OF = {
 
 # (switch point, report op, base kind, M of the last bucket before it, M of the first bucket after it)
 SWITCH_POINTS = [
+    ("SMALL_M_MAX", "qlora_forward", "nf4_rows", plans.SMALL_M_MAX, 2 * plans.SMALL_M_MAX),
+    (
+        "IA3_FORWARD_DEQUANT_MIN_M",
+        "ia3_forward_out",
+        "nf4_rows",
+        plans.IA3_FORWARD_DEQUANT_MIN_M // 2,
+        plans.IA3_FORWARD_DEQUANT_MIN_M,
+    ),
     ("DX_LIBRARY_MIN_M", "qlora_dx", "nf4_rows", plans.DX_LIBRARY_MIN_M // 2, plans.DX_LIBRARY_MIN_M),
     (
         "IA3_DX_DEQUANT_MIN_M",
@@ -123,7 +131,7 @@ def test_switch_points_are_where_the_predictions_cross(switch, op, kind, below, 
 
 def test_switch_points_are_powers_of_two():
     """A timed choice is kept per power-of-two M bucket (plans.choice_bucket): no bucket may straddle a switch."""
-    for name in ("SMALL_M_MAX", "DX_LIBRARY_MIN_M", "IA3_DX_DEQUANT_MIN_M"):
+    for name in ("SMALL_M_MAX", "DX_LIBRARY_MIN_M", "IA3_DX_DEQUANT_MIN_M", "IA3_FORWARD_DEQUANT_MIN_M"):
         value = getattr(plans, name)
         assert value & (value - 1) == 0, name
     n, k = SHAPE

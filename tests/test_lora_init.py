@@ -122,7 +122,7 @@ def test_olora_over_an_nf4_base_requantizes_in_its_format():
         if isinstance(module, LoraLinear):
             nf4 = module.base_layer.nf4
             assert nf4.blocksize == 64 and nf4.double_quant
-            a, b, residual = base_init(before[name], "olora", 4, 2.0)
+            a, _, residual = base_init(before[name], "olora", 4, 2.0)
             assert torch.equal(module.lora_A["default"].weight, a)
             assert torch.equal(nf4.packed, quantize_nf4(residual, 64, True).packed)
 
@@ -214,5 +214,5 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match=r"needs r <= min\(out_features, in_features\) = 64, got r = 65"):
         base_init(torch.randn(64, 128), "olora", 65, 1.0)
     model = tiny_llama()
-    with pytest.raises(TypeError, match="runs on Linear layers .*, not Embedding"):
+    with pytest.raises(TypeError, match=r"runs on Linear layers .*, not Embedding"):
         peft_fast.patch(model, peft_fast.LoraConfig(target_modules=["embed_tokens"], init_lora_weights="olora"))

@@ -28,7 +28,6 @@ from peft_fast.kernels.nf4_tiles import (
     _compile_options,
     _load_weight_tile,
     load_nf4_rows,
-    nf4_pair_table,
     rows_scaled,
 )
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
@@ -152,8 +151,6 @@ def dora_weight_norm_triton(
     if interpreted([lora_a]):  # the interpreter runs the GPU tiles, shrunk only as far as the shape needs
         block_n, block_k = fitted_block(block_n, n), fitted_block(block_k, k)
     rows = rows_scaled(base, block_k)
-    if rows:
-        pointers[4] = nf4_pair_table(base.device)
     grid = (triton.cdiv(n, block_n),)
     _dora_norm_kernel[grid](
         *pointers, lora_a, lora_b, out, n, k, rank, float(scale),

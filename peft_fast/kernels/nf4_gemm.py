@@ -4,8 +4,9 @@ Every kernel here computes tiles of Yᵀ = deq(W)·Xᵀ: the dequantized weight 
 is the first (A) operand of ``tl.dot``, which Hopper's wgmma reads from registers, so deq(W)
 never round-trips through shared memory and the next tile's dequantization overlaps the running
 MMA; X tiles reach shared memory by cp.async, pipelined by Triton. W tiles come from
-:func:`peft_fast.kernels.nf4_tiles.load_nf4_rows` (one scale per row, one 8-byte code-pair
-gather per packed byte), which needs K % blocksize == 0 and BLOCK_K <= blocksize
+:func:`peft_fast.kernels.nf4_tiles.load_nf4_rows` (one scale per row, both codes of a packed
+byte looked up in the 16-entry code table kept in shared memory), which needs K % blocksize == 0
+and BLOCK_K <= blocksize
 (:func:`peft_fast.kernels.nf4_tiles.rows_scaled`); other layouts take the general kernels of
 :mod:`peft_fast.kernels.lora_gemms` and :mod:`peft_fast.kernels.ia3`.
 
@@ -44,14 +45,14 @@ ROWS_SPLITK_CONFIGS = [
     _cfg(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=2),
     _cfg(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
 ]
-# (IA)³ has no split-K decode path, so its list reaches down to small M: the report predicts, for
-# output scaling at 4096², 5.9 µs at M <= 16 with 32 x 16 tiles (HMMA; 22.4 µs with 128 x 128),
-# 12.4 µs at M = 64 with 64 x 32, 17.9 µs at M = 256 with 128 x 64 and 128 x 128 from M = 512 on.
+# (IA)³ has no split-K decode path, so its list reaches down to small M (the report, output
+# scaling at 4096²: 10.2 µs at M = 16, 15.0 at M = 64 with 64 x 32 tiles, then dequantize + fused
+# leads from M = 128, plans.IA3_FORWARD_DEQUANT_MIN_M). No 32 x 32 tile: with the codes gathered
+# from the on-chip table it keeps an 8-byte stack frame (ptxas, Triton 3.9), which the ratchet refuses.
 IA3_ROWS_CONFIGS = [
     _cfg(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3),
     _cfg(BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3),
     _cfg(BLOCK_N=64, BLOCK_M=32, BLOCK_K=64, GROUP_N=8, num_warps=4, num_stages=3),
-    _cfg(BLOCK_N=32, BLOCK_M=32, BLOCK_K=64, GROUP_N=8, num_warps=4, num_stages=3),
     _cfg(BLOCK_N=32, BLOCK_M=16, BLOCK_K=64, GROUP_N=8, num_warps=4, num_stages=4),
 ]
 # The widest BLOCK_K of the lists above: a weight whose blocksize is narrower takes the general kernels.
@@ -64,7 +65,7 @@ _BLOCK_K_CAP = {"BLOCK_K": "BLOCKSIZE"}  # one scale per tile row
 @autotune(ROWS_FWD_CONFIGS, key=["m_bucket", "N", "K"], dims=_ROWS_DIMS, caps=_BLOCK_K_CAP)
 @triton.jit
 def _nf4_rows_fwd_kernel(
-    x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, pair_ptr, code2_ptr,
+    x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
     h_ptr, lora_b_ptr, bias_ptr, y_ptr,
     M, N, K, R, scale, m_bucket,
     DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
@@ -91,7 +92,7 @@ def _nf4_rows_fwd_kernel(
     # K is a multiple of BLOCKSIZE, hence of BLOCK_K: no K mask.
     for k0 in range(0, K, BLOCK_K):
         w = load_nf4_rows(
-            w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, pair_ptr, code2_ptr, offs_n, k0, N, K,
+            w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr, offs_n, k0, N, K,
             DOUBLE_QUANT, BLOCKSIZE, NESTED, BLOCK_K,
         )  # fmt: skip
         x_t = tl.load(x_ptr + x_rows + (k0 + tl.arange(0, BLOCK_K))[:, None], mask=m_mask, other=0.0)
@@ -106,7 +107,7 @@ def _nf4_rows_fwd_kernel(
 @autotune(ROWS_SPLITK_CONFIGS, key=["m_bucket", "N", "K", "k_slice"], dims=_SPLITK_DIMS, caps=_BLOCK_K_CAP)
 @triton.jit
 def _nf4_rows_splitk_kernel(
-    x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, pair_ptr, code2_ptr, partial_ptr,
+    x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr, partial_ptr,
     M, N, K, k_slice, m_bucket,
     DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -124,7 +125,7 @@ def _nf4_rows_splitk_kernel(
     k_start = split * k_slice
     for k0 in range(k_start, tl.minimum(k_start + k_slice, K), BLOCK_K):
         w = load_nf4_rows(
-            w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, pair_ptr, code2_ptr, offs_n, k0, N, K,
+            w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr, offs_n, k0, N, K,
             DOUBLE_QUANT, BLOCKSIZE, NESTED, BLOCK_K,
         )  # fmt: skip
         x_t = tl.load(x_ptr + x_rows + (k0 + tl.arange(0, BLOCK_K))[:, None], mask=m_mask, other=0.0)
@@ -136,7 +137,7 @@ def _nf4_rows_splitk_kernel(
 @autotune(IA3_ROWS_CONFIGS, key=["m_bucket", "N", "K"], dims=_ROWS_DIMS, caps=_BLOCK_K_CAP)
 @triton.jit
 def _ia3_rows_fwd_kernel(
-    x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, pair_ptr, code2_ptr,
+    x_ptr, w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
     l_ptr, bias_ptr, y_ptr, y0_ptr,
     M, N, K, m_bucket,
     DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
@@ -158,7 +159,7 @@ def _ia3_rows_fwd_kernel(
     # K is a multiple of BLOCKSIZE, hence of BLOCK_K: no K mask.
     for k0 in range(0, K, BLOCK_K):
         w = load_nf4_rows(
-            w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, pair_ptr, code2_ptr, offs_n, k0, N, K,
+            w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr, offs_n, k0, N, K,
             DOUBLE_QUANT, BLOCKSIZE, NESTED, BLOCK_K,
         )  # fmt: skip
         offs_k = k0 + tl.arange(0, BLOCK_K)

@@ -35,6 +35,7 @@ __all__ = [
     "DX_LIBRARY_MIN_M",
     "FUSED",
     "IA3_DX_DEQUANT_MIN_M",
+    "IA3_FORWARD_DEQUANT_MIN_M",
     "LIBRARY",
     "ROWS",
     "SMALL_M_MAX",
@@ -62,10 +63,12 @@ BASE_KINDS = ("dense", "nf4_rows", "nf4")  # see peft_fast.kernels.nf4_gemm.base
 # kernel, cuBLAS, the LoRA term): the static order below follows those predictions, and on a GPU
 # the runtime choice (kernels/choice.py) times the candidates anyway.
 #
-# SMALL_M_MAX: up to here the split-K GEMV is a candidate (its BLOCK_M is tl.dot's minimum, 16);
-# it no longer leads anywhere: NF4 at M = 1 library 26.1 < split-K 30.9 < rows 64.2, at M = 16
-# 26.2 < 31.1 < 64.2 (its gathers: ~33k cycles per CTA); dense M = 16: fused GEMM first (4x the
-# bytes of NF4, streamed at HBM rate).
+# SMALL_M_MAX: the LoRA forward over a row-layout NF4 base leaves the split-K GEMV (its BLOCK_M is
+# tl.dot's minimum, 16) for the library path: M = 1 split-K 14.3 < library 26.1 < rows 26.8; M = 16
+# 14.4 < 26.2 < 26.8; M = 32 library 26.3 < rows 26.8 < dequant + fused 27.5. (The NF4 codes come
+# from a 16-entry table kept in shared memory by tl.gather: with the former 256-entry table of
+# pairs in global memory the split-K GEMV was 30.9 µs at M = 1, gather-bound.) Over a dense base
+# the split-K GEMV never leads (the fused GEMM streams dense W at HBM rate).
 SMALL_M_MAX = 16
 # DX_LIBRARY_MIN_M (M's bucket): dX = dY·deq(W) + the LoRA term over NF4 leaves the fused GEMM
 # (the general loader, deq(W) once per row tile of dX) for the library path: M = 64 fused 19.0 <
@@ -77,13 +80,15 @@ DX_LIBRARY_MIN_M = 128
 # dequant + fused 26.9 < library 33.7; M = 256 and up dequant + fused first (M = 512: 52.2 <
 # library 62.6 < fused 78.2; M = 4096: 317.6 < 358.2 < 604.2).
 IA3_DX_DEQUANT_MIN_M = 256
+# IA3_FORWARD_DEQUANT_MIN_M: (IA)³'s forward over a row-layout NF4 base leaves the row-streaming
+# GEMM for dequantize + fused: M = 64 rows 15.0 < dequant + fused 22.1 < library 25.1; M = 128
+# 23.8 < library 26.6 < rows 27.9; M = 512 36.3 < rows 39.2 < 47.3; M = 4096 211.1 < 267.8 < 313.6.
+IA3_FORWARD_DEQUANT_MIN_M = 128
 #
 # No switch (one leader at every M the report costs):
-# - the LoRA forward over NF4: the library path (M = 32: 26.3 < dequant + fused 27.5 < rows 64.2;
-#   M = 512: 41.9 < 42.8 < 119.8; M = 4096: 208.7 < 225.9 < 921.7). The row-streaming GEMM stays a
-#   candidate: its cost is the gather model's, which a GPU may prove pessimistic.
-# - (IA)³'s forward over NF4: dequantize + fused (output scaling: M = 16 22.1 < library 24.0 <
-#   rows 28.6; M = 512 36.3 < 47.3 < 114.0; M = 4096 211.1 < 267.8 < 912.2).
+# - the LoRA forward over NF4 above SMALL_M_MAX: the library path (M = 512: 41.9 < dequant + fused
+#   42.8 < rows 45.0; M = 4096: 208.7 < 225.9 < rows 323.1, shared-memory bound). The row-streaming
+#   GEMM stays a candidate for the runtime choice.
 # - (IA)³'s output-scaling backward: the library path, the fused kernel reducing dl across its
 #   rows every N step.
 
@@ -124,7 +129,7 @@ def lora_forward_plan(
     if base_kind == "dense":
         return [FUSED, LIBRARY, *([SPLITK] if m <= SMALL_M_MAX else [])]
     if m <= SMALL_M_MAX:
-        return [LIBRARY, SPLITK, ROWS] if base_kind == "nf4_rows" else [LIBRARY, SPLITK]
+        return [SPLITK, LIBRARY, ROWS] if base_kind == "nf4_rows" else [SPLITK, LIBRARY]
     return [LIBRARY, DEQUANT_FUSED, ROWS] if base_kind == "nf4_rows" else [LIBRARY, DEQUANT_FUSED]
 
 
@@ -139,6 +144,8 @@ def ia3_forward_plan(m: int, n: int, k: int, base_kind: str, dtype: torch.dtype,
     _check(m, base_kind)
     if base_kind == "dense":
         return [FUSED, LIBRARY]
+    if base_kind == "nf4_rows" and _bucket(m) < IA3_FORWARD_DEQUANT_MIN_M:
+        return [ROWS, DEQUANT_FUSED, LIBRARY]
     return [DEQUANT_FUSED, LIBRARY, ROWS] if base_kind == "nf4_rows" else [DEQUANT_FUSED, LIBRARY]
 
 

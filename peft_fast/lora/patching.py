@@ -196,8 +196,9 @@ def _base_inits(model: nn.Module, targets: list[str], config: LoraConfig) -> dic
 def _new_adapter(
     layer: LoraLayer, name: str, config: LoraConfig, adapter_name: str, initial: tuple | None = None
 ) -> None:
+    extra = {} if initial is None else {"initial": initial}  # from the base weight: linear layers only
     layer.update_layer(adapter_name, config.rank_for(name), config.alpha_for(name), config.lora_dropout,
-                       config.init_lora_weights, config.use_rslora, config.use_dora, initial=initial)  # fmt: skip
+                       config.init_lora_weights, config.use_rslora, config.use_dora, **extra)  # fmt: skip
     # PEFT's autocast_adapter_dtype (get_peft_model's default): over an fp16 / bf16 base the adapter
     # is kept in fp32 (the forward casts it to the compute dtype; its gradients and optimizer state
     # stay fp32). compute_dtype, when given, is the adapter's dtype instead.

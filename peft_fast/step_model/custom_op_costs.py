@@ -170,8 +170,13 @@ def _lora_linear_backward(call: OpCall):
     if needs_dx:
         plan = plans.lora_dx_plan(m, n, k, _base_kind(k, blocksize), x.dtype, rank, 0.0)[0]
         before, w_bytes, deq_scratch = _base_pass("dX", plan, n, k, act, absmax, nested, offset, blocksize)
-        kernels += [*before, Kernel("dX = dY·deq(W) + (dH·A)⊙mask", 2.0 * m * k * n + 2.0 * m * k * rank,
-                                    dy + w_bytes + small + rank * k * act + m * k * act)]  # fmt: skip
+        if plan == plans.LIBRARY:  # a cuBLAS GEMM, then one kernel adds the LoRA term (and its dropout mask)
+            kernels += [*before, Kernel("dX = dY·deq(W) (cuBLAS)", 2.0 * m * k * n, dy + w_bytes + m * k * act),
+                        Kernel("dX += (dH·A)⊙mask", 2.0 * m * k * rank,
+                               2 * m * k * act + small + rank * k * act)]  # fmt: skip
+        else:
+            kernels += [*before, Kernel("dX = dY·deq(W) + (dH·A)⊙mask", 2.0 * m * k * n + 2.0 * m * k * rank,
+                                        dy + w_bytes + small + rank * k * act + m * k * act)]  # fmt: skip
         scratch += deq_scratch
     if needs_da:
         splits = da_splits(m, k, rank)

@@ -469,7 +469,7 @@ def _candidate_cases() -> list[OpCase]:
          lambda m: qlora_forward(m, k, n), lambda m: plans.lora_forward_plan(m, n, k, "nf4_rows", bf16, R, DROPOUT)),
         ("qlora_dx", "lora_dx", (64, 128, 512, 4096),
          lambda m: qlora_dx(m, k, n), lambda m: plans.lora_dx_plan(m, n, k, "nf4_rows", bf16, R, DROPOUT)),
-        ("ia3_forward_out", "ia3_forward", (16, 512, 4096),
+        ("ia3_forward_out", "ia3_forward", (16, 32, 64, 128, 256, 512, 4096),
          lambda m: dataclasses.replace(ia3_forward(m, k, n), op="ia3_forward_out"),
          lambda m: plans.ia3_forward_plan(m, n, k, "nf4_rows", bf16, False)),
         ("ia3_backward_in", "ia3_backward", (64, 128, 256, 512, 4096),
