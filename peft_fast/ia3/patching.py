@@ -9,8 +9,9 @@ shapes), so adapter files carry PEFT's key names (see :mod:`peft_fast.ia3.files`
 
 Several adapters, as PEFT's ``add_adapter`` / ``set_adapter``: each adapter has its own vectors
 (on its own targets) and its own copy of each of its ``modules_to_save``; the active adapters'
-vectors multiply (PEFT's rule), and the model computes with the trained copy of the first active
-adapter that lists a module, else with the frozen original (also inside ``disabled``).
+vectors multiply (PEFT's rule), and the model computes with the trained copy of the active adapter
+that lists a module (two active adapters listing one module are refused, as PEFT refuses them),
+else with the frozen original (also inside ``disabled``).
 
 (IA)³ and LoRA mix on different modules: patch LoRA first (its ``patch`` freezes every other
 parameter, (IA)³ vectors included), then (IA)³ on modules LoRA left alone.
@@ -323,6 +324,13 @@ def set_ia3_adapter(model: nn.Module, adapter_names: list[str]) -> None:
     unknown = [name for name in adapter_names if name not in state.configs]
     if unknown:
         raise ValueError(f"unknown (IA)³ adapter(s) {unknown}; the model has {list(state.configs)}")
+    shared = [name for name, copies in state.trained_modules.items() if sum(a in copies for a in adapter_names) > 1]
+    if shared:
+        # One module computes with one copy: PEFT's ModulesToSaveWrapper refuses this too.
+        raise ValueError(
+            f"{', '.join(shared)} is in modules_to_save of several active adapters {adapter_names}; "
+            "activate one of them at a time"
+        )
     for _, layer in ia3_layers(model):
         layer.active_adapters = [name for name in adapter_names if name in layer.ia3_l]
         for name, vector in layer.ia3_l.items():
