@@ -64,9 +64,11 @@ __all__ = [
     "bottleneck_adapters",
     "load_adapters",
     "patch_adapters",
+    "reload_adapters",
     "save_adapters",
     "transformer_layers",
     "unpatch_adapters",
+    "write_adapter_files",
 ]
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -430,13 +432,14 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, adapter_name: 
     adapter_name = adapter_name or next(iter(state.configs))
     if adapter_name not in state.configs:
         raise ValueError(f"unknown adapter {adapter_name!r}; the model has {list(state.configs)}")
+    return write_adapter_files(model, directory, adapter_name, adapter_state_dict(model, adapter_name))
+
+
+def _document(model: nn.Module, state: AdapterState, adapter_name: str) -> dict:
+    """The adapter_config.json of adapter ``adapter_name`` (docs/adapters.md)."""
     model_config = getattr(model, "config", None)
-    config = state.configs[adapter_name]
-    bottleneck = config.bottleneck_for(state.hidden_size)
-    # Both the width and AdapterHub's reduction factor, as this model resolved them.
-    resolved = {"bottleneck_size": bottleneck, "reduction_factor": state.hidden_size / bottleneck}
-    document = {
-        "config": {**config.to_dict(), **resolved},
+    return {
+        "config": _resolved_dict(state.configs[adapter_name], state.hidden_size),
         "hidden_size": state.hidden_size,
         "model_class": type(model).__name__,
         "model_name": getattr(model_config, "_name_or_path", None) or None,
@@ -444,10 +447,58 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, adapter_name: 
         "name": adapter_name,
         "version": f"peft_fast.{__version__}",
     }
-    config_bytes = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
-    tensors = adapter_state_dict(model, adapter_name)
+
+
+def _resolved_dict(config: AdapterConfig, hidden: int) -> dict:
+    """``config.to_dict()`` with both the width and AdapterHub's reduction factor, as this hidden size resolves them."""
+    bottleneck = config.bottleneck_for(hidden)
+    return {**config.to_dict(), "bottleneck_size": bottleneck, "reduction_factor": hidden / bottleneck}
+
+
+def write_adapter_files(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str, tensors: dict[str, torch.Tensor]
+) -> Path:
+    """Write adapter ``adapter_name``'s config and ``tensors`` (the model's parameter names) as one pair."""
+    config_bytes = (json.dumps(_document(model, _state(model), adapter_name), indent=2, sort_keys=True) + "\n").encode()
     directory = output_directory(directory)
     return write_adapter_pair(directory, ADAPTER_WEIGHTS_FILE, tensors, config_bytes, ADAPTER_CONFIG_FILE)
+
+
+def reload_adapters(model: nn.Module, directory: str | os.PathLike, adapter_name: str) -> None:
+    """Copy the tensors of the adapter saved in ``directory`` into the model's adapter ``adapter_name``, in place.
+
+    The file must hold an adapter of the same config (placement, width, ...) for this hidden size;
+    which adapters are enabled and trainable stays as it was (what a resume needs).
+    """
+    state = _state(model)
+    files = _read_files(adapter_directory(directory))
+    document, tensors = files.config, files.tensors
+    theirs = AdapterConfig.from_dict(document.get("config", {}))
+    ours = state.configs[adapter_name]
+    if document.get("hidden_size") != state.hidden_size:
+        raise ValueError(f"the adapter at {directory} is for hidden size {document.get('hidden_size')}, "
+                         f"not {state.hidden_size}")  # fmt: skip
+    theirs, ours = _resolved_dict(theirs, state.hidden_size), _resolved_dict(ours, state.hidden_size)
+    differ = [f"{key}: file {theirs.get(key)!r}, model {value!r}"
+              for key, value in ours.items() if theirs.get(key) != value]  # fmt: skip
+    if differ:
+        raise ValueError(f"the adapter at {directory} does not match adapter {adapter_name!r}: {'; '.join(differ)}")
+    saved_name = document.get("name", "default")
+    renamed = {key.replace(f".adapters.{saved_name}.", f".adapters.{adapter_name}."): t for key, t in tensors.items()}
+    own = dict(model.named_parameters())
+    expected = {key: tuple(value.shape) for key, value in adapter_state_dict(model, adapter_name).items()}
+    check_adapter_tensors(renamed, expected, f"adapter at {directory}", model)
+    files.check_written_together()
+    with torch.no_grad():
+        for key, tensor in renamed.items():
+            own[key].copy_(tensor.to(own[key].dtype))
+
+
+def _read_files(directory: Path):
+    for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} has no {name}")
+    return read_adapter_pair(directory, ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE)  # together, under the lock
 
 
 def _expected_shapes(model: nn.Module, config: AdapterConfig, adapter_name: str) -> dict[str, tuple[int, ...]]:
@@ -474,11 +525,7 @@ def load_adapters(
     match the positions and shapes its config implies. Returns the model.
     """
     directory = adapter_directory(directory)
-    config_path, weights_path = directory / ADAPTER_CONFIG_FILE, directory / ADAPTER_WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{directory} has no {path.name}")
-    files = read_adapter_pair(directory, ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE)  # together, under the lock
+    files = _read_files(directory)
     document, tensors = files.config, files.tensors
     config = AdapterConfig.from_dict(document.get("config", {}))
     saved_name = document.get("name", "default")
@@ -508,6 +555,9 @@ class BottleneckMethod(Method):
     config_types = (AdapterConfig,)
     state_attr = _STATE_ATTR
     stacks = True
+    trainer_hooks = True
+    weights_file = ADAPTER_WEIGHTS_FILE
+    config_file = ADAPTER_CONFIG_FILE
 
     def patch(self, model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
         patch_adapters(model, config, adapter_name)
@@ -546,6 +596,15 @@ class BottleneckMethod(Method):
 
     def load(self, model: nn.Module, directory, adapter_name: str | None, is_trainable: bool):
         return load_adapters(model, directory, adapter_name, is_trainable)
+
+    def model_key(self, model: nn.Module, file_key: str, adapter_name: str) -> str:
+        return file_key  # the file holds the model's own parameter names
+
+    def save_tensors(self, model: nn.Module, directory: Path, adapter_name: str, tensors: dict) -> Path:
+        return write_adapter_files(model, directory, adapter_name, tensors)
+
+    def reload(self, model: nn.Module, directory, adapter_name: str) -> None:
+        reload_adapters(model, directory, adapter_name)
 
 
 METHOD = BottleneckMethod()

@@ -456,6 +456,8 @@ class IA3Config:
     a list entry matches a module whose name equals it or ends with ``"." + entry`` (feedforward
     entries: ends with the entry), a string is a regex over the full name, ``"all-linear"`` takes
     every Linear but the output head. Left as None, both come from PEFT's table for the model type.
+    ``modules_to_save``: modules (by name suffix, PEFT's rule) trained whole and saved in the adapter;
+    ``task_type`` adds PEFT's heads for it (SEQ_CLS: ``classifier`` / ``score``).
     Ours, beyond PEFT's: ``quantize`` (None or ``"nf4"``), ``double_quant``, ``blocksize``.
     """
 
@@ -464,6 +466,7 @@ class IA3Config:
     exclude_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False
     init_ia3_weights: bool = True
+    modules_to_save: list[str] | None = None
     task_type: str | None = None
     quantize: str | None = None
     double_quant: bool = True
@@ -480,6 +483,9 @@ class IA3Config:
                 setattr(self, name, sorted(value))
             else:
                 _check_names(name, value, allow_regex=True)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = sorted(self.modules_to_save)
+        _check_names("modules_to_save", self.modules_to_save, allow_regex=False)
         check_bool("init_ia3_weights", self.init_ia3_weights)
         if (
             isinstance(self.target_modules, list)
@@ -519,10 +525,14 @@ class IA3Config:
         """Read an (IA)³ adapter_config.json written by PEFT (or by us); refuse what we cannot run."""
         if data.get("peft_type") != "IA3":
             raise ValueError(f"not an (IA)³ adapter: peft_type is {data.get('peft_type')!r}")
-        if data.get("modules_to_save"):
-            raise ValueError(f"this adapter uses PEFT's modules_to_save={data['modules_to_save']!r}, not supported")
         ours_only = {"quantize", "double_quant", "blocksize"}
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data and f.name not in ours_only})
+
+    def with_task_modules(self) -> IA3Config:
+        """This config with the heads PEFT adds to ``modules_to_save`` for its task type (SEQ_CLS: classifier)."""
+        wanted = self.modules_to_save or []
+        extra = [name for name in TASK_MODULES_TO_SAVE.get(self.task_type, ()) if name not in wanted]
+        return self.replace(modules_to_save=[*wanted, *extra]) if extra else self
 
     def replace(self, **changes: Any) -> IA3Config:
         return type(self)(**{**asdict(self), **changes})

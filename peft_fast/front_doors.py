@@ -62,8 +62,8 @@ def _peft_interop():
 
 
 def _sync_trainer_hooks(model: nn.Module) -> None:
-    """Hugging Face save / load hooks on the model iff a method that writes their files is on it."""
-    if any(method.trainer_hooks for method in methods_on(model)):
+    """Hugging Face save / load hooks on the model iff one method is on it (several: no PEFT layout, saved whole)."""
+    if hf_integration.hooked_method(model) is not None:
         hf_integration.attach(model)
     else:
         hf_integration.detach(model)
@@ -81,8 +81,9 @@ def patch(
 
     ``LoraConfig`` (LoRA, or QLoRA with ``quantize="nf4"``), ``IA3Config``, ``AdapterConfig``
     (bottleneck adapters) or a prompt-method config. Base parameters are frozen; the method's
-    parameters train. Everything is validated before the model is touched. A LoRA model gets
-    Hugging Face's ``save_pretrained`` / ``load_adapter`` (adapter files only; Trainer uses them).
+    parameters train. Everything is validated before the model is touched. The model gets Hugging
+    Face's ``save_pretrained`` / ``load_adapter`` (adapter files only; Trainer uses them) while one
+    method is on it.
 
     ``fused``: the fused training step for the families of the model table (Llama, Mistral, Qwen2,
     Qwen3, Gemma, Gemma 2 / 3, Phi-3): RMSNorm, the residual add, RoPE, the gated MLP, the MLP tiled

@@ -1,17 +1,28 @@
 """Hugging Face ``Trainer`` (and TRL) integration: a patched model saves and reloads its adapter.
 
-Written against :class:`peft_fast.method.Method`: the hooks act on the method on the model whose
-``trainer_hooks`` is set (today LoRA / QLoRA alone) through its operations (adapter names, active
-adapters, ``save`` / ``save_tensors``, ``reload``, ``model_key``), never on a method's internals.
+Written against :class:`peft_fast.method.Method`: the hooks act on the one method on the model
+(LoRA / QLoRA, (IA)³, bottleneck adapters or a prompt method; every one sets ``trainer_hooks``)
+through its operations (adapter names, active adapters, ``save`` / ``save_tensors``, ``reload``,
+``model_key``, ``training_tensors``, its two file names), never on a method's internals.
 
-A LoRA / QLoRA model made by :func:`peft_fast.patch` keeps its Hugging Face class, so without
-this module ``Trainer`` treats it as a plain model: every checkpoint and ``save_model`` writes
+A model made by :func:`peft_fast.patch` keeps its Hugging Face class, so without this module
+``Trainer`` treats it as a plain model: every checkpoint and ``save_model`` writes
 ``model.safetensors`` with the whole base (the NF4 buffers included: gigabytes for a 7B model at
-every ``save_steps``). With it, checkpoints and ``save_model`` hold what PEFT users get,
-``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format, beside the optimizer,
-scheduler and RNG state Trainer adds), and ``resume_from_checkpoint`` / ``load_best_model_at_end``
+every ``save_steps``). With it, checkpoints and ``save_model`` hold what PEFT users get, the
+method's two adapter files (PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``; our
+bottleneck adapters' ``adapter_config.json`` + ``adapter.safetensors``) beside the optimizer,
+scheduler and RNG state Trainer adds, and ``resume_from_checkpoint`` / ``load_best_model_at_end``
 load the adapter back in place. No Trainer subclass is needed; ``trl.SFTTrainer`` (a Trainer)
 works the same way.
+
+Where PEFT's file holds less than what trains (prefix tuning with ``prefix_projection``, P-tuning:
+PEFT saves the encoder's output, not the encoder), ``save_pretrained`` also writes
+``peft_fast_training_tensors.safetensors`` (the method's ``training_tensors``, with the digest of the
+adapter config it goes with), which PEFT ignores and a resume loads, so that it continues exactly.
+
+A model carrying several methods at once (LoRA beside (IA)³, ...) gets no hooks: PEFT has no
+file layout for it, so Trainer saves and loads it whole, as any model (``peft_fast.save_adapter``
+saves each method's adapter).
 
 Hooks, and why these:
 
@@ -41,8 +52,7 @@ Hooks, and why these:
    otherwise right after it is imported (importing Trainer costs seconds, which ``patch`` should
    not). They stay installed after ``unpatch``: with no patched model they do nothing.
 
-Not covered: (IA)³, bottleneck adapters and prompt methods (their ``save_pretrained`` is still
-transformers'); Trainer with DeepSpeed or FSDP (saving takes its values from the gathered
+Not covered: Trainer with DeepSpeed or FSDP (saving takes its values from the gathered
 ``state_dict`` Trainer passes, untested under either; resuming takes transformers' path, which
 expects full weights).
 """
@@ -61,16 +71,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peft_fast.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_directory
-from peft_fast.io import read_json
+from peft_fast import io
+from peft_fast.adapter_files import CONFIG_DIGEST_KEY, adapter_directory, config_digest
+from peft_fast.io import read_json, read_safetensors
 from peft_fast.method import Method
 from peft_fast.registry import method_for_file, methods_on
 
-__all__ = ["attach", "detach", "install_trainer_hooks", "load_checkpoint_adapters", "save_pretrained"]
+__all__ = [
+    "TRAINING_TENSORS",
+    "attach",
+    "detach",
+    "hooked_method",
+    "install_trainer_hooks",
+    "load_checkpoint_adapters",
+    "save_pretrained",
+]
 
 logger = logging.getLogger(__name__)
 
 _ROOT_ADAPTER = "default"  # PEFT writes this adapter at the top of the directory, others in subdirectories
+# Beside an adapter's files: what trains but the adapter file lacks (Method.training_tensors).
+TRAINING_TENSORS = "peft_fast_training_tensors.safetensors"
 _FULL_WEIGHTS = (
     "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
 )  # fmt: skip
@@ -101,13 +122,15 @@ class _Hook:
 # -- the method the hooks act on -------------------------------------------------------------
 
 
-def _hooked_method(model: nn.Module) -> Method | None:
-    """The method on ``model`` that writes the hooks' files (``Method.trainer_hooks``), else None."""
-    return next((method for method in methods_on(model) if method.trainer_hooks), None)
+def hooked_method(model: nn.Module) -> Method | None:
+    """The method whose files the hooks write and read: the one method on ``model`` (if it sets
+    ``Method.trainer_hooks``), else None (no method, or several: see the module's docstring)."""
+    methods = methods_on(model)
+    return methods[0] if len(methods) == 1 and methods[0].trainer_hooks else None
 
 
 def _require_method(model: nn.Module) -> Method:
-    method = _hooked_method(model)
+    method = hooked_method(model)
     if method is None:
         raise ValueError("this model is not patched by peft_fast (call peft_fast.patch first)")
     return method
@@ -158,13 +181,51 @@ def _write_adapter(
 ) -> None:
     if state_dict is None:
         method.save(model, directory, adapter_name)
+    else:
+        own = method.state_dict(model, adapter_name)
+        keys = {key: method.model_key(model, key, adapter_name) for key in own}
+        missing = [name for name in keys.values() if name is not None and name not in state_dict]
+        if missing:
+            raise ValueError(f"the state_dict passed to save_pretrained lacks adapter tensors: {missing[:5]}")
+        tensors = {key: own[key] if name is None else state_dict[name].detach().contiguous().cpu()
+                   for key, name in keys.items()}  # fmt: skip
+        method.save_tensors(model, directory, adapter_name, tensors)
+    _write_training_tensors(method, model, directory, adapter_name)
+
+
+def _write_training_tensors(method: Method, model: nn.Module, directory: Path, adapter_name: str) -> None:
+    """``TRAINING_TENSORS`` beside the adapter when the method has any, tagged with the adapter config's digest."""
+    path = directory / TRAINING_TENSORS
+    tensors = method.training_tensors(model, adapter_name)
+    if not tensors:
+        with io.directory_lock(directory, exclusive=True):
+            path.unlink(missing_ok=True)  # an older save's, which no longer goes with this adapter
         return
-    keys = {key: method.model_key(key, adapter_name) for key in method.state_dict(model, adapter_name)}
-    missing = [name for name in keys.values() if name not in state_dict]
-    if missing:
-        raise ValueError(f"the state_dict passed to save_pretrained lacks adapter tensors: {missing[:5]}")
-    tensors = {key: state_dict[name].detach().contiguous().cpu() for key, name in keys.items()}
-    method.save_tensors(model, directory, adapter_name, tensors)
+    from safetensors.torch import save as safetensors_bytes
+
+    with io.directory_lock(directory, exclusive=True):
+        digest = config_digest(read_json(directory / method.config_file))
+        data = safetensors_bytes(tensors, metadata={"format": "pt", CONFIG_DIGEST_KEY: digest})
+        with io.atomic_write(path) as handle:
+            handle.write(data)
+
+
+def _reload_training_tensors(method: Method, model: nn.Module, directory: Path, adapter_name: str) -> None:
+    """Put the ``TRAINING_TENSORS`` saved beside an adapter back, after ``method.reload``."""
+    if not method.training_tensors(model, adapter_name):
+        return
+    path = directory / TRAINING_TENSORS
+    if not path.is_file():
+        raise ValueError(
+            f"{directory} lacks {TRAINING_TENSORS}: its adapter file holds the {method.name} encoder's output only, "
+            "so training cannot resume from it exactly (it was not written by model.save_pretrained of peft_fast)"
+        )
+    with io.directory_lock(directory, exclusive=False):
+        tensors, metadata = read_safetensors(path)
+        digest = config_digest(read_json(directory / method.config_file))
+    if metadata.get(CONFIG_DIGEST_KEY) != digest:
+        raise ValueError(f"{path} was not written with {directory / method.config_file}; save the adapter again")
+    method.reload_training_tensors(model, directory, adapter_name, tensors)
 
 
 def load_adapter(
@@ -174,7 +235,7 @@ def load_adapter(
     is_trainable: bool = False,
     **kwargs,
 ) -> None:
-    """``model.load_adapter`` of a patched model (local PEFT-format LoRA directories).
+    """``model.load_adapter`` of a patched model (a local adapter directory of the model's method).
 
     An adapter the model already has is overwritten in place (its files must match its shapes
     and scaling; trainability is unchanged), as PEFT's ``load_adapter`` does and Trainer's resume
@@ -193,10 +254,11 @@ def load_adapter(
     adapter_name = adapter_name or _ROOT_ADAPTER
     if adapter_name in method.adapter_names(model):
         method.reload(model, peft_model_id, adapter_name)
+        _reload_training_tensors(method, model, adapter_directory(peft_model_id), adapter_name)
         return
     active = method.active_adapters(model)
     directory = adapter_directory(peft_model_id)
-    config_path = directory / ADAPTER_CONFIG
+    config_path = directory / method.config_file
     document = read_json(config_path) if config_path.is_file() else {}
     method_for_file(document).load(model, directory, adapter_name, True)
     method.set_adapter(model, active)
@@ -244,16 +306,20 @@ def is_attached(model: nn.Module) -> bool:
 # -- checkpoints ----------------------------------------------------------------------------
 
 
-def checkpoint_adapters(directory: str | os.PathLike) -> dict[str, Path]:
-    """adapter name -> directory, for the PEFT-format adapters saved under ``directory``."""
+def checkpoint_adapters(directory: str | os.PathLike, method: Method) -> dict[str, Path]:
+    """adapter name -> directory, for the adapters in ``method``'s files saved under ``directory``."""
     directory = Path(directory)
     found: dict[str, Path] = {}
     if not directory.is_dir():
         return found
-    if (directory / ADAPTER_WEIGHTS).is_file() and (directory / ADAPTER_CONFIG).is_file():
+
+    def holds(path: Path) -> bool:
+        return (path / method.weights_file).is_file() and (path / method.config_file).is_file()
+
+    if holds(directory):
         found[_ROOT_ADAPTER] = directory
     for sub in sorted(directory.iterdir()):
-        if sub.is_dir() and (sub / ADAPTER_WEIGHTS).is_file() and (sub / ADAPTER_CONFIG).is_file():
+        if sub.is_dir() and holds(sub):
             found.setdefault(sub.name, sub)
     return found
 
@@ -265,7 +331,7 @@ def load_checkpoint_adapters(model: nn.Module, directory: str | os.PathLike) -> 
     which adapters are active and trainable stays as it was. Returns the adapter names.
     """
     method = _require_method(model)
-    found = checkpoint_adapters(directory)
+    found = checkpoint_adapters(directory, method)
     adapters = method.adapter_names(model)
     if set(found) != set(adapters):
         raise ValueError(
@@ -274,14 +340,15 @@ def load_checkpoint_adapters(model: nn.Module, directory: str | os.PathLike) -> 
         )
     for name, path in found.items():
         method.reload(model, path, name)
+        _reload_training_tensors(method, model, path, name)
     return list(found)
 
 
 def _patched(model) -> nn.Module | None:
     """The peft_fast-patched model inside ``model`` (DDP / DataParallel unwrapped), else None."""
-    while model is not None and _hooked_method(model) is None and isinstance(getattr(model, "module", None), nn.Module):
+    while model is not None and hooked_method(model) is None and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
-    return model if model is not None and _hooked_method(model) is not None and is_attached(model) else None
+    return model if model is not None and hooked_method(model) is not None and is_attached(model) else None
 
 
 def _adapter_checkpoint(trainer, directory, model) -> nn.Module | None:
@@ -296,7 +363,8 @@ def _adapter_checkpoint(trainer, directory, model) -> nn.Module | None:
         return None
     if any(os.path.isfile(os.path.join(directory, name)) for name in _FULL_WEIGHTS):
         return None  # a full checkpoint (written before these hooks): transformers loads it
-    return _patched(model) if checkpoint_adapters(directory) else None
+    target = _patched(model)
+    return target if checkpoint_adapters(directory, hooked_method(target)) else None
 
 
 def _wrap_load_from_checkpoint(original):

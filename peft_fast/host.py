@@ -150,12 +150,15 @@ def quantize_host_model(
     quantize_model(model, blocksize=blocksize, double_quant=double_quant, skip_modules=skip, progress=progress)
 
 
-def prepare_host_model(model: nn.Module, quantize: str | None, blocksize: int, double_quant: bool) -> None:
-    """Ready a model for a new peft_fast method: NF4-quantize its Linear layers if asked (and not
-    done before), and freeze its parameters if no peft_fast method has patched it yet (a method
-    added on top leaves the others' trainable parameters as they are)."""
+def prepare_host_model(
+    model: nn.Module, quantize: str | None, blocksize: int, double_quant: bool, skip_modules: tuple[str, ...] = ()
+) -> None:
+    """Ready a model for a new peft_fast method: NF4-quantize its Linear layers (but ``skip_modules``,
+    e.g. modules that train whole) if asked and not done before, and freeze its parameters if no
+    peft_fast method has patched it yet (a method added on top leaves the others' trainable
+    parameters as they are)."""
     if quantize == "nf4" and not any(isinstance(m, NF4Linear) for m in model.modules()):
-        quantize_host_model(model, blocksize, double_quant, progress=False)
+        quantize_host_model(model, blocksize, double_quant, skip_modules, progress=False)
     if not has_method(model):
         for param in model.parameters():
             param.requires_grad_(False)

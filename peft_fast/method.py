@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from peft_fast.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
 __all__ = ["Method"]
 
 
@@ -36,9 +38,11 @@ class Method:
     ``state_attr`` (the model attribute holding its per-model state; present iff it is on the
     model), ``mergeable``, ``stacks`` (whether ``add_adapter`` can add a second adapter) and
     ``trainer_hooks`` (whether the model gets the Hugging Face save / load hooks of
-    :mod:`peft_fast.hf_integration`, which write and read this method's PEFT files through
-    ``save``, ``load``, ``state_dict`` and the three operations only they call, ``model_key``,
-    ``save_tensors`` and ``reload``: a method that sets it implements those too).
+    :mod:`peft_fast.hf_integration`, which write and read this method's files through ``save``,
+    ``load``, ``state_dict`` and the operations only they call, ``model_key``, ``save_tensors``,
+    ``reload``, ``training_tensors`` and ``reload_training_tensors``: a method that sets it
+    implements the first three of those too). ``weights_file`` / ``config_file``: the names of the
+    two files of an adapter directory (PEFT's, unless the method has its own format).
     """
 
     name: ClassVar[str]
@@ -47,6 +51,8 @@ class Method:
     mergeable: ClassVar[bool] = False
     stacks: ClassVar[bool] = False
     trainer_hooks: ClassVar[bool] = False
+    weights_file: ClassVar[str] = ADAPTER_WEIGHTS
+    config_file: ClassVar[str] = ADAPTER_CONFIG
 
     # -- on a model ----------------------------------------------------------------------------
 
@@ -110,8 +116,13 @@ class Method:
 
     # -- for the Hugging Face hooks (``trainer_hooks``) --------------------------------------------
 
-    def model_key(self, file_key: str, adapter_name: str) -> str:
-        """The model's parameter name for ``file_key``, a key of adapter ``adapter_name``'s file (of ``state_dict``)."""
+    def model_key(self, model: nn.Module, file_key: str, adapter_name: str) -> str | None:
+        """The model's parameter name for ``file_key``, a key of adapter ``adapter_name``'s file (of ``state_dict``).
+
+        None when the file's tensor is no parameter of the model (computed from parameters, as a
+        prompt encoder's output, or not in the model's module tree now): the hooks then write the
+        method's own value.
+        """
         raise NotImplementedError
 
     def save_tensors(
@@ -127,6 +138,23 @@ class Method:
         trainable stays as it was.
         """
         raise NotImplementedError
+
+    def training_tensors(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Trained tensors the adapter file does not hold (a reparameterisation PEFT's file evaluates away).
+
+        The hooks write them beside the adapter files so that a resume restores exactly what trains;
+        empty (the default) when the file holds everything.
+        """
+        return {}
+
+    def reload_training_tensors(
+        self, model: nn.Module, directory: str | os.PathLike, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> None:
+        """Put ``tensors`` (from ``training_tensors``, saved beside the adapter in ``directory``) back, in place.
+
+        Called after ``reload``; the method checks that they reproduce the adapter file's tensors.
+        """
+        raise NotImplementedError(f"{self.name} has no training tensors beside its adapter file")
 
 
 @contextlib.contextmanager

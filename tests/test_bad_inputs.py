@@ -163,8 +163,8 @@ def test_bad_adapter_name_is_a_clear_error_and_changes_nothing(config, name):
         ),
         (
             lambda: peft_fast.add_adapter(peft_fast.patch(build("llama"), lora()), IA3Config(), "other"),
-            TypeError,
-            r"add_adapter adds LoRA adapters: config must be a LoraConfig, got IA3Config",
+            ValueError,
+            r"this model has no \(IA\)³ adapter to add to; use peft_fast.patch\(model, config, name\)",
         ),
         (
             lambda: peft_fast.add_adapter(peft_fast.patch(build("llama"), lora()), lora(), "a.b"),

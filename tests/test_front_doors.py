@@ -13,7 +13,7 @@ base, for each method:
 5. ``save_adapter`` then ``load_adapter`` onto a fresh base reproduces the patched output;
 6. ``set_adapter`` accepts "default" (output unchanged) and refuses an unknown name;
 7. ``add_adapter`` adds a second adapter to LoRA / QLoRA / bottleneck adapters and refuses one for
-   (IA)³ and prompt methods ("one adapter per model");
+   prompt methods ("one adapter per model");
 8. ``print_trainable_parameters`` prints PEFT's line with a positive trainable count;
 9. every front door refuses a model peft_fast did not patch ("not patched by peft_fast").
 
@@ -98,7 +98,7 @@ class Method:
 
     @property
     def stacks(self) -> bool:
-        return self.kind in ("lora", "adapter")
+        return self.kind in ("lora", "ia3", "adapter")
 
 
 def _lora(quantize: str | None = None, r: int = 4) -> peft_fast.LoraConfig:
@@ -125,7 +125,7 @@ METHODS = [
         quantized=True,
         second=functools.partial(_lora, "nf4", r=2),
     ),
-    Method("ia3", _ia3, _randomize_ia3, "ia3"),
+    Method("ia3", _ia3, _randomize_ia3, "ia3", second=_ia3),
     *(_adapter(placement) for placement in ("houlsby", "pfeiffer", "parallel")),
     Method("prompt-tuning", lambda: peft_fast.PromptTuningConfig(num_virtual_tokens=4), _keep, "prompt", grows=True),
     Method("prefix-tuning", lambda: peft_fast.PrefixTuningConfig(num_virtual_tokens=4), _keep, "prompt"),
@@ -295,7 +295,7 @@ def test_add_adapter_adds_a_second_adapter(method, tmp_path):
     model = _patched(method)
     before = _out(model)
     peft_fast.add_adapter(model, method.second(), "second")
-    if method.kind == "lora":  # the new adapter (random, init_lora_weights=False) is not active yet
+    if method.kind in ("lora", "ia3"):  # the new adapter is not active yet (PEFT's add_adapter)
         _same(_out(model), before)
     # The model knows "second": it can be saved by name.
     peft_fast.save_adapter(model, tmp_path / "second", "second")
@@ -303,7 +303,7 @@ def test_add_adapter_adds_a_second_adapter(method, tmp_path):
 
 
 @pytest.mark.parametrize("method", SINGLE_ADAPTER)
-def test_add_adapter_refuses_a_second_ia3_or_prompt_adapter(method):
+def test_add_adapter_refuses_a_second_prompt_adapter(method):
     model = _patched(method)
     with pytest.raises((TypeError, ValueError), match="one adapter per model"):
         peft_fast.add_adapter(model, method.config(), "second")

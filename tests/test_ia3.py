@@ -380,7 +380,7 @@ def test_bad_configs_are_clear_errors():
     with pytest.raises(ValueError, match=r"no default .* targets for model type 'opt'"):
         peft_fast.patch_ia3(opt, peft_fast.IA3Config())
     model = peft_fast.patch_ia3(build("llama"), peft_fast.IA3Config())
-    with pytest.raises(ValueError, match=r"already has the .* adapter 'default'"):
+    with pytest.raises(ValueError, match=r"already has the .* adapter\(s\) \['default'\]; use peft_fast.add_adapter"):
         peft_fast.patch_ia3(model, peft_fast.IA3Config())
 
 
@@ -389,9 +389,135 @@ def test_peft_configs_we_cannot_run_are_refused(tmp_path):
     peft_fast.save_ia3(model, tmp_path)
     path = Path(tmp_path) / "adapter_config.json"
     config = json.loads(path.read_text())
-    path.write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
-    with pytest.raises(ValueError, match="modules_to_save"):
+    path.write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))  # the head's tensors are not there
+    with pytest.raises(ValueError, match=r"missing base_model\.model\.lm_head\.weight"):
         peft_fast.load_ia3(build("llama"), tmp_path)
     path.write_text(json.dumps({**config, "peft_type": "LORA"}))
     with pytest.raises(ValueError, match="not an \\(IA\\)³ adapter"):
         peft_fast.load_ia3(build("llama"), tmp_path)
+
+
+# -- modules_to_save and several adapters, against PEFT ---------------------------------------------
+
+
+def _peft_name(ours: str) -> str:
+    """PEFT's parameter name for one of ours: its prefix, and modules_to_save inside the wrapper."""
+    name = f"base_model.model.{ours}"
+    return name.replace("lm_head.", "lm_head.modules_to_save.default.") if ".lm_head." in name else name
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_modules_to_save_matches_peft_outputs_gradients_files_merge_and_disable(tmp_path):
+    base = build("llama")
+    inputs = batch("llama")
+    config = {"init_ia3_weights": False, "modules_to_save": ["lm_head"]}
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**config))
+    ours = peft_fast.patch(copy.deepcopy(base), peft_fast.IA3Config(**config), fused=False)
+    copy_vectors_from_peft(theirs, ours)
+    with torch.no_grad():  # a head PEFT and we both train, moved away from the base's
+        theirs.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.05)
+        ours.lm_head.weight.add_(0.05)
+    their_params = dict(theirs.named_parameters())
+    assert {_peft_name(n) for n in _trainable(ours)} == set(_trainable(theirs))
+    assert "lm_head.weight" in _trainable(ours)
+    assert ours.lm_head.weight is not base.lm_head.weight
+
+    theirs.eval(), ours.eval()
+    expected = logits(theirs, inputs)
+    torch.testing.assert_close(logits(ours, inputs), expected, rtol=1e-5, atol=1e-5)
+    for model in (theirs, ours):
+        loss_of(model, inputs).backward()
+    for name, param in _trainable(ours).items():
+        torch.testing.assert_close(param.grad, their_params[_peft_name(name)].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    with peft_fast.disable_adapters(ours), theirs.disable_adapter():  # the original head and no vectors
+        assert torch.equal(logits(ours, inputs), logits(base, inputs))
+        torch.testing.assert_close(logits(theirs, inputs), logits(base, inputs), rtol=0, atol=1e-6)
+
+    peft_fast.save_adapter(ours, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "peft")
+    files = {who: load_file_dict(tmp_path / who / "adapter_model.safetensors") for who in ("ours", "peft")}
+    assert files["ours"].keys() == files["peft"].keys() and "base_model.model.lm_head.weight" in files["ours"]
+    for key, tensor in files["peft"].items():
+        assert torch.equal(files["ours"][key], tensor), key
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["lm_head"]
+    loaded_by_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(loaded_by_peft, inputs), expected, rtol=1e-5, atol=1e-5)
+    loaded_by_us = peft_fast.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(logits(loaded_by_us, inputs), expected, rtol=1e-5, atol=1e-5)
+
+    merged = peft_fast.merge(copy.deepcopy(ours))
+    torch.testing.assert_close(logits(merged, inputs), logits(theirs.merge_and_unload(), inputs), rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
+    restored = peft_fast.unpatch(ours)
+    assert torch.equal(restored.lm_head.weight, base.lm_head.weight)
+    assert torch.equal(logits(restored, inputs), logits(base, inputs))
+
+
+def load_file_dict(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(path, "pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
+
+
+def test_several_adapters_with_set_adapter_match_peft_and_save_in_its_layout(tmp_path):
+    """Two (IA)³ adapters, each with its own copy of the head: switching, both active, files both ways."""
+    base = build("llama")
+    inputs = batch("llama")
+    first = {"init_ia3_weights": False, "modules_to_save": ["lm_head"]}
+    second = {"target_modules": ["q_proj", "down_proj"], "feedforward_modules": ["down_proj"],
+              "init_ia3_weights": False, "modules_to_save": ["lm_head"]}  # fmt: skip
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**first))
+    theirs.add_adapter("other", peft.IA3Config(**second))
+    ours = peft_fast.patch(copy.deepcopy(base), peft_fast.IA3Config(**first), fused=False)
+    peft_fast.add_adapter(ours, peft_fast.IA3Config(**second), "other")
+    assert ours.active_adapters() == ["default"]
+    assert not any(".other" in n for n in _trainable(ours))  # added inactive and frozen, as PEFT does
+    with torch.no_grad():  # PEFT's vectors and a different head per adapter, in both models
+        for name, layer in ia3_layers(ours):
+            for adapter, vector in layer.ia3_l.items():
+                vector.copy_(theirs.get_submodule(f"base_model.model.{name}").ia3_l[adapter])
+        heads = theirs.base_model.model.lm_head.modules_to_save
+        for shift, adapter in ((0.05, "default"), (-0.08, "other")):
+            heads[adapter].weight.add_(shift)
+        ours.lm_head.weight.add_(0.05)
+        peft_fast.set_adapter(ours, "other")
+        ours.lm_head.weight.add_(-0.08)
+    theirs.eval(), ours.eval()
+    outputs = {}
+    # Both active would need two heads at once: PEFT refuses it, so do we (naming the module).
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
+        theirs.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match=r"lm_head is in modules_to_save of several active adapters"):
+        peft_fast.set_adapter(ours, ["default", "other"])
+    for active in (["default"], ["other"]):
+        theirs.base_model.set_adapter(active)
+        peft_fast.set_adapter(ours, active)
+        outputs[tuple(active)] = logits(ours, inputs)
+        torch.testing.assert_close(outputs[tuple(active)], logits(theirs, inputs), rtol=1e-5, atol=1e-5, msg=active)
+        assert {_peft_name(n) for n in _trainable(ours)} == {
+            n.replace(".modules_to_save.other.", ".modules_to_save.default.") for n in _trainable(theirs)
+        }, active
+    assert rel_err(outputs[("default",)], outputs[("other",)]) > 0.01
+
+    # PEFT's layout: "default" at the top of the directory, "other" in <dir>/other/, both ways.
+    peft_fast.set_adapter(ours, "other")
+    ours.save_pretrained(tmp_path / "ours")
+    assert (tmp_path / "ours" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "ours" / "other" / "adapter_model.safetensors").is_file()
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    reloaded.load_adapter(tmp_path / "ours" / "other", adapter_name="other")
+    reloaded.set_adapter("other")
+    torch.testing.assert_close(logits(reloaded.eval(), inputs), outputs[("other",)], rtol=1e-5, atol=1e-5)
+
+    theirs.base_model.set_adapter(["default"])
+    theirs.save_pretrained(tmp_path / "peft")
+    loaded = peft_fast.load_adapter(copy.deepcopy(base), tmp_path / "peft", fused=False)
+    loaded.load_adapter(tmp_path / "peft" / "other", "other")
+    assert loaded.active_adapters() == ["default"]
+    torch.testing.assert_close(logits(loaded, inputs), outputs[("default",)], rtol=1e-5, atol=1e-5)
+    loaded.set_adapter("other")
+    torch.testing.assert_close(logits(loaded, inputs), outputs[("other",)], rtol=1e-5, atol=1e-5)

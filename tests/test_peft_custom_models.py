@@ -331,8 +331,9 @@ CASES = [
 
 # What peft_fast refuses on purpose today, with the message (a regex) both doors must raise. Only features
 # its code names as unsupported: config._UNSUPPORTED_WHEN_SET (lora_bias, trainable_token_indices,
-# target_parameters), DoRA on an Embedding (lora/patching.py), LoraConfig's init_lora_weights check,
-# IA3Config.from_peft_dict's modules_to_save check, and (IA)³'s one adapter per model (Method.stacks).
+# target_parameters), DoRA on an Embedding (lora/patching.py), LoraConfig's init_lora_weights check, and
+# a second (IA)³ adapter that would scale the other side of a layer (PEFT keeps the first adapter's side
+# silently; ia3/patching.py's find_ia3_targets).
 REFUSED = {
     "embconv1d2-dora": r"DoRA \(use_dora=True\) is supported on Linear / Conv1D layers .*Embedding layers: emb",
     "embconv1d3-dora": r"DoRA \(use_dora=True\) is supported on Linear / Conv1D layers .*Embedding layers: emb",
@@ -340,15 +341,12 @@ REFUSED = {
     "embconv1d1-trainable_tokens": "trainable_token_indices",
     "mlp2-target_parameters": "target_parameters",
     "mlp-mica": "init_lora_weights",
-    "mlp9-ia3-modules_to_save": "modules_to_save",
-    "embconv1d3-ia3-modules_to_save": "modules_to_save",
     "mlp-kasa": "kasa_config",
     "mlp10-velora-random": "velora_config",
     "mlp11-velora-batch_average": "velora_config",
     "mlp12-velora-batch_average_once": "velora_config",
     "mlp-monteclora": "monteclora_config",
-    "ia3-same": r"one adapter per model|already has the \(IA\)³ adapter",
-    "ia3-different": r"one adapter per model|already has the \(IA\)³ adapter",
+    "ia3-same-other-side": r"lin0 \(the other adapters scale its input, this one its output\)",
 }
 
 
@@ -830,6 +828,8 @@ MULTI_CASES = [
               {"target_modules": ["lin0"], "feedforward_modules": ["lin0"]}),
     MultiCase("ia3-different", "ia3", {"target_modules": ["lin0"], "feedforward_modules": ["lin0"]},
               {"target_modules": ["lin1"], "feedforward_modules": ["lin1"]}),
+    MultiCase("ia3-same-other-side", "ia3", {"target_modules": ["lin0"], "feedforward_modules": ["lin0"]},
+              {"target_modules": ["lin0"], "feedforward_modules": []}),
 ]  # fmt: skip
 MULTI_SUPPORTED = [pytest.param(c, id=c.id) for c in MULTI_CASES if c.id not in REFUSED]
 ACTIVE_SETS = (["default"], ["other"], ["default", "other"])

@@ -93,7 +93,7 @@ class LoraMethod(Method):
     def load(self, model: nn.Module, directory, adapter_name: str | None, is_trainable: bool):
         return load_lora(model, directory, adapter_name or "default", is_trainable)
 
-    def model_key(self, file_key: str, adapter_name: str) -> str:
+    def model_key(self, model: nn.Module, file_key: str, adapter_name: str) -> str:
         return model_key(file_key, adapter_name)
 
     def save_tensors(self, model: nn.Module, directory: Path, adapter_name: str, tensors: dict) -> Path:

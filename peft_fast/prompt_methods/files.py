@@ -79,11 +79,85 @@ def save_prompt_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     the config's digest in the weights' metadata, under the directory's lock; PEFT's
     ``from_pretrained`` loads them.
     """
+    return write_prompt_files(model, directory, prompt_adapter_state_dict(model))
+
+
+def write_prompt_files(model: nn.Module, directory: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write the adapter's config and ``tensors`` (PEFT key -> tensor) as one pair (see :func:`save_prompt_adapter`)."""
     state = _require_state(model)
-    directory = output_directory(directory)
-    tensors = prompt_adapter_state_dict(model)
     config_bytes = (json.dumps(_peft_config_dict(model, state.config), indent=2, sort_keys=True) + "\n").encode()
-    return write_adapter_pair(directory, ADAPTER_WEIGHTS, tensors, config_bytes)
+    return write_adapter_pair(output_directory(directory), ADAPTER_WEIGHTS, tensors, config_bytes)
+
+
+def prompt_model_key(file_key: str) -> str | None:
+    """The model's parameter name for a key of the adapter file; None for ``prompt_embeddings`` (the
+    encoder's output, computed from its parameters)."""
+    return None if file_key == "prompt_embeddings" else file_key.removeprefix(_PEFT_PREFIX)
+
+
+def reload_prompt_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Copy the adapter file's tensors into the model's prompt adapter, in place (a resume, a best checkpoint).
+
+    The file must be of the same method and shapes. A reparameterised encoder (prefix MLP, P-tuning)
+    is not set from the file, which holds its output only: the Trainer hooks restore its parameters
+    from the training tensors saved beside it (:func:`encoder_training_tensors`).
+    """
+    from peft_fast.adapter_files import check_adapter_tensors, read_adapter_files
+
+    state = _require_state(model)
+    files = read_adapter_files(directory)
+    theirs = _config_from_peft(files.config)
+    if type(theirs) is not type(state.config):
+        raise ValueError(
+            f"the adapter at {directory} is a {theirs.peft_type} adapter; the model's is {state.config.peft_type}"
+        )
+    expected = {key: tuple(value.shape) for key, value in prompt_adapter_state_dict(model).items()}
+    check_adapter_tensors(files.tensors, expected, f"adapter at {directory}", model)
+    files.check_written_together()
+    with torch.no_grad():
+        if isinstance(state.config, AdaptionPromptConfig):
+            params = dict(model.named_parameters())
+            for key, tensor in files.tensors.items():
+                param = params[key.removeprefix(_PEFT_PREFIX)]
+                param.copy_(tensor.to(param.dtype))
+        elif state.encoder.reparameterization is None:
+            weight = state.encoder.embedding.weight
+            weight.copy_(files.tensors["prompt_embeddings"].to(weight.dtype))
+
+
+def encoder_training_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A reparameterised encoder's parameters (``embedding``, ``transform`` / ``mlp_head`` / ``lstm_head``),
+    which PEFT's file evaluates away; empty when the file holds what trains."""
+    state = _require_state(model)
+    encoder = state.encoder
+    if encoder is None or encoder.reparameterization is None:
+        return {}
+    return {key: value.detach().contiguous().cpu() for key, value in encoder.state_dict().items()}
+
+
+def reload_encoder_training_tensors(model: nn.Module, directory: str | os.PathLike, tensors: dict) -> None:
+    """Put a reparameterised encoder's saved parameters back; they must reproduce the adapter file's prompt."""
+    from peft_fast.adapter_files import read_adapter_files
+
+    encoder = _require_state(model).encoder
+    own = encoder_training_tensors(model)
+    wrong = sorted(set(own) ^ set(tensors)) + [k for k in own if k in tensors and own[k].shape != tensors[k].shape]
+    if wrong:
+        raise ValueError(f"the training tensors at {directory} do not fit this prompt encoder: {wrong[:5]}")
+    saved = read_adapter_files(directory).tensors["prompt_embeddings"]
+    with torch.no_grad():
+        before = {key: value.detach().clone() for key, value in encoder.state_dict().items()}
+        encoder.load_state_dict({key: tensors[key] for key in own})
+        was_training = encoder.training
+        encoder.eval()
+        prompt = encoder().float().cpu()
+        encoder.train(was_training)
+        if not torch.allclose(prompt, saved, rtol=1e-5, atol=1e-6):
+            encoder.load_state_dict(before)
+            raise ValueError(
+                f"the training tensors at {directory} do not reproduce its adapter file's prompt_embeddings "
+                "(files from two saves?); save the adapter again"
+            )
 
 
 def _config_from_peft(raw: dict[str, Any]) -> PromptConfig:

@@ -8,7 +8,16 @@ from pathlib import Path
 from torch import nn
 
 from peft_fast.method import Method, flags_set
-from peft_fast.prompt_methods.files import load_prompt_adapter, prompt_adapter_state_dict, save_prompt_adapter
+from peft_fast.prompt_methods.files import (
+    encoder_training_tensors,
+    load_prompt_adapter,
+    prompt_adapter_state_dict,
+    prompt_model_key,
+    reload_encoder_training_tensors,
+    reload_prompt_adapter,
+    save_prompt_adapter,
+    write_prompt_files,
+)
 from peft_fast.prompt_methods.patching import patch_prompt, unpatch_prompt
 from peft_fast.prompt_methods.state import _CONFIGS, _STATE_ATTR, _require_state
 
@@ -21,6 +30,7 @@ class PromptMethod(Method):
     name = "prompt methods"
     config_types = tuple(_CONFIGS.values())
     state_attr = _STATE_ATTR
+    trainer_hooks = True
 
     def patch(self, model: nn.Module, config, adapter_name: str) -> None:
         patch_prompt(model, config, adapter_name)
@@ -59,6 +69,21 @@ class PromptMethod(Method):
 
     def load(self, model: nn.Module, directory, adapter_name: str | None, is_trainable: bool):
         return load_prompt_adapter(model, directory, adapter_name or "default", is_trainable)
+
+    def model_key(self, model: nn.Module, file_key: str, adapter_name: str) -> str | None:
+        return prompt_model_key(file_key)
+
+    def save_tensors(self, model: nn.Module, directory: Path, adapter_name: str, tensors: dict) -> Path:
+        return write_prompt_files(model, directory, tensors)
+
+    def reload(self, model: nn.Module, directory, adapter_name: str) -> None:
+        reload_prompt_adapter(model, directory)
+
+    def training_tensors(self, model: nn.Module, adapter_name: str) -> dict:
+        return encoder_training_tensors(model)
+
+    def reload_training_tensors(self, model: nn.Module, directory, adapter_name: str, tensors: dict) -> None:
+        reload_encoder_training_tensors(model, directory, tensors)
 
 
 METHOD = PromptMethod()
