@@ -30,7 +30,7 @@ _PEFT_LORA_DEFAULTS: dict[str, Any] = {
     "kasa_config": None, "ensure_weight_tying": False,
 }  # fmt: skip
 # PEFT features that change the math; an adapter that uses one cannot load here.
-_UNSUPPORTED_WHEN_SET = ("lora_bias", "layer_replication", "target_parameters", "use_qalora",
+_UNSUPPORTED_WHEN_SET = ("layer_replication", "target_parameters", "use_qalora",
                          "trainable_token_indices", "alora_invocation_tokens", "arrow_config")  # fmt: skip
 
 
@@ -163,6 +163,7 @@ class LoraConfig:
     use_dora: bool = False
     init_lora_weights: bool | str = True
     loftq_config: dict = field(default_factory=dict)
+    lora_bias: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
@@ -186,6 +187,15 @@ class LoraConfig:
         _check_init_lora_weights(self)
         check_bool("use_rslora", self.use_rslora)
         check_bool("use_dora", self.use_dora)
+        check_bool("lora_bias", self.lora_bias)
+        # PEFT 0.21's own rules for lora_bias (B gets a bias, trained, scaled like B·A).
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ValueError(
+                f"lora_bias=True is only supported with init_lora_weights=True or False, got "
+                f"init_lora_weights={self.init_lora_weights!r}"
+            )
+        if self.lora_bias and self.use_dora:
+            raise ValueError("lora_bias=True is not supported for DoRA: pass use_dora=False")
         _check_nf4_storage(self)
         if self.target_modules is None:
             raise ValueError("target_modules is required: a list of names, a regex, or 'all-linear'")

@@ -7,6 +7,8 @@ the keys of a bitsandbytes ``Linear4bit`` (``weight``, ``weight.absmax``, ``weig
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -292,6 +294,7 @@ class LoraLinear(LoraLayer):
         use_rslora: bool = False,
         use_dora: bool = False,
         initial: tuple[torch.Tensor, torch.Tensor] | None = None,
+        lora_bias: bool = False,
     ) -> None:
         """Add (or replace) adapter ``adapter_name`` with rank ``r``, initialised as PEFT does.
 
@@ -307,7 +310,16 @@ class LoraLinear(LoraLayer):
         check_probability("lora_dropout", lora_dropout)
         factory = {"device": self.base_device(), "dtype": self.base_dtype()}
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)
+        check_bool("lora_bias", lora_bias)
+        if lora_bias and getattr(self.base_layer, "bias", None) is None:
+            warnings.warn(  # as PEFT: it trains and saves, but cannot be merged into a base without a bias
+                f"lora_bias=True on a {type(self.base_layer).__name__} without a bias: merging this adapter "
+                "will not be possible",
+                UserWarning,
+                stacklevel=4,
+            )
+        # lora_bias (PEFT): B has a bias, trained and scaled with B·A: y += s·(H·Bᵀ + b_B).
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias, **factory)
         self.lora_dropout_p[adapter_name] = float(lora_dropout)
         self._record(adapter_name, r, lora_alpha, use_rslora)
         if initial is None:
@@ -349,6 +361,8 @@ class LoraLinear(LoraLayer):
         else:
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
         nn.init.zeros_(lora_b)
+        if self.lora_B[adapter_name].bias is not None:
+            nn.init.zeros_(self.lora_B[adapter_name].bias)
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """The trainable parameters of adapter ``adapter_name`` (A, B, and DoRA's magnitude)."""
@@ -360,6 +374,8 @@ class LoraLinear(LoraLayer):
     def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Adapter ``adapter_name``'s tensors under their PEFT file suffixes (``lora_A.weight``, ...)."""
         out = {"lora_A.weight": self.lora_A[adapter_name].weight, "lora_B.weight": self.lora_B[adapter_name].weight}
+        if self.lora_B[adapter_name].bias is not None:
+            out["lora_B.bias"] = self.lora_B[adapter_name].bias
         if adapter_name in self.lora_magnitude_vector:
             out["lora_magnitude_vector"] = self.lora_magnitude_vector[adapter_name].weight
         return out
@@ -412,6 +428,10 @@ class LoraLinear(LoraLayer):
         if any(self.use_dora.get(name, False) for name in active):
             return self._dora_forward(x, base, bias, dtype, active).to(out_dtype)
         first, *others = active
+        b_first = self.lora_B[first].bias
+        if b_first is not None:  # lora_bias: s·b_B joins the base bias, in the op's one epilogue
+            scaled = self.scaling[first] * b_first.to(dtype)
+            bias = scaled if bias is None else bias + scaled
         y = lora_linear(
             x, base, self.lora_A[first].weight.to(dtype), self.lora_B[first].weight.to(dtype), bias,
             scale=self.scaling[first], dropout_p=self.lora_dropout_p[first], training=self.training,
@@ -419,7 +439,10 @@ class LoraLinear(LoraLayer):
         for name in others:
             dropped = nn.functional.dropout(x, self.lora_dropout_p[name], self.training)
             lora_a, lora_b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
-            y = y + self.scaling[name] * (dropped @ lora_a.t() @ lora_b.t())
+            lora = dropped @ lora_a.t() @ lora_b.t()
+            if self.lora_B[name].bias is not None:
+                lora = lora + self.lora_B[name].bias.to(dtype)
+            y = y + self.scaling[name] * lora
         return y.to(out_dtype)
 
     def _dora_forward(self, x, base, bias, dtype: torch.dtype, active: list[str]) -> torch.Tensor:

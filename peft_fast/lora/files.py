@@ -176,7 +176,7 @@ def reload_in_place(model: nn.Module, directory, adapter_name: str) -> None:
     ours = _require_state(model).configs[adapter_name]
     differ = [
         f"{key}: file {getattr(file_config, key)!r}, model {getattr(ours, key)!r}"
-        for key in ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "bias")
+        for key in ("r", "lora_alpha", "use_rslora", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "bias")
         if getattr(file_config, key) != getattr(ours, key)
     ]
     if differ:
@@ -232,6 +232,8 @@ def _expected_adapter_shapes(model, config, targets) -> dict[str, tuple | None]:
         out_features, in_features = module_features(module)
         shapes[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (rank, in_features)
         shapes[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (out_features, rank)
+        if config.lora_bias:
+            shapes[f"{PEFT_PREFIX}{name}.lora_B.bias"] = (out_features,)
         if config.use_dora:
             shapes[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = (out_features,)
     target_set = set(targets)

@@ -197,6 +197,10 @@ def _new_adapter(
     layer: LoraLayer, name: str, config: LoraConfig, adapter_name: str, initial: tuple | None = None
 ) -> None:
     extra = {} if initial is None else {"initial": initial}  # from the base weight: linear layers only
+    if config.lora_bias:
+        if isinstance(layer, LoraEmbedding):  # as PEFT: its embedding layer takes no lora_bias
+            raise ValueError(f"lora_bias=True is not supported for embedding layers ({name})")
+        extra["lora_bias"] = True
     layer.update_layer(adapter_name, config.rank_for(name), config.alpha_for(name), config.lora_dropout,
                        config.init_lora_weights, config.use_rslora, config.use_dora, **extra)  # fmt: skip
     # PEFT's autocast_adapter_dtype (get_peft_model's default): over an fp16 / bf16 base the adapter
@@ -367,6 +371,22 @@ def unpatch_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def _lora_bias_delta(name: str, layer: LoraLayer) -> torch.Tensor | None:
+    """Σ s·b_B over the active lora_bias adapters of ``layer`` (what merging adds to its base bias), or None."""
+    if isinstance(layer, LoraEmbedding) or layer.disable_adapters:
+        return None
+    biases = [(a, layer.lora_B[a].bias) for a in layer.active_adapters if a in layer.lora_B]
+    biases = [(a, b) for a, b in biases if b is not None]
+    if not biases:
+        return None
+    if getattr(layer.base_layer, "bias", None) is None:
+        raise RuntimeError(
+            f"cannot merge {name}: its adapter has lora_bias=True but the base layer has no bias (as in PEFT); "
+            "nothing was merged"
+        )
+    return sum(layer.scaling[a] * b.detach().float() for a, b in biases)
+
+
 def merge_lora_layers(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Fold the active adapters into the base weights of every LoraLinear and remove LoRA's state.
 
@@ -375,8 +395,13 @@ def merge_lora_layers(model: nn.Module, dtype: torch.dtype | None = None) -> nn.
     method is left on the model).
     """
     state = _require_state(model)
-    for name, layer in list(lora_layers(model)):
+    layers = list(lora_layers(model))
+    biases = {name: _lora_bias_delta(name, layer) for name, layer in layers}  # refuses before anything merges
+    for name, layer in layers:
         merged = layer.merged_weight(dtype)
+        if biases[name] is not None:
+            with torch.no_grad():
+                layer.base_layer.bias.add_(biases[name].to(layer.base_layer.bias.dtype))
         if isinstance(layer, LoraEmbedding):
             # Into the base embedding itself, as PEFT merges (a tied output head sees the merge too).
             layer.base_layer.weight.data = merged
