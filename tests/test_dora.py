@@ -354,3 +354,45 @@ def test_refusals():
     assert not any(isinstance(m, peft_fast.LoraLinear) for m in model.modules()), "the model was touched"
     with pytest.raises(TypeError, match="use_dora must be True or False"):
         peft_fast.LoraConfig(target_modules=["q_proj"], use_dora="yes")
+
+
+# -- the column scale m/‖·‖ (+ bias) in one pass ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("m", "n", "bias"), [(1, 40, True), (37, 130, False), (64, 96, True)])
+def test_scale_kernel_matches_reference_and_float64(m, n, bias, dtype, kernel_device):
+    from peft_fast.kernels.dora import dora_scale_reference, dora_scale_triton
+
+    y = torch.randn(m, n, device=kernel_device).to(dtype)
+    magnitude = torch.rand(n, device=kernel_device) + 0.5  # fp32, as PEFT keeps it over half bases
+    norm = torch.rand(n, device=kernel_device) + 0.5
+    b = torch.randn(n, device=kernel_device).to(dtype) if bias else None
+    got = dora_scale_triton(y, magnitude, norm, b)
+    assert got.dtype == dtype and got.shape == y.shape and torch.isfinite(got).all()
+    assert torch.equal(got, dora_scale_reference(y, magnitude, norm, b))  # one fp32 rounding, the same
+    exact = y.double() * (magnitude.double() / norm.double()) + (b.double() if bias else 0)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert float((got.double() - exact).norm() / exact.norm()) < tol
+    # A strided view (every other row) gives the same rows.
+    wide = torch.randn(2 * m, n, device=kernel_device).to(dtype)
+    assert torch.equal(dora_scale_triton(wide[::2], magnitude, norm, b), dora_scale_reference(wide[::2], magnitude,
+                                                                                              norm, b))  # fmt: skip
+
+
+def test_scale_op_gradients_match_the_formula(monkeypatch):
+    from peft_fast.ops import dora_scale
+
+    y = torch.randn(5, 3, 24, dtype=torch.float64, requires_grad=True)
+    magnitude = (torch.rand(24, dtype=torch.float64) + 0.5).requires_grad_()
+    norm = torch.rand(24, dtype=torch.float64) + 0.5
+    bias = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, m, b: dora_scale(a, m, norm, b), (y, magnitude, bias))
+    for backend in ("torch", "triton"):  # fp32 on both backends: the same gradients as the formula's
+        monkeypatch.setenv("PEFT_FAST_BACKEND", backend)
+        y32, m32, b32 = (t.detach().float().requires_grad_() for t in (y, magnitude, bias))
+        dora_scale(y32, m32, norm.float(), b32).square().sum().backward()
+        want = [t.detach().clone().requires_grad_() for t in (y32, m32, b32)]
+        (want[0] * (want[1] / norm.float()) + want[2]).square().sum().backward()
+        for got, ref in zip((y32, m32, b32), want, strict=True):
+            assert torch.allclose(got.grad, ref.grad, rtol=1e-5, atol=1e-6), backend

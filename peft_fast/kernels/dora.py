@@ -32,7 +32,7 @@ from peft_fast.kernels.nf4_tiles import (
 )
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
-__all__ = ["dora_weight_norm_reference", "dora_weight_norm_triton"]
+__all__ = ["dora_scale_reference", "dora_scale_triton", "dora_weight_norm_reference", "dora_weight_norm_triton"]
 
 # One program per BLOCK_N rows: N / 32 programs (128 at N = 4096, about one per H200 SM), each
 # streaming its rows once; BLOCK_K = 64 is no wider than any NF4 block of 64 or more, so the
@@ -175,3 +175,67 @@ def dora_weight_norm_reference(
     summed = weight + lora
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     return torch.linalg.vector_norm(summed.to(acc), dim=1).to(dtype)
+
+
+@triton.jit
+def _dora_scale_kernel(
+    y_ptr, magnitude_ptr, norm_ptr, bias_ptr, out_ptr, M, N, stride_y, stride_out,
+    HAS_BIAS: tl.constexpr, KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """out = y · (m / ‖·‖) + b per column, the factor and the sum in fp32, rounded once to out's dtype."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    mask = (offs_m < M)[:, None] & n_mask[None, :]
+    factor = tl.load(magnitude_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) / tl.load(
+        norm_ptr + offs_n, mask=n_mask, other=1.0
+    ).to(tl.float32)
+    rows = offs_m.to(tl.int64)[:, None]
+    y = tl.load(y_ptr + rows * stride_y + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = y * factor[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    # Rounded to the output dtype first (the interpreter truncates a plain cast to bf16), so the store is exact.
+    out = _rounded(out, KIND)
+    tl.store(out_ptr + rows * stride_out + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dora_scale_triton(
+    y: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """DoRA's ``y · (m / ‖W + s·B·A‖) + b`` per output column in one pass over y [M, N] (rows contiguous).
+
+    The column factor m / ‖·‖ and the bias add are fp32, the result is rounded once to y's dtype,
+    as :func:`dora_scale_reference` (three library passes with fp32 intermediates before).
+    """
+    m, n = y.shape
+    if y.dtype not in _KIND:
+        raise TypeError(f"DoRA scale: y must be float32, float16 or bfloat16, got {y.dtype}")
+    if magnitude.shape != (n,) or norm.shape != (n,) or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"DoRA scale: magnitude, norm and bias must be [{n}] for y of shape {tuple(y.shape)}")
+    if y.stride(1) != 1:
+        y = y.contiguous()
+    out = torch.empty_like(y, memory_format=torch.contiguous_format)
+    if m == 0 or n == 0:
+        return out
+    block_m, block_n = 32, 128
+    if interpreted([y]):
+        block_m, block_n = fitted_block(block_m, m), fitted_block(block_n, n)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _dora_scale_kernel[grid](
+        y, magnitude.contiguous(), norm.contiguous(), bias if bias is not None else norm, out, m, n, y.stride(0),
+        out.stride(0), HAS_BIAS=bias is not None, KIND=_KIND[y.dtype], BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def dora_scale_reference(
+    y: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The torch reference of :func:`dora_scale_triton` (float64 stays float64)."""
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    out = y.to(acc) * (magnitude.to(acc) / norm.to(acc))
+    if bias is not None:
+        out = out + bias.to(acc)
+    return out.to(y.dtype)

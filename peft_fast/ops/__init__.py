@@ -15,7 +15,7 @@ from peft_fast.ops._common import (
 )
 from peft_fast.ops.adapter import bottleneck_adapter
 from peft_fast.ops.cross_entropy import linear_cross_entropy
-from peft_fast.ops.dora import dora_linear, dora_weight_norm
+from peft_fast.ops.dora import dora_linear, dora_scale, dora_weight_norm
 from peft_fast.ops.glu import glu, glu_packed
 from peft_fast.ops.ia3 import ia3_linear
 from peft_fast.ops.lora_linear import lora_linear, merge_lora
@@ -32,6 +32,7 @@ __all__ = [
     "bottleneck_adapter",
     "check_input",
     "dora_linear",
+    "dora_scale",
     "dora_weight_norm",
     "dropout_mask",
     "glu",

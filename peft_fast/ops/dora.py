@@ -25,7 +25,7 @@ from peft_fast.ops._common import args_to_base, base_to_args, no_autocast, uses_
 from peft_fast.ops.lora_linear import lora_linear
 from peft_fast.ops.nf4 import base_linear
 
-__all__ = ["dora_linear", "dora_weight_norm"]
+__all__ = ["dora_linear", "dora_scale", "dora_weight_norm"]
 
 
 @torch.library.custom_op("peft_fast::dora_weight_norm", mutates_args=())
@@ -69,6 +69,56 @@ def dora_weight_norm(
     return _dora_weight_norm_op(*base_to_args(base), lora_a, lora_b, float(scale))
 
 
+@torch.library.custom_op("peft_fast::dora_scale", mutates_args=())
+def _dora_scale_op(
+    y: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    from peft_fast.kernels import dora as kernels
+
+    with no_autocast(y.device):
+        if uses_kernels(y):
+            return kernels.dora_scale_triton(y, magnitude, norm, bias)
+        return kernels.dora_scale_reference(y, magnitude, norm, bias)
+
+
+@_dora_scale_op.register_fake
+def _(y, magnitude, norm, bias):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+def _dora_scale_setup_context(ctx, inputs, output) -> None:
+    y, magnitude, norm, bias = inputs
+    ctx.save_for_backward(y, magnitude, norm)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _dora_scale_backward(ctx, grad_out):
+    y, magnitude, norm = ctx.saved_tensors
+    needs_y, needs_m, _needs_norm, needs_bias = ctx.needs_input_grad
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    # d/dy: the same column scale of the gradient (one kernel pass); d/dm: Σ_rows dOut·y / ‖·‖ (the
+    # norm is a constant for autograd, as in PEFT); d/db: Σ_rows dOut.
+    grad_y = _dora_scale_op(grad_out.contiguous(), magnitude, norm, None) if needs_y else None
+    grad_m = ((grad_out.to(acc) * y.to(acc)).sum(0) / norm.to(acc)).to(magnitude.dtype) if needs_m else None
+    grad_bias = grad_out.to(acc).sum(0).to(ctx.bias_dtype) if needs_bias else None
+    return grad_y, grad_m, None, grad_bias
+
+
+_dora_scale_op.register_autograd(_dora_scale_backward, setup_context=_dora_scale_setup_context)
+
+
+def dora_scale(
+    y: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y · (m / ‖W + s·B·A‖) + b`` per output column of y [..., N], fp32 inside, in y's dtype, one pass.
+
+    Gradients reach y, the magnitude m and the bias; never the norm (PEFT detaches it).
+    """
+    lead = y.shape[:-1]
+    out = _dora_scale_op(y.reshape(-1, y.shape[-1]), magnitude, norm.detach(), bias)
+    return out.reshape(*lead, y.shape[-1])
+
+
 def dora_linear(
     x: torch.Tensor,
     base: torch.Tensor | NF4Weight,
@@ -97,13 +147,10 @@ def dora_linear(
     if magnitude.shape != (base.shape[0],):
         raise ValueError(f"the DoRA magnitude must be [{base.shape[0]}], got {tuple(magnitude.shape)}")
     norm = dora_weight_norm(base, lora_a, lora_b, scale) if weight_norm is None else weight_norm.detach()
-    factor = magnitude.float() / norm.float()  # PEFT's mag_norm_scale, [N]
-    if dropped is None:
+    if dropped is None:  # one fused LoRA forward, then m/‖·‖ and the bias in one pass over it
         y = lora_linear(x, base, lora_a, lora_b, None, scale=scale)
-        out = factor * y.float()
-        if bias is not None:
-            out = out + bias.float()
-        return out.to(x.dtype)
+        return dora_scale(y, magnitude, norm, bias).to(x.dtype)
+    factor = magnitude.float() / norm.float()  # PEFT's mag_norm_scale, [N]
     y = base_linear(x, base, bias)
     both = lora_linear(dropped, base, lora_a, lora_b, None, scale=scale)  # x_d·Wᵀ + s·(x_d·Aᵀ)·Bᵀ
     lora = scale * ((dropped @ lora_a.t()) @ lora_b.t())

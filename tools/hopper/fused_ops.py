@@ -140,22 +140,21 @@ def dora_weight_norm(
 def dora_forward(m: int, n: int = HIDDEN, k: int = HIDDEN, r: int = 16, *, dtype: str = "bf16") -> OpCase:
     """DoRA's layer without dropout over NF4: the weight norm, the fused LoRA forward, m/‖·‖ per column.
 
-    What ``peft_fast.ops.dora_linear`` launches (no dropout: one fused forward scaled per column, the
-    fp32 column scale applied by library ops). The floor is the LoRA forward's (2·M·N·K at the bf16
+    What ``peft_fast.ops.dora_linear`` launches (no dropout: one fused forward, then the column
+    scale m/‖·‖ and the bias in one pass, ``dora_scale_triton``). The floor is the LoRA forward's (2·M·N·K at the bf16
     rate); README compares its prediction with qlora_forward's at the same shape (issue goal:
     DoRA ≤ 1.15 × our LoRA layer).
     """
     t = DTYPES[dtype]
 
     def run() -> None:
-        from peft_fast.kernels.dora import dora_weight_norm_triton
+        from peft_fast.kernels.dora import dora_scale_triton, dora_weight_norm_triton
         from peft_fast.kernels.lora_linear import lora_linear_forward
 
         base, lora_a, lora_b = fake_base("nf4dq", n, k, t), fake(r, k, dtype=t), fake(n, r, dtype=t)
         norm = dora_weight_norm_triton(base, lora_a, lora_b, 2.0)
         y, _ = lora_linear_forward(fake(m, k, dtype=t), base, lora_a, lora_b, None, 2.0, 0.0, 0)
-        factor = fake(n, dtype=torch.float32) / norm.float()
-        (factor * y.float()).to(t)
+        dora_scale_triton(y, fake(n, dtype=torch.float32), norm)
 
     nbytes = weight_bytes("nf4dq", n, k, dtype) + element_size(dtype) * (m * k + m * n + 2 * r * (n + k)) + 4 * n
     flops = 2.0 * m * n * k + 2.0 * m * r * (n + k)
@@ -183,6 +182,9 @@ ENTRIES: list[OpEntry] = [
     OpEntry(
         "dora",
         lambda: [dora_weight_norm(), dora_forward(512), dora_forward(4096)],
-        lambda dtype: [dora_weight_norm(dtype=dtype, base=b, r=r) for b in ("dense", "nf4", "nf4dq") for r in (16, 64)],
+        lambda dtype: (
+            [dora_weight_norm(dtype=dtype, base=b, r=r) for b in ("dense", "nf4", "nf4dq") for r in (16, 64)]
+            + [dora_forward(64, dtype=dtype)]
+        ),
     ),
 ]
