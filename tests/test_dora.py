@@ -396,3 +396,19 @@ def test_scale_op_gradients_match_the_formula(monkeypatch):
         (want[0] * (want[1] / norm.float()) + want[2]).square().sum().backward()
         for got, ref in zip((y32, m32, b32), want, strict=True):
             assert torch.allclose(got.grad, ref.grad, rtol=1e-5, atol=1e-6), backend
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_scale_backward_kernel_is_one_pass_of_the_formula(dtype, kernel_device):
+    from peft_fast.kernels.dora import dora_scale_backward_triton
+
+    m, n = 70, 136  # row blocks of 32: three partial rows per column, the last one ragged
+    grad_out = torch.randn(m, n, device=kernel_device).to(dtype)
+    y = torch.randn(m, n, device=kernel_device).to(dtype)
+    magnitude, norm = torch.rand(n, device=kernel_device) + 0.5, torch.rand(n, device=kernel_device) + 0.5
+    grad_y, sums = dora_scale_backward_triton(grad_out, y, magnitude, norm)
+    assert torch.equal(grad_y, (grad_out.float() * (magnitude / norm)).to(dtype))
+    exact = (grad_out.double() * y.double()).sum(0)
+    assert sums.dtype == torch.float32 and float((sums.double() - exact).norm() / exact.norm()) < 1e-5
+    again, sums_again = dora_scale_backward_triton(grad_out, y, magnitude, norm)
+    assert torch.equal(sums, sums_again) and torch.equal(grad_y, again)  # a fixed reduction order

@@ -32,7 +32,13 @@ from peft_fast.kernels.nf4_tiles import (
 )
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
-__all__ = ["dora_scale_reference", "dora_scale_triton", "dora_weight_norm_reference", "dora_weight_norm_triton"]
+__all__ = [
+    "dora_scale_backward_triton",
+    "dora_scale_reference",
+    "dora_scale_triton",
+    "dora_weight_norm_reference",
+    "dora_weight_norm_triton",
+]
 
 # One program per BLOCK_N rows: N / 32 programs (128 at N = 4096, about one per H200 SM), each
 # streaming its rows once; BLOCK_K = 64 is no wider than any NF4 block of 64 or more, so the
@@ -239,3 +245,54 @@ def dora_scale_reference(
     if bias is not None:
         out = out + bias.to(acc)
     return out.to(y.dtype)
+
+
+@triton.jit
+def _dora_scale_backward_kernel(
+    grad_ptr, y_ptr, magnitude_ptr, norm_ptr, grad_y_ptr, partial_ptr, M, N, stride_g, stride_y, stride_gy,
+    KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dY_in = dOut · (m / ‖·‖) per column (rounded once), and this row block's Σ dOut·Y per column (fp32)."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    mask = (offs_m < M)[:, None] & n_mask[None, :]
+    factor = tl.load(magnitude_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) / tl.load(
+        norm_ptr + offs_n, mask=n_mask, other=1.0
+    ).to(tl.float32)
+    rows = offs_m.to(tl.int64)[:, None]
+    grad = tl.load(grad_ptr + rows * stride_g + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + rows * stride_y + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    grad_y = _rounded(grad * factor[None, :], KIND)
+    tl.store(grad_y_ptr + rows * stride_gy + offs_n[None, :], grad_y.to(grad_y_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_ptr + pid_m.to(tl.int64) * N + offs_n, tl.sum(grad * y, axis=0), mask=n_mask)
+
+
+def dora_scale_backward_triton(
+    grad_out: torch.Tensor, y: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dY_in in y's dtype, Σ_rows dOut·Y per column in fp32) for ``out = y · (m / ‖·‖) + b``, one pass over dOut and y.
+
+    Each row block writes its column sums; one library sum adds the blocks (a fixed order, so the
+    same inputs give the same bits). dm = that sum / ‖·‖ (the caller divides).
+    """
+    m, n = y.shape
+    if grad_out.shape != y.shape or y.dtype not in _KIND:
+        raise ValueError(f"DoRA scale backward: dOut {tuple(grad_out.shape)} must match y {tuple(y.shape)} "
+                         f"(float32 / float16 / bfloat16, got {y.dtype})")  # fmt: skip
+    grad_out = grad_out if grad_out.stride(1) == 1 else grad_out.contiguous()
+    y = y if y.stride(1) == 1 else y.contiguous()
+    grad_y = torch.empty((m, n), dtype=y.dtype, device=y.device)
+    block_m, block_n = 32, 128
+    if interpreted([y]):
+        block_m, block_n = fitted_block(block_m, m), fitted_block(block_n, n)
+    blocks = triton.cdiv(m, block_m)
+    partial = torch.empty((blocks, n), dtype=torch.float32, device=y.device)
+    if m == 0 or n == 0:
+        return grad_y, torch.zeros(n, dtype=torch.float32, device=y.device)
+    _dora_scale_backward_kernel[(blocks, triton.cdiv(n, block_n))](
+        grad_out, y, magnitude.contiguous(), norm.contiguous(), grad_y, partial, m, n, grad_out.stride(0),
+        y.stride(0), grad_y.stride(0), KIND=_KIND[y.dtype], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+    return grad_y, partial.sum(0)

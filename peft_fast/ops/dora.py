@@ -98,8 +98,16 @@ def _dora_scale_backward(ctx, grad_out):
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     # d/dy: the same column scale of the gradient (one kernel pass); d/dm: Σ_rows dOut·y / ‖·‖ (the
     # norm is a constant for autograd, as in PEFT); d/db: Σ_rows dOut.
-    grad_y = _dora_scale_op(grad_out.contiguous(), magnitude, norm, None) if needs_y else None
-    grad_m = ((grad_out.to(acc) * y.to(acc)).sum(0) / norm.to(acc)).to(magnitude.dtype) if needs_m else None
+    grad_y = grad_m = None
+    if needs_m and uses_kernels(y):  # dY_in and Σ_rows dOut·Y in one pass over both
+        from peft_fast.kernels import dora as kernels
+
+        grad_y, column_sums = kernels.dora_scale_backward_triton(grad_out, y, magnitude, norm)
+        grad_m = (column_sums / norm.float()).to(magnitude.dtype)
+        grad_y = grad_y if needs_y else None
+    else:
+        grad_y = _dora_scale_op(grad_out.contiguous(), magnitude, norm, None) if needs_y else None
+        grad_m = ((grad_out.to(acc) * y.to(acc)).sum(0) / norm.to(acc)).to(magnitude.dtype) if needs_m else None
     grad_bias = grad_out.to(acc).sum(0).to(ctx.bias_dtype) if needs_bias else None
     return grad_y, grad_m, None, grad_bias
 

@@ -162,6 +162,34 @@ def dora_forward(m: int, n: int = HIDDEN, k: int = HIDDEN, r: int = 16, *, dtype
                   floor_flops=2.0 * m * n * k, note="DoRA layer, no dropout; compare with qlora_forward")  # fmt: skip
 
 
+def dora_backward(m: int, n: int = HIDDEN, k: int = HIDDEN, r: int = 16, *, dtype: str = "bf16") -> OpCase:
+    """DoRA's layer backward without dropout over NF4: what autograd runs through ``dora_linear``.
+
+    ``dora_scale``'s backward (one pass over dY and Y: dY scaled per column and Σ_rows dY·Y per row
+    block; dm = their sum / ‖·‖), then ``lora_linear_backward`` with every gradient (dX, dA, dB, dH) of the scaled
+    dY. Compare with qlora_backward at the same shape (no dropout there: 0.1).
+    """
+    t = DTYPES[dtype]
+
+    def run() -> None:
+        from peft_fast.kernels.dora import dora_scale_backward_triton
+        from peft_fast.kernels.lora_linear import lora_linear_backward
+
+        f32 = torch.float32
+        grad_out, y, norm, magnitude = fake(m, n, dtype=t), fake(m, n, dtype=t), fake(n, dtype=f32), fake(n, dtype=f32)
+        grad_y, column_sums = dora_scale_backward_triton(grad_out, y, magnitude, norm)
+        column_sums / norm
+        lora_linear_backward(grad_y, fake(m, k, dtype=t), fake(m, r, dtype=t), fake_base("nf4dq", n, k, t),
+                             fake(r, k, dtype=t), fake(n, r, dtype=t), 2.0, 0.0, 0, True, True, True)  # fmt: skip
+
+    size = element_size(dtype)
+    nbytes = size * (3 * m * n + 2 * m * k + m * r + 2 * r * (n + k)) + weight_bytes("nf4dq", n, k, dtype) + 8 * n
+    flops = 2.0 * m * n * k + 4.0 * m * n * r + 4.0 * m * k * r
+    note = "DoRA layer backward, no dropout; compare with qlora_backward"
+    return OpCase("dora_backward", m, n, k, r, "nf4dq", 0.0, run, flops=flops, bytes=nbytes, dtype=dtype,
+                  floor_flops=2.0 * m * n * k, note=note)  # fmt: skip
+
+
 ENTRIES: list[OpEntry] = [
     OpEntry(
         "rms_norm",
@@ -181,7 +209,7 @@ ENTRIES: list[OpEntry] = [
     OpEntry("cross_entropy", lambda: [linear_cross_entropy()], lambda dtype: [linear_cross_entropy(dtype=dtype)]),
     OpEntry(
         "dora",
-        lambda: [dora_weight_norm(), dora_forward(512), dora_forward(4096)],
+        lambda: [dora_weight_norm(), dora_forward(512), dora_forward(4096), dora_backward(4096)],
         lambda dtype: (
             [dora_weight_norm(dtype=dtype, base=b, r=r) for b in ("dense", "nf4", "nf4dq") for r in (16, 64)]
             + [dora_forward(64, dtype=dtype)]
