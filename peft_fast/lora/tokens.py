@@ -89,7 +89,7 @@ class TrainableTokensLayer(nn.Module):
             return []
         return [name for name in self.active_adapters if name in self.owner.token_indices]
 
-    def rows(self, adapters: list[str], values: str = "delta") -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, adapters: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(distinct indices, their rows) of ``adapters`` (overlaps refused, as PEFT refuses them).
 
         A duplicated index takes its last row's value, and the gradient of that row goes to each duplicate.
@@ -103,18 +103,18 @@ class TrainableTokensLayer(nn.Module):
                     "only disjoint token indices can be active (or merged) together, as in PEFT"
                 )
             seen |= set(owner.token_indices[name])
-        store = owner.trainable_tokens_delta if values == "delta" else owner.trainable_tokens_original
+        store = owner.trainable_tokens_delta
         device = self.base_layer.weight.device
         indices = [i for name in adapters for i in owner.token_indices[name]]
         delta = torch.cat([store[name] for name in adapters]) if len(adapters) > 1 else store[adapters[0]]
         if len(set(indices)) == len(indices):
             return torch.tensor(indices, dtype=torch.long, device=device), delta
         last = {index: position for position, index in enumerate(indices)}
-        distinct = list(last)
-        group = torch.tensor([distinct.index(i) for i in indices], dtype=torch.long, device=device)
+        slot = {index: n for n, index in enumerate(last)}
+        group = torch.tensor([slot[i] for i in indices], dtype=torch.long, device=device)
         value = delta.detach()[torch.tensor(list(last.values()), dtype=torch.long, device=device)]
         grads = torch.zeros_like(value).index_add(0, group, delta - delta.detach())  # 0, with every row's grad
-        return torch.tensor(distinct, dtype=torch.long, device=device), value + grads
+        return torch.tensor(list(last), dtype=torch.long, device=device), value + grads
 
     def merged_weight(self, adapters: list[str] | None = None) -> torch.Tensor:
         """The base weight with the rows of ``adapters`` (default: the active ones) written in."""
