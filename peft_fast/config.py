@@ -30,8 +30,8 @@ _PEFT_LORA_DEFAULTS: dict[str, Any] = {
     "kasa_config": None, "ensure_weight_tying": False,
 }  # fmt: skip
 # PEFT features that change the math; an adapter that uses one cannot load here.
-_UNSUPPORTED_WHEN_SET = ("layer_replication", "target_parameters", "use_qalora",
-                         "trainable_token_indices", "alora_invocation_tokens", "arrow_config")  # fmt: skip
+_UNSUPPORTED_WHEN_SET = ("layer_replication", "target_parameters", "use_qalora", "alora_invocation_tokens",
+                         "arrow_config")  # fmt: skip
 
 
 # -- argument checks shared by the configs -------------------------------------------------------
@@ -69,6 +69,36 @@ def _check_init_lora_weights(config) -> None:
     iterations = config.loftq_config.get("loftq_iter", 1)
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
         raise ValueError(f"loftq_config loftq_iter must be a positive integer, got {iterations!r}")
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_token_indices(config) -> None:
+    """``trainable_token_indices``: None, a list of row indices (the input embedding's), or {module name: list}.
+
+    Each list must be non-empty and hold non-negative integers (PEFT fails deep inside torch on an empty
+    list, floats or negative indices); duplicates are kept, as PEFT keeps them. Ranges are checked at patch.
+    """
+    value = config.trainable_token_indices
+    if value is None:
+        return
+    lists = value if isinstance(value, dict) else {"the input embedding": value}
+    if isinstance(value, dict) and (not value or not all(isinstance(k, str) and k for k in value)):
+        raise TypeError(f"trainable_token_indices as a dict must map module names to index lists, got {value!r}")
+    for name, indices in lists.items():
+        if isinstance(indices, tuple):
+            indices = list(indices)
+        if not isinstance(indices, list) or not indices or not all(_is_index(i) and i >= 0 for i in indices):
+            raise ValueError(
+                f"trainable_token_indices for {name} must be a non-empty list of non-negative integer token "
+                f"indices, got {indices!r}"
+            )
+    if isinstance(value, dict):
+        config.trainable_token_indices = {k: [int(i) for i in v] for k, v in value.items()}
+    else:
+        config.trainable_token_indices = [int(i) for i in value]
 
 
 def _is_real(value: Any) -> bool:
@@ -169,6 +199,7 @@ class LoraConfig:
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     modules_to_save: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     fan_in_fan_out: bool = False
     task_type: str | None = None
     quantize: str | None = None
@@ -197,6 +228,7 @@ class LoraConfig:
         if self.lora_bias and self.use_dora:
             raise ValueError("lora_bias=True is not supported for DoRA: pass use_dora=False")
         _check_nf4_storage(self)
+        _check_token_indices(self)
         if self.target_modules is None:
             raise ValueError("target_modules is required: a list of names, a regex, or 'all-linear'")
         for name in ("target_modules", "exclude_modules", "modules_to_save"):

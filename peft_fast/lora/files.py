@@ -24,12 +24,14 @@ from peft_fast.lora.init import is_base_init
 from peft_fast.lora.patching import (
     _require_state,
     _state,
+    _token_targets,
     add_lora_adapter,
     find_targets,
     lora_layers,
     patch_lora,
     set_lora_adapter,
 )
+from peft_fast.lora.tokens import token_wrappers
 from peft_fast.targeting import matches, matches_modules_to_save
 
 __all__ = ["adapter_state_dict", "load_lora", "model_key", "reload_in_place", "save_lora", "write_lora_files"]
@@ -46,6 +48,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
             if isinstance(layer, LoraEmbedding) and _saves_embedding_base(model, config):
                 # PEFT's save_embedding_layers="auto": the base weight of a targeted embedding too.
                 out[f"{PEFT_PREFIX}{name}.base_layer.weight"] = layer.base_layer.weight
+    for name, wrapper in token_wrappers(model):  # a tied head's rows are its embedding's: not saved, as PEFT
+        layer = wrapper.token_adapter
+        if not layer.tied and adapter_name in layer.token_indices:
+            out[f"{PEFT_PREFIX}{name}.{_TOKENS_DELTA}"] = layer.trainable_tokens_delta[adapter_name]
     if config.bias != "none":
         lora_names = {name for name, _ in lora_layers(model)}
         for name, param in model.named_parameters():
@@ -59,9 +65,14 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     return {key: value.detach().contiguous().cpu() for key, value in out.items()}
 
 
+_TOKENS_DELTA = "token_adapter.trainable_tokens_delta"  # PEFT's key of a trainable-tokens wrapper's rows
+
+
 def _saves_embedding_base(model: nn.Module, config: LoraConfig) -> bool:
     """PEFT's save_embedding_layers="auto" rule: the targets name ``embed_tokens`` / ``lm_head`` (a
-    list entry, or a regex matching a module so named)."""
+    list entry, or a regex matching a module so named), unless the adapter has trainable_token_indices."""
+    if config.trainable_token_indices is not None:
+        return False
     names = ("embed_tokens", "lm_head")
     if isinstance(config.target_modules, list):
         return any(name in config.target_modules for name in names)
@@ -77,6 +88,8 @@ def model_key(peft_key: str, adapter_name: str) -> str:
     for part in (".lora_embedding_A", ".lora_embedding_B"):  # an embedding's adapter is a bare parameter
         if name.endswith(part):
             name = f"{name}.{adapter_name}"
+    if name.endswith("." + _TOKENS_DELTA):  # PEFT's file drops the adapter name
+        name = f"{name}.{adapter_name}"
     if name.endswith(".lora_magnitude_vector"):  # DoRA: PEFT's file drops the adapter name and ".weight"
         name = f"{name}.{adapter_name}.weight"
     return name
@@ -168,6 +181,11 @@ def load_lora(
     return model
 
 
+# What a file reloaded into an existing adapter must agree on with it.
+_MUST_AGREE = ("r", "lora_alpha", "use_rslora", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "bias",
+               "trainable_token_indices")  # fmt: skip
+
+
 def reload_in_place(model: nn.Module, directory, adapter_name: str) -> None:
     """Copy an adapter directory's tensors into the model's existing adapter ``adapter_name``."""
     files = read_adapter_files(directory)
@@ -176,7 +194,7 @@ def reload_in_place(model: nn.Module, directory, adapter_name: str) -> None:
     ours = _require_state(model).configs[adapter_name]
     differ = [
         f"{key}: file {getattr(file_config, key)!r}, model {getattr(ours, key)!r}"
-        for key in ("r", "lora_alpha", "use_rslora", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "bias")
+        for key in _MUST_AGREE
         if getattr(file_config, key) != getattr(ours, key)
     ]
     if differ:
@@ -236,6 +254,10 @@ def _expected_adapter_shapes(model, config, targets) -> dict[str, tuple | None]:
             shapes[f"{PEFT_PREFIX}{name}.lora_B.bias"] = (out_features,)
         if config.use_dora:
             shapes[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = (out_features,)
+    for name, indices in _token_targets(model, config, targets)[0].items():
+        module = model.get_submodule(name)
+        weight = getattr(module, "base_layer", module).weight
+        shapes[f"{PEFT_PREFIX}{name}.{_TOKENS_DELTA}"] = (len(indices), weight.shape[1])
     target_set = set(targets)
     if config.bias != "none":
         for name, param in model.named_parameters():

@@ -30,6 +30,7 @@ from peft_fast.host import (
 )
 from peft_fast.layers import LoraEmbedding, LoraLayer, LoraLinear, NF4Linear
 from peft_fast.lora.init import is_base_init
+from peft_fast.lora.tokens import token_targets, token_wrappers, wrap_tokens
 from peft_fast.method import flags_set
 from peft_fast.targeting import (
     check_modules_to_save,
@@ -52,6 +53,7 @@ __all__ = [
     "merge_lora_layers",
     "patch_lora",
     "set_lora_adapter",
+    "token_layers",
     "unpatch_lora",
 ]
 
@@ -89,6 +91,18 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             yield name, module
+
+
+def token_layers(model: nn.Module) -> list:
+    """The TrainableTokensLayer of every trainable-tokens wrapper (embeddings first, then tied heads)."""
+    return [wrapper.token_adapter for _, wrapper in token_wrappers(model)]
+
+
+def _token_targets(model: nn.Module, config: LoraConfig, targets: list[str]) -> tuple[dict, list[str]]:
+    """({embedding: indices}, tied heads) for ``config.trainable_token_indices`` (empty without it)."""
+    if config.trainable_token_indices is None:
+        return {}, []
+    return token_targets(model, config.trainable_token_indices, targets, config.modules_to_save)
 
 
 def _is_lora_base(module: nn.Module) -> bool:
@@ -237,6 +251,7 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     config = _with_task_modules(config)
     targets = find_targets(model, config)
     _check_user_modules_to_save(model, config)
+    tokens, tied_heads = _token_targets(model, config, targets)
     state = PatchState(configs={adapter_name: config}, active=[adapter_name], quantized=config.quantize == "nf4")
     # Every GPT-2 Conv1D is noted before NF4 quantization turns it into an NF4Linear (which the
     # check in the loop below no longer sees as one), so that merge gives back Conv1D layers.
@@ -249,9 +264,11 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     # bar) whatever Linear layers are left even if some are NF4 already, and freezes every
     # parameter, another method's included (patch LoRA first: see peft_fast.ia3).
     if config.quantize == "nf4":
-        quantize_host_model(model, config.blocksize, config.double_quant, tuple(config.modules_to_save or ()))
+        dense = (*(config.modules_to_save or ()), *tokens, *tied_heads)  # trainable tokens stay dense
+        quantize_host_model(model, config.blocksize, config.double_quant, dense)
     for param in model.parameters():
         param.requires_grad_(False)
+    wrap_tokens(model, tokens, tied_heads, adapter_name)
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, (nn.Linear, NF4Linear, nn.Embedding)):
@@ -269,6 +286,7 @@ def _mark_trainable(model: nn.Module, config: LoraConfig, adapter_name: str, sta
         if adapter_name in layer.lora_A:
             for param in layer.adapter_parameters(adapter_name):
                 param.requires_grad_(True)
+    _set_token_adapters(model, [adapter_name])
     if config.bias == "all":
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
@@ -303,9 +321,11 @@ def add_lora_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) ->
     # case); it starts inactive and frozen.
     targets = find_targets(model, config)
     _check_user_modules_to_save(model, config)
+    tokens, tied_heads = _token_targets(model, config, targets)
     # From the base weight (PiSSA, OLoRA, LoftQ): the shared base becomes the new adapter's residual,
     # under the other adapters too, as in PEFT.
     initial = _base_inits(model, targets, config) if is_base_init(config.init_lora_weights) else {}
+    wrap_tokens(model, tokens, tied_heads, adapter_name)  # inactive and frozen, as the new LoRA layers
     for name in targets:
         layer = model.get_submodule(name)
         if not isinstance(layer, LoraLayer):
@@ -322,8 +342,18 @@ def add_lora_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) ->
             state.original_modules[name] = copy.deepcopy(model.get_submodule(name)).requires_grad_(False)
             state.trained_modules[name] = model.get_submodule(name)
     state.configs[adapter_name] = config
+    _set_token_adapters(model, state.active)
     _use_saved_modules(model, state, state.active)
     return model
+
+
+def _set_token_adapters(model: nn.Module, active: list[str]) -> None:
+    """The trainable-tokens layers compute with (and train) the rows of the active adapters only."""
+    for layer in token_layers(model):
+        layer.active_adapters = [name for name in active if name in layer.adapters()]
+        if not layer.tied:
+            for name, param in layer.trainable_tokens_delta.items():
+                param.requires_grad_(name in active)
 
 
 def _use_saved_modules(model: nn.Module, state: PatchState, active: list[str]) -> None:
@@ -348,6 +378,7 @@ def set_lora_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
             for param in layer.adapter_parameters(adapter):
                 param.requires_grad_(trainable)
     state.active = names
+    _set_token_adapters(model, names)
     _use_saved_modules(model, state, names)
 
 
@@ -356,7 +387,8 @@ def disabled(model: nn.Module) -> Iterator[None]:
     """Within the block every LoraLinear computes with its base weights only, and modules_to_save
     with their originals (as PEFT's ``disable_adapter``)."""
     state = _require_state(model)
-    with flags_set([layer for _, layer in lora_layers(model)], "disable_adapters", True):
+    layers = [layer for _, layer in lora_layers(model)] + token_layers(model)
+    with flags_set(layers, "disable_adapters", True):
         _use_saved_modules(model, state, [])
         try:
             yield
@@ -367,6 +399,8 @@ def disabled(model: nn.Module) -> Iterator[None]:
 def unpatch_lora(model: nn.Module) -> nn.Module:
     """Remove every adapter and put the original modules back (NF4 bases stay NF4Linear)."""
     put_bases_back(model, list(lora_layers(model)), _require_state(model).conv1d_names)
+    for name, wrapper in token_wrappers(model):
+        set_submodule(model, name, wrapper.base_layer)
     delattr(model, STATE_ATTR)
     return model
 
@@ -397,6 +431,12 @@ def merge_lora_layers(model: nn.Module, dtype: torch.dtype | None = None) -> nn.
     state = _require_state(model)
     layers = list(lora_layers(model))
     biases = {name: _lora_bias_delta(name, layer) for name, layer in layers}  # refuses before anything merges
+    wrappers = token_wrappers(model)
+    rows = {name: w.token_adapter.merged_weight().detach() for name, w in wrappers if not w.token_adapter.tied}
+    for name, wrapper in wrappers:  # the rows into the embedding (a tied head shares its weight), as PEFT merges
+        if name in rows:
+            wrapper.base_layer.weight.data = rows[name]
+        set_submodule(model, name, wrapper.base_layer)
     for name, layer in layers:
         merged = layer.merged_weight(dtype)
         if biases[name] is not None:
