@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -28,8 +29,9 @@ from peft_fast.host import (
     set_submodule,
     untie,
 )
-from peft_fast.layers import LoraEmbedding, LoraLayer, LoraLinear, NF4Linear
+from peft_fast.layers import LoraEmbedding, LoraLayer, LoraLinear, LoraParamWrapper, NF4Linear
 from peft_fast.lora.init import is_base_init
+from peft_fast.lora.parameters import find_parameter_targets, unwrap_parameters, wrap_parameters
 from peft_fast.method import flags_set
 from peft_fast.targeting import (
     check_modules_to_save,
@@ -112,6 +114,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(w + ".") for w in wrappers) or inside(name, saved):
             continue
+        wrapped_parameter = isinstance(module, LoraParamWrapper)
         if isinstance(module, LoraLayer):
             module = module.base_layer
         if config.target_modules == "all-linear":
@@ -121,6 +124,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if (not chosen or matches(name, config.exclude_modules)
                 or not layer_index_ok(name, config.layers_to_transform, config.layers_pattern)):  # fmt: skip
             continue
+        if wrapped_parameter:
+            raise ValueError(f"target_modules selects {name}, whose parameters are adapted by target_parameters: a "
+                             "module is targeted by target_modules or by target_parameters, not both")  # fmt: skip
         if not _is_lora_base(module):
             unsupported.append(f"{name} ({type(module).__name__})")
             continue
@@ -133,10 +139,33 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             + ", ".join(unsupported[:8])
             + ("" if len(unsupported) <= 8 else f" and {len(unsupported) - 8} more")
         )
+    if not names and config.target_parameters:
+        if config.target_modules:  # PEFT warns too when its target_parameters matched
+            warnings.warn(f"target_modules={config.target_modules!r} matched no module (target_parameters is used)",
+                          RuntimeWarning, stacklevel=3)  # fmt: skip
+        return names
     if not names:
         filters = {key: getattr(config, key) for key in ("exclude_modules", "layers_to_transform")}
         raise no_match_error(model, config.target_modules, filters)
     return names
+
+
+def _param_key(target: tuple[str, str]) -> str:
+    """A targeted parameter's full name (what rank_pattern / alpha_pattern match, as in PEFT)."""
+    return f"{target[0]}.{target[1]}"
+
+
+def _check_same_parameters(state: PatchState, config: LoraConfig) -> None:
+    """PEFT's rule: every adapter that uses target_parameters targets the same set of parameters."""
+    if not config.target_parameters:
+        return
+    for name, other in state.configs.items():
+        if other.target_parameters and set(other.target_parameters) != set(config.target_parameters):
+            raise ValueError(
+                "When using multiple adapters with target_parameters, all adapters must target the same set of "
+                f"parameters (as in PEFT), but got {sorted(config.target_parameters)} for the new adapter and "
+                f"{sorted(other.target_parameters)} for adapter {name!r}"
+            )
 
 
 def _check_dora_targets(model: nn.Module, names: list[str]) -> None:
@@ -236,6 +265,7 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
         )
     config = _with_task_modules(config)
     targets = find_targets(model, config)
+    param_targets = find_parameter_targets(model, config, targets)
     _check_user_modules_to_save(model, config)
     state = PatchState(configs={adapter_name: config}, active=[adapter_name], quantized=config.quantize == "nf4")
     # Every GPT-2 Conv1D is noted before NF4 quantization turns it into an NF4Linear (which the
@@ -248,8 +278,9 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     # Not host.prepare_host_model: LoRA keeps modules_to_save dense too, quantizes (with a progress
     # bar) whatever Linear layers are left even if some are NF4 already, and freezes every
     # parameter, another method's included (patch LoRA first: see peft_fast.ia3).
-    if config.quantize == "nf4":
-        quantize_host_model(model, config.blocksize, config.double_quant, tuple(config.modules_to_save or ()))
+    if config.quantize == "nf4":  # the modules of targeted parameters stay dense (their forward reads the parameter)
+        keep = (*(config.modules_to_save or ()), *sorted({owner for owner, _ in param_targets}))
+        quantize_host_model(model, config.blocksize, config.double_quant, keep)
     for param in model.parameters():
         param.requires_grad_(False)
     for name in targets:
@@ -259,6 +290,8 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
         layer = _wrap(module)
         _new_adapter(layer, name, config, adapter_name, initial.get(name))
         set_submodule(model, name, layer)
+    for target, wrapper in wrap_parameters(model, param_targets).items():
+        _new_adapter(wrapper, _param_key(target), config, adapter_name)
     _mark_trainable(model, config, adapter_name, state)
     setattr(model, STATE_ATTR, state)
     return model
@@ -275,7 +308,7 @@ def _mark_trainable(model: nn.Module, config: LoraConfig, adapter_name: str, sta
                 param.requires_grad_(True)
     elif config.bias == "lora_only":
         for _, layer in lora_layers(model):
-            if getattr(layer.base_layer, "bias", None) is not None:
+            if not isinstance(layer, LoraParamWrapper) and getattr(layer.base_layer, "bias", None) is not None:
                 layer.base_layer.bias.requires_grad_(True)
     for name in modules_to_save_names(model, config.modules_to_save):
         module = model.get_submodule(name)
@@ -301,7 +334,9 @@ def add_lora_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) ->
     config = _with_task_modules(config)
     # A new adapter goes on its targets, wrapped by the first adapter or not (PEFT's "LoRA Different"
     # case); it starts inactive and frozen.
+    _check_same_parameters(state, config)
     targets = find_targets(model, config)
+    param_targets = find_parameter_targets(model, config, targets)
     _check_user_modules_to_save(model, config)
     # From the base weight (PiSSA, OLoRA, LoftQ): the shared base becomes the new adapter's residual,
     # under the other adapters too, as in PEFT.
@@ -316,6 +351,11 @@ def add_lora_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) ->
         _new_adapter(layer, name, config, adapter_name, initial.get(name))
         layer.set_adapter([n for n in state.active if n in layer.lora_A])
         for param in layer.adapter_parameters(adapter_name):
+            param.requires_grad_(False)
+    for target, wrapper in wrap_parameters(model, param_targets).items():
+        _new_adapter(wrapper, _param_key(target), config, adapter_name)
+        wrapper.set_adapter([n for n in state.active if n in wrapper.lora_A])
+        for param in wrapper.adapter_parameters(adapter_name):
             param.requires_grad_(False)
     for name in modules_to_save_names(model, config.modules_to_save):
         if name not in state.trained_modules:
@@ -366,7 +406,9 @@ def disabled(model: nn.Module) -> Iterator[None]:
 
 def unpatch_lora(model: nn.Module) -> nn.Module:
     """Remove every adapter and put the original modules back (NF4 bases stay NF4Linear)."""
-    put_bases_back(model, list(lora_layers(model)), _require_state(model).conv1d_names)
+    layers = [(name, layer) for name, layer in lora_layers(model) if not isinstance(layer, LoraParamWrapper)]
+    put_bases_back(model, layers, _require_state(model).conv1d_names)
+    unwrap_parameters(model, merge=False)
     delattr(model, STATE_ATTR)
     return model
 
@@ -395,7 +437,7 @@ def merge_lora_layers(model: nn.Module, dtype: torch.dtype | None = None) -> nn.
     method is left on the model).
     """
     state = _require_state(model)
-    layers = list(lora_layers(model))
+    layers = [(name, layer) for name, layer in lora_layers(model) if not isinstance(layer, LoraParamWrapper)]
     biases = {name: _lora_bias_delta(name, layer) for name, layer in layers}  # refuses before anything merges
     for name, layer in layers:
         merged = layer.merged_weight(dtype)
@@ -408,5 +450,6 @@ def merge_lora_layers(model: nn.Module, dtype: torch.dtype | None = None) -> nn.
             set_submodule(model, name, layer.base_layer)
         else:
             set_submodule(model, name, restore_base(layer, name in state.conv1d_names, dtype, merged))
+    unwrap_parameters(model, merge=True)  # W + Σ s·ΔW into each targeted parameter, in its own dtype
     delattr(model, STATE_ATTR)
     return model
