@@ -341,3 +341,27 @@ def test_module_target_over_a_wrapped_parameter_is_refused():
     peft_fast.add_adapter(model, peft_fast.LoraConfig(target_modules=["out"]), "other")  # elsewhere: fine
     with pytest.raises(ValueError, match="targeted by target_modules or by target_parameters"):
         peft_fast.add_adapter(model, peft_fast.LoraConfig(target_modules=["block"]), "third")
+
+
+def test_qlora_keeps_the_wrapped_parameters_module_dense(tmp_path):
+    """quantize="nf4" stores the other Linear layers in NF4; a targeted parameter's module stays dense (its own
+    forward reads the parameter), and the file still loads into PEFT on the dense base."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    config = peft_fast.LoraConfig(target_modules=["0"], target_parameters=["2.weight"], quantize="nf4")
+    model = peft_fast.patch(copy.deepcopy(base), config)
+    assert isinstance(model[0].base_layer, peft_fast.NF4Linear)
+    assert type(model[2].base_layer) is nn.Linear and torch.equal(model[2].base_layer.weight, base[2].weight)
+    with torch.no_grad():
+        model[2].lora_B["default"].weight.normal_()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        hidden = model[1](model[0](x))
+        lora = model[2]
+        delta = lora.scaling["default"] * lora.lora_B["default"].weight @ lora.lora_A["default"].weight
+        expected = nn.functional.linear(hidden, base[2].weight + delta, base[2].bias)
+        close(model(x), expected, "W + s·B·A over an NF4 model")
+    peft_fast.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    their_b = theirs.base_model.model[2].lora_B["default"].weight
+    assert torch.equal(their_b, model[2].lora_B["default"].weight)
