@@ -30,7 +30,7 @@ _PEFT_LORA_DEFAULTS: dict[str, Any] = {
     "kasa_config": None, "ensure_weight_tying": False,
 }  # fmt: skip
 # PEFT features that change the math; an adapter that uses one cannot load here.
-_UNSUPPORTED_WHEN_SET = ("layer_replication", "target_parameters", "use_qalora", "alora_invocation_tokens",
+_UNSUPPORTED_WHEN_SET = ("layer_replication", "use_qalora", "alora_invocation_tokens",
                          "arrow_config")  # fmt: skip
 
 
@@ -174,6 +174,35 @@ TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
 }
 
 
+def _check_target_parameters(config: LoraConfig) -> None:
+    """``target_parameters``: a list of parameter names; the options PEFT's ParamWrapper refuses, refused here too."""
+    value = config.target_parameters
+    if value is None:
+        return
+    if isinstance(value, (set, tuple)):
+        value = config.target_parameters = sorted(value)
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise TypeError(f"target_parameters must be a list of parameter names (e.g. ['experts.gate_up_proj']), "
+                        f"got {value!r}")  # fmt: skip
+    if not value:
+        return
+    # PEFT 0.21's ParamWrapper raises for each of these at get_peft_model.
+    refused = {"lora_dropout": config.lora_dropout != 0, "fan_in_fan_out": config.fan_in_fan_out,
+               "lora_bias": config.lora_bias, "use_dora": config.use_dora}  # fmt: skip
+    for key, is_set in refused.items():
+        if is_set:
+            raise ValueError(f"target_parameters does not work with {key}={getattr(config, key)!r} (as in PEFT)")
+    # Ours: PiSSA / OLoRA / LoftQ read a Linear's weight, and bias / modules_to_save around a wrapped
+    # parameter's module are not laid out here yet.
+    if config.init_lora_weights not in (True, False, "gaussian"):
+        raise ValueError(
+            f"target_parameters with init_lora_weights={config.init_lora_weights!r} is not supported by peft_fast "
+            "(True, False or 'gaussian')"
+        )
+    if config.bias != "none":
+        raise ValueError(f"target_parameters with bias={config.bias!r} is not supported by peft_fast (bias='none')")
+
+
 @dataclass
 class LoraConfig:
     """LoRA / QLoRA settings; field names and meanings are Hugging Face PEFT's.
@@ -200,6 +229,7 @@ class LoraConfig:
     layers_pattern: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: list[str] | None = None
     fan_in_fan_out: bool = False
     task_type: str | None = None
     quantize: str | None = None
@@ -229,8 +259,11 @@ class LoraConfig:
             raise ValueError("lora_bias=True is not supported for DoRA: pass use_dora=False")
         _check_nf4_storage(self)
         _check_token_indices(self)
-        if self.target_modules is None:
-            raise ValueError("target_modules is required: a list of names, a regex, or 'all-linear'")
+        if self.target_modules is None and not self.target_parameters:
+            raise ValueError(
+                "target_modules is required (a list of names, a regex, or 'all-linear'), or target_parameters"
+            )
+        _check_target_parameters(self)
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):

@@ -255,8 +255,8 @@ def test_unsupported_peft_features_and_pickles_are_refused(tmp_path):
     peft_fast.save_adapter(model, tmp_path)
     config_path = tmp_path / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "target_parameters": ["experts.gate_up_proj"]}))
-    with pytest.raises(ValueError, match="target_parameters"):
+    config_path.write_text(json.dumps({**config, "layer_replication": [[0, 1]]}))
+    with pytest.raises(ValueError, match="layer_replication"):
         peft_fast.load_adapter(tiny_llama(), tmp_path)
     config_path.write_text(json.dumps(config))
     os.rename(tmp_path / "adapter_model.safetensors", tmp_path / "adapter_model.bin")

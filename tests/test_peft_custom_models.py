@@ -330,14 +330,13 @@ CASES = [
 ]  # fmt: skip
 
 # What peft_fast refuses on purpose today, with the message (a regex) both doors must raise. Only features
-# its code names as unsupported: config._UNSUPPORTED_WHEN_SET (target_parameters, ...), DoRA on an
+# its code names as unsupported: config._UNSUPPORTED_WHEN_SET (layer_replication, ...), DoRA on an
 # Embedding (lora/patching.py), LoraConfig's init_lora_weights check, and a second (IA)³ adapter that
 # would scale the other side of a layer (PEFT keeps the first adapter's side silently; ia3/patching.py's
 # find_ia3_targets).
 REFUSED = {
     "embconv1d2-dora": r"DoRA \(use_dora=True\) is supported on Linear / Conv1D layers .*Embedding layers: emb",
     "embconv1d3-dora": r"DoRA \(use_dora=True\) is supported on Linear / Conv1D layers .*Embedding layers: emb",
-    "mlp2-target_parameters": "target_parameters",
     "mlp-mica": "init_lora_weights",
     "mlp-kasa": "kasa_config",
     "mlp10-velora-random": "velora_config",

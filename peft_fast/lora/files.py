@@ -19,8 +19,9 @@ from peft_fast.adapter_files import (
     write_adapter_pair,
 )
 from peft_fast.config import LoraConfig
-from peft_fast.layers import LoraEmbedding, LoraLayer, LoraLinear
+from peft_fast.layers import LoraEmbedding, LoraLayer, LoraLinear, LoraParamWrapper
 from peft_fast.lora.init import is_base_init
+from peft_fast.lora.parameters import find_parameter_targets, parameter_wrapper_names
 from peft_fast.lora.patching import (
     _require_state,
     _state,
@@ -157,6 +158,7 @@ def load_lora(
         config = config.replace(quantize=next(iter(state.configs.values())).quantize)
     targets = find_targets(model, config)
     expected = _expected_adapter_shapes(model, config, targets)
+    expected.update(_expected_parameter_shapes(model, config, targets))
     tensors, embedding_bases = _split_embedding_bases(tensors, _embedding_base_shapes(model, targets), directory)
     check_adapter_tensors(tensors, expected, f"adapter at {directory}", model)
     files.check_written_together()  # an interrupted or concurrent save: refused before the model changes
@@ -197,6 +199,8 @@ def reload_in_place(model: nn.Module, directory, adapter_name: str) -> None:
         for key in _MUST_AGREE
         if getattr(file_config, key) != getattr(ours, key)
     ]
+    if set(file_config.target_parameters or ()) != set(ours.target_parameters or ()):
+        differ.append(f"target_parameters: file {file_config.target_parameters!r}, model {ours.target_parameters!r}")
     if differ:
         raise ValueError(f"the adapter at {directory} does not match adapter {adapter_name!r}: {'; '.join(differ)}")
     tensors = _peft_tensors(tensors)
@@ -233,6 +237,21 @@ def _split_embedding_bases(tensors: dict, shapes: dict, directory) -> tuple[dict
     if wrong:
         raise ValueError(f"adapter at {directory}: {'; '.join(wrong[:4])}")
     return {key: t for key, t in tensors.items() if key not in bases}, bases
+
+
+def _expected_parameter_shapes(model, config, targets) -> dict[str, tuple]:
+    """PEFT key -> shape of each targeted parameter's A [E·r, in] and B [out, E·r], under its wrapper's name."""
+    param_targets = find_parameter_targets(model, config, targets)
+    shapes = {}
+    for (owner, param_name), name in parameter_wrapper_names(model, param_targets).items():
+        module = model.get_submodule(owner)
+        module = module.owner if isinstance(module, LoraParamWrapper) else module
+        # The wrapper's own arithmetic for in / out / experts, on a throw-away instance (no adapter, nothing set).
+        probe = LoraParamWrapper(module, param_name)
+        width = config.rank_for(f"{owner}.{param_name}") * probe.num_experts
+        shapes[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (width, probe.in_features)
+        shapes[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (probe.out_features, width)
+    return shapes
 
 
 def _expected_adapter_shapes(model, config, targets) -> dict[str, tuple | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -28,8 +29,9 @@ from peft_fast.host import (
     set_submodule,
     untie,
 )
-from peft_fast.layers import LoraEmbedding, LoraLayer, LoraLinear, NF4Linear
+from peft_fast.layers import LoraEmbedding, LoraLayer, LoraLinear, LoraParamWrapper, NF4Linear
 from peft_fast.lora.init import is_base_init
+from peft_fast.lora.parameters import find_parameter_targets, unwrap_parameters, wrap_parameters
 from peft_fast.lora.tokens import token_targets, token_wrappers, wrap_tokens
 from peft_fast.method import flags_set
 from peft_fast.targeting import (
@@ -126,6 +128,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(w + ".") for w in wrappers) or inside(name, saved):
             continue
+        wrapped_parameter = isinstance(module, LoraParamWrapper)
         if isinstance(module, LoraLayer):
             module = module.base_layer
         if config.target_modules == "all-linear":
@@ -135,6 +138,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if (not chosen or matches(name, config.exclude_modules)
                 or not layer_index_ok(name, config.layers_to_transform, config.layers_pattern)):  # fmt: skip
             continue
+        if wrapped_parameter:
+            raise ValueError(f"target_modules selects {name}, whose parameters are adapted by target_parameters: a "
+                             "module is targeted by target_modules or by target_parameters, not both")  # fmt: skip
         if not _is_lora_base(module):
             unsupported.append(f"{name} ({type(module).__name__})")
             continue
@@ -147,10 +153,33 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             + ", ".join(unsupported[:8])
             + ("" if len(unsupported) <= 8 else f" and {len(unsupported) - 8} more")
         )
+    if not names and config.target_parameters:
+        if config.target_modules:  # PEFT warns too when its target_parameters matched
+            warnings.warn(f"target_modules={config.target_modules!r} matched no module (target_parameters is used)",
+                          RuntimeWarning, stacklevel=3)  # fmt: skip
+        return names
     if not names:
         filters = {key: getattr(config, key) for key in ("exclude_modules", "layers_to_transform")}
         raise no_match_error(model, config.target_modules, filters)
     return names
+
+
+def _param_key(target: tuple[str, str]) -> str:
+    """A targeted parameter's full name (what rank_pattern / alpha_pattern match, as in PEFT)."""
+    return f"{target[0]}.{target[1]}"
+
+
+def _check_same_parameters(state: PatchState, config: LoraConfig) -> None:
+    """PEFT's rule: every adapter that uses target_parameters targets the same set of parameters."""
+    if not config.target_parameters:
+        return
+    for name, other in state.configs.items():
+        if other.target_parameters and set(other.target_parameters) != set(config.target_parameters):
+            raise ValueError(
+                "When using multiple adapters with target_parameters, all adapters must target the same set of "
+                f"parameters (as in PEFT), but got {sorted(config.target_parameters)} for the new adapter and "
+                f"{sorted(other.target_parameters)} for adapter {name!r}"
+            )
 
 
 def _check_dora_targets(model: nn.Module, names: list[str]) -> None:
@@ -250,6 +279,7 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
         )
     config = _with_task_modules(config)
     targets = find_targets(model, config)
+    param_targets = find_parameter_targets(model, config, targets)
     _check_user_modules_to_save(model, config)
     tokens, tied_heads = _token_targets(model, config, targets)
     state = PatchState(configs={adapter_name: config}, active=[adapter_name], quantized=config.quantize == "nf4")
@@ -264,7 +294,9 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     # bar) whatever Linear layers are left even if some are NF4 already, and freezes every
     # parameter, another method's included (patch LoRA first: see peft_fast.ia3).
     if config.quantize == "nf4":
-        dense = (*(config.modules_to_save or ()), *tokens, *tied_heads)  # trainable tokens stay dense
+        # Dense: modules_to_save, trainable tokens, and the modules of targeted parameters (their
+        # forward reads the parameter).
+        dense = (*(config.modules_to_save or ()), *tokens, *tied_heads, *sorted({owner for owner, _ in param_targets}))
         quantize_host_model(model, config.blocksize, config.double_quant, dense)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -276,6 +308,8 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
         layer = _wrap(module)
         _new_adapter(layer, name, config, adapter_name, initial.get(name))
         set_submodule(model, name, layer)
+    for target, wrapper in wrap_parameters(model, param_targets).items():
+        _new_adapter(wrapper, _param_key(target), config, adapter_name)
     _mark_trainable(model, config, adapter_name, state)
     setattr(model, STATE_ATTR, state)
     return model
@@ -293,7 +327,7 @@ def _mark_trainable(model: nn.Module, config: LoraConfig, adapter_name: str, sta
                 param.requires_grad_(True)
     elif config.bias == "lora_only":
         for _, layer in lora_layers(model):
-            if getattr(layer.base_layer, "bias", None) is not None:
+            if not isinstance(layer, LoraParamWrapper) and getattr(layer.base_layer, "bias", None) is not None:
                 layer.base_layer.bias.requires_grad_(True)
     for name in modules_to_save_names(model, config.modules_to_save):
         module = model.get_submodule(name)
@@ -319,7 +353,9 @@ def add_lora_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) ->
     config = _with_task_modules(config)
     # A new adapter goes on its targets, wrapped by the first adapter or not (PEFT's "LoRA Different"
     # case); it starts inactive and frozen.
+    _check_same_parameters(state, config)
     targets = find_targets(model, config)
+    param_targets = find_parameter_targets(model, config, targets)
     _check_user_modules_to_save(model, config)
     tokens, tied_heads = _token_targets(model, config, targets)
     # From the base weight (PiSSA, OLoRA, LoftQ): the shared base becomes the new adapter's residual,
@@ -336,6 +372,11 @@ def add_lora_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) ->
         _new_adapter(layer, name, config, adapter_name, initial.get(name))
         layer.set_adapter([n for n in state.active if n in layer.lora_A])
         for param in layer.adapter_parameters(adapter_name):
+            param.requires_grad_(False)
+    for target, wrapper in wrap_parameters(model, param_targets).items():
+        _new_adapter(wrapper, _param_key(target), config, adapter_name)
+        wrapper.set_adapter([n for n in state.active if n in wrapper.lora_A])
+        for param in wrapper.adapter_parameters(adapter_name):
             param.requires_grad_(False)
     for name in modules_to_save_names(model, config.modules_to_save):
         if name not in state.trained_modules:
@@ -398,7 +439,9 @@ def disabled(model: nn.Module) -> Iterator[None]:
 
 def unpatch_lora(model: nn.Module) -> nn.Module:
     """Remove every adapter and put the original modules back (NF4 bases stay NF4Linear)."""
-    put_bases_back(model, list(lora_layers(model)), _require_state(model).conv1d_names)
+    layers = [(name, layer) for name, layer in lora_layers(model) if not isinstance(layer, LoraParamWrapper)]
+    put_bases_back(model, layers, _require_state(model).conv1d_names)
+    unwrap_parameters(model, merge=False)
     for name, wrapper in token_wrappers(model):
         set_submodule(model, name, wrapper.base_layer)
     delattr(model, STATE_ATTR)
@@ -429,7 +472,7 @@ def merge_lora_layers(model: nn.Module, dtype: torch.dtype | None = None) -> nn.
     method is left on the model).
     """
     state = _require_state(model)
-    layers = list(lora_layers(model))
+    layers = [(name, layer) for name, layer in lora_layers(model) if not isinstance(layer, LoraParamWrapper)]
     biases = {name: _lora_bias_delta(name, layer) for name, layer in layers}  # refuses before anything merges
     wrappers = token_wrappers(model)
     rows = {name: w.token_adapter.merged_weight().detach() for name, w in wrappers if not w.token_adapter.tied}
@@ -448,5 +491,6 @@ def merge_lora_layers(model: nn.Module, dtype: torch.dtype | None = None) -> nn.
             set_submodule(model, name, layer.base_layer)
         else:
             set_submodule(model, name, restore_base(layer, name in state.conv1d_names, dtype, merged))
+    unwrap_parameters(model, merge=True)  # W + Σ s·ΔW into each targeted parameter, in its own dtype
     delattr(model, STATE_ATTR)
     return model
