@@ -210,8 +210,20 @@ def test_one_rank_shard_trains_as_one_process(one_rank_group, offload):
             assert torch.allclose(grads[name], param.grad, rtol=1e-5, atol=1e-7), name
 
 
+@pytest.fixture
+def one_rank_nccl_group(tmp_path):
+    """FSDP2 on CUDA tensors needs NCCL (gloo has no CUDA reduce-scatter)."""
+    torch.cuda.set_device(0)
+    torch.distributed.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                         world_size=1)  # fmt: skip
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.cuda
-def test_offload_leaves_no_nf4_bytes_on_the_gpu(one_rank_group):
+def test_offload_leaves_no_nf4_bytes_on_the_gpu(one_rank_nccl_group):
     model = tiny_qlora().cuda()
     on_gpu = nf4_resident_bytes(model, "cuda")
     assert on_gpu > 0
