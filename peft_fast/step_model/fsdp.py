@@ -23,9 +23,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
-
-from peft_fast.step_model.stacks import build_stack
+from peft_fast.step_model.stacks import build_stack, llama3_8b_config
 from peft_fast.step_model.trace import fake_cuda
 
 __all__ = [
@@ -50,17 +48,10 @@ ANCHORS = (
 
 
 def llama3_70b_config(layers: int = 80):
-    """Llama-3-70B's dimensions (llama3 rope scaling), bf16, SDPA attention."""
-    import transformers
-
-    config = transformers.LlamaConfig(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=layers, num_attention_heads=64,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-        rope_theta=500000.0, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-    )  # fmt: skip
-    config.torch_dtype = torch.bfloat16
+    """Llama-3-70B's dimensions: Llama-3-8B's config (rope scaling, vocabulary, bf16, SDPA) at 70B's widths."""
+    config = llama3_8b_config(layers)
+    config.hidden_size, config.intermediate_size = 8192, 28672
+    config.num_attention_heads, config.num_key_value_heads = 64, 8
     return config
 
 
