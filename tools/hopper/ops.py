@@ -107,6 +107,23 @@ def qlora_decode(m: int, k: int = HIDDEN, n: int = HIDDEN) -> OpCase:
     return case
 
 
+def _backward_run(m: int, k: int, n: int, dtype: str, base: str, r: int, dropout: float, blocksize: int,
+                  needs: tuple[bool, bool, bool]):  # fmt: skip
+    """The report's call of ``lora_linear_backward`` asking for (dX, dA, dB) as ``needs`` says."""
+    torch_dtype = DTYPES[dtype]
+
+    def run() -> None:
+        from peft_fast.kernels.lora_linear import lora_linear_backward
+
+        t = lambda *shape: fake(*shape, dtype=torch_dtype)
+        lora_linear_backward(
+            t(m, n), t(m, k), t(m, r), fake_base(base, n, k, torch_dtype, blocksize), t(r, k), t(n, r),
+            SCALE, dropout, SEED, *needs,
+        )  # fmt: skip
+
+    return run
+
+
 def qlora_backward(
     m: int = HIDDEN,
     k: int = HIDDEN,
@@ -119,17 +136,7 @@ def qlora_backward(
     blocksize: int = BLOCKSIZE,
 ) -> OpCase:
     """``lora_linear_backward`` with every gradient (dX with the LoRA term, dA, dB, dH)."""
-    torch_dtype = DTYPES[dtype]
-
-    def run() -> None:
-        from peft_fast.kernels.lora_linear import lora_linear_backward
-
-        t = lambda *shape: fake(*shape, dtype=torch_dtype)
-        lora_linear_backward(
-            t(m, n), t(m, k), t(m, r), fake_base(base, n, k, torch_dtype, blocksize), t(r, k), t(n, r),
-            SCALE, dropout, SEED, True, True, True,
-        )  # fmt: skip
-
+    run = _backward_run(m, k, n, dtype, base, r, dropout, blocksize, needs=(True, True, True))
     # dX = dY·W, dH = s·dY·B, dB = s·dYᵀ·H, dA = dHᵀ·drop(X), dX += (dH·A)⊙mask
     flops = 2.0 * m * n * k + 2.0 * m * n * r * 2 + 2.0 * m * k * r * 2
     size = element_size(dtype)
@@ -442,17 +449,7 @@ def _forced(case: OpCase, choice_op: str, candidate: str, name: str) -> OpCase:
 
 def qlora_dx(m: int, k: int = HIDDEN, n: int = HIDDEN, *, dtype: str = "bf16", base: str = "nf4dq") -> OpCase:
     """``lora_linear_backward`` asked for dX only (dY·deq(W) + the LoRA term): what the dX choice decides."""
-    torch_dtype = DTYPES[dtype]
-
-    def run() -> None:
-        from peft_fast.kernels.lora_linear import lora_linear_backward
-
-        t = lambda *shape: fake(*shape, dtype=torch_dtype)
-        lora_linear_backward(
-            t(m, n), t(m, k), t(m, R), fake_base(base, n, k, torch_dtype, BLOCKSIZE), t(R, k), t(n, R),
-            SCALE, DROPOUT, SEED, True, False, False,
-        )  # fmt: skip
-
+    run = _backward_run(m, k, n, dtype, base, R, DROPOUT, BLOCKSIZE, needs=(True, False, False))
     size = element_size(dtype)
     nbytes = size * (m * n + 2 * m * k + m * R + R * k + n * R) + weight_bytes(base, n, k, dtype, BLOCKSIZE)
     flops = 2.0 * m * n * k + 4.0 * m * n * R + 2.0 * m * k * R
