@@ -252,9 +252,9 @@ def test_small_m_path_matches_tiled_path(m, base_kind):
 
 def test_forward_follows_the_plan(monkeypatch):
     calls = []
-    for name, run in list(kernels._Y_IMPLEMENTATIONS.items()):
+    for name, run in list(kernels._FORWARD_IMPLEMENTATIONS.items()):
         spy = lambda *a, _name=name, _run=run: calls.append(_name) or _run(*a)
-        monkeypatch.setitem(kernels._Y_IMPLEMENTATIONS, name, spy)
+        monkeypatch.setitem(kernels._FORWARD_IMPLEMENTATIONS, name, spy)
     expected = []
     for m in (kernels.SMALL_M_MAX, kernels.SMALL_M_MAX + 1):
         for k, base_kind in ((128, "nf4"), (72, "nf4"), (32, "dense")):  # the row loader's layout, blocks span rows
@@ -394,6 +394,30 @@ def test_dropout_mask_statistics_and_seeds():
     disagree = (keep != dropout_mask(6, m, k, p, KERNEL_DEVICE)).float().mean().item()
     assert abs(disagree - 2 * p * (1 - p)) < 0.01
     assert dropout_mask(5, 3, 4, 0.0, KERNEL_DEVICE).all()
+
+
+# -- the library forward: C = b + s·H·Bᵀ first, then cuBLAS adds X·deq(W)ᵀ into it ----------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("m", "rank", "bias", "p"),
+    [(37, 8, True, 0.3), (5, 80, False, 0.0), (130, 80, True, 0.3)],  # rank 80: two rank chunks of H
+)
+def test_library_forward_writes_c_then_accumulates(monkeypatch, m, rank, bias, p, dtype):
+    def poisoned_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernels, "_empty", poisoned_empty)
+    monkeypatch.setenv("PEFT_FAST_FORCE", f"lora_forward={plans.LIBRARY}")
+    case = make_case(m, 128, 72, rank, dtype, "nf4_dq", bias=bias)
+    grad_y = torch.randn(m, 72, device=KERNEL_DEVICE)
+    y, h = forward(case, p)
+    y64, h64, _, _ = formula64(case, grad_y, p)
+    assert rel_err(y, y64) <= TOLERANCE[dtype]
+    assert rel_err(h, h64) <= TOLERANCE[dtype]
+    # H is what every other candidate computes (the same dropout mask; summation order may differ).
+    assert rel_err(h, kernels._lora_down(case["x"], case["lora_a"], p, SEED).double()) <= TOLERANCE[dtype] / 10
 
 
 # -- every output element is written; NaN and Inf propagate -----------------------------------

@@ -5,6 +5,8 @@ these, the row-streaming NF4 kernels (:mod:`peft_fast.kernels.nf4_gemm`) or the 
 at a shape is :mod:`peft_fast.kernels.plans`' decision.
 
 * ``_lora_down_kernel``       H = drop(X)·Aᵀ over one K slice (fp32 partials when K is split).
+* ``_lora_down_up_kernel``    H = drop(X)·Aᵀ and C = b + s·H·Bᵀ for whole row blocks: the library
+  forward's LoRA term, written where cuBLAS then accumulates X·deq(W)ᵀ (beta = 1).
 * ``_lora_linear_fwd_kernel`` tiled Y GEMM with the NF4 dequant in the K loop (any layout) and
   the ``b + s·H·Bᵀ`` epilogue; with a dense (or scratch-dequantized) base, the large-M forward.
 * ``_splitk_partial_kernel`` + ``_splitk_epilogue_kernel``  the small-M (M <= 16) split-K GEMV
@@ -44,6 +46,13 @@ _LORA_DOWN_CONFIGS = [
     _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
     _cfg(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
     _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
+]
+# Row blocks of the down+up kernel: 16 rows keep M = 4096 at 256 programs (two per SM); the N
+# loop writes C in 128-column tiles.
+_LORA_DOWN_UP_CONFIGS = [
+    _cfg(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
 ]
 _DA_CONFIGS = [
     _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
@@ -97,6 +106,49 @@ def _lora_down_kernel(
         acc = acc * inv_keep
     h_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
     tl.store(h_ptr + rows * R + offs_r[None, :], acc.to(h_ptr.dtype.element_ty), mask=h_mask)
+
+
+@autotune(_LORA_DOWN_UP_CONFIGS, key=["m_bucket", "N", "K", "R"], dims=_GEMM_DIMS)
+@triton.jit
+def _lora_down_up_kernel(
+    x_ptr, a_ptr, lora_b_ptr, bias_ptr, h_ptr, c_ptr, M, N, K, R, scale, seed, threshold, inv_keep, m_bucket,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT_TILED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """For BLOCK_M rows: H = drop(X)·Aᵀ (stored, x's dtype), then C = b + s·H·Bᵀ over all N columns.
+
+    One pass over X and one over C: the LoRA term reaches Y without a read-modify-write of Y,
+    because cuBLAS adds X·deq(W)ᵀ into C afterwards (``addmm_``, beta = 1). C uses the rounded H,
+    as every other forward candidate does (they read H back from memory).
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m[:, None].to(tl.int64)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+            x = tl.load(x_ptr + rows * K + offs_k[None, :], mask=x_mask, other=0.0)
+            if HAS_DROPOUT:
+                x = tl.where(dropout_keep_block(seed, rows, k0, K, threshold, BLOCK_M, BLOCK_K, DROPOUT_TILED), x, 0.0)
+            a_mask = (offs_k[:, None] < K) & (offs_r[None, :] < R)
+            a_t = tl.load(a_ptr + offs_r[None, :].to(tl.int64) * K + offs_k[:, None], mask=a_mask, other=0.0)
+            acc = _dot(x, a_t, acc, DOT_PRECISION)
+        if HAS_DROPOUT:
+            acc = acc * inv_keep  # 1/(1-p) once on the fp32 sum, as _lora_down_kernel does
+        h_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+        tl.store(h_ptr + rows * R + offs_r[None, :], acc.to(h_ptr.dtype.element_ty), mask=h_mask)
+    # The up-projection reads H back (every thread of the program must see all of it).
+    tl.debug_barrier()
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        c = _add_bias_and_lora_up(
+            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), offs_m, offs_n, M, N, R, scale, h_ptr, lora_b_ptr,
+            bias_ptr, HAS_BIAS, DOT_PRECISION, BLOCK_R,
+        )  # fmt: skip
+        c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(c_ptr + rows * N + offs_n[None, :], c.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @autotune(_GEMM_CONFIGS, key=["m_bucket", "N", "K"], dims=_GEMM_DIMS)

@@ -50,6 +50,7 @@ from peft_fast.kernels.lora_gemms import (
     _add_dropped_lora_term_kernel,
     _lora_da_kernel,
     _lora_down_kernel,
+    _lora_down_up_kernel,
     _lora_linear_dx_kernel,
     _lora_linear_fwd_kernel,
     _splitk_epilogue_kernel,
@@ -258,26 +259,58 @@ def _dense_weight(base: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.T
     return dequantize_nf4_triton(base, dtype) if isinstance(base, NF4Weight) else base
 
 
-def _y_library(x, base, h, lora_b, bias, scale: float) -> torch.Tensor:
-    """Our dequantization, a cuBLAS GEMM with the bias, then s·H·Bᵀ as one addmm (candidate ``library``)."""
-    weight = _dense_weight(base, x.dtype)
-    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    return y.addmm_(h, lora_b.t(), alpha=scale)
+def _lora_down_up(x, lora_a, lora_b, bias, scale: float, dropout_p: float, seed: int):
+    """(C, H): H = drop(X)·Aᵀ and C = b + s·H·Bᵀ [M, N], in x's dtype, from one pass over X."""
+    m, k = x.shape
+    n, rank = lora_b.shape
+    h = _empty((m, rank), x.dtype, x.device)
+    c = _empty((m, n), x.dtype, x.device)
+    # Grid: one program per BLOCK_M rows (all of H's ranks and all of C's columns for them).
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
+    _lora_down_up_kernel[grid](
+        x, lora_a, lora_b, x if bias is None else bias, h, c, m, n, k, rank, scale,
+        seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, DROPOUT_TILED=dropout_tiled(k),
+        DOT_PRECISION=_DOT_PRECISION[x.dtype], BLOCK_R=_block_r(rank),
+    )  # fmt: skip
+    return c, h
 
 
-_Y_IMPLEMENTATIONS = {
-    plans.SPLITK: _y_splitk,
-    plans.ROWS: _y_rows,
-    plans.FUSED: _y_fused,
-    plans.DEQUANT_FUSED: _y_dequant_fused,
-    plans.LIBRARY: _y_library,
+def _forward_library(x, base, lora_a, lora_b, bias, scale: float, dropout_p: float, seed: int):
+    """Candidate ``library``: C = b + s·H·Bᵀ (with H, one Triton pass over X), our dequantization,
+    then cuBLAS accumulates X·deq(W)ᵀ into C (``addmm_``, beta = 1).
+
+    Y is written once and never read back by a separate LoRA pass: a compute-bound GEMM reads C in
+    its epilogue for free, where ``mm`` then ``addmm_(H, Bᵀ)`` would move Y three times.
+    """
+    y, h = _lora_down_up(x, lora_a, lora_b, bias, scale, dropout_p, seed)
+    return y.addmm_(x, _dense_weight(base, x.dtype).t()), h
+
+
+def _with_down(y_of_h):
+    """A candidate computing Y from H: H first by :func:`_lora_down`, then ``y_of_h``."""
+
+    def run(x, base, lora_a, lora_b, bias, scale, dropout_p, seed):
+        h = _lora_down(x, lora_a, dropout_p, seed)
+        return y_of_h(x, base, h, lora_b, bias, scale), h
+
+    return run
+
+
+# Every forward candidate: (x, base, lora_a, lora_b, bias, scale, dropout_p, seed) -> (y, h).
+_FORWARD_IMPLEMENTATIONS = {
+    plans.SPLITK: _with_down(_y_splitk),
+    plans.ROWS: _with_down(_y_rows),
+    plans.FUSED: _with_down(_y_fused),
+    plans.DEQUANT_FUSED: _with_down(_y_dequant_fused),
+    plans.LIBRARY: _forward_library,
 }
 
 
 def _forward_with(name: str):
+    # Looked up at call time, so a test can spy on an entry of the table.
     def run(x, base, lora_a, lora_b, bias, scale, dropout_p, seed):
-        h = _lora_down(x, lora_a, dropout_p, seed)
-        return _Y_IMPLEMENTATIONS[name](x, base, h, lora_b, bias, scale), h
+        return _FORWARD_IMPLEMENTATIONS[name](x, base, lora_a, lora_b, bias, scale, dropout_p, seed)
 
     return run
 
