@@ -223,7 +223,7 @@ def test_every_ia3_candidate_computes_the_same_function(case, scale_input):
 
 
 def _op_arguments(op: str) -> tuple:
-    """Operands of one op at M = 17 over a row-layout NF4 base (three candidates each)."""
+    """Operands of one op at M = 17 over a row-layout NF4 base (three or more candidates each)."""
     m, k, rank = 17, 128, 8
     base, _ = make_base("nf4_rows", N, k, torch.float32)
     x = torch.randn(m, k, device=KERNEL_DEVICE)
@@ -258,7 +258,7 @@ def test_each_op_keeps_the_candidate_timed_fastest(op):
     args = _op_arguments(op)
     op_choice = OP_CHOICES[op]
     names = [c.name for c in op_choice.candidates(*args)]
-    assert len(names) == 3 and plans.LIBRARY in names
+    assert len(names) >= 3 and plans.LIBRARY in names
     ran: list[str] = []
 
     def candidates(*call_args):

@@ -255,15 +255,18 @@ def test_forward_follows_the_plan(monkeypatch):
     for name, run in list(kernels._FORWARD_IMPLEMENTATIONS.items()):
         spy = lambda *a, _name=name, _run=run: calls.append(_name) or _run(*a)
         monkeypatch.setitem(kernels._FORWARD_IMPLEMENTATIONS, name, spy)
+    # Every NF4 regime at interpreter sizes: split-K, literal library, rows, library accumulating into C.
+    monkeypatch.setattr(plans, "ROWS_MIN_M", 32)
+    monkeypatch.setattr(plans, "LIBRARY_ACCUMULATE_MIN_M", 64)
     expected = []
-    for m in (kernels.SMALL_M_MAX, kernels.SMALL_M_MAX + 1):
+    for m in (kernels.SMALL_M_MAX, kernels.SMALL_M_MAX + 1, 32, 64):
         for k, base_kind in ((128, "nf4"), (72, "nf4"), (32, "dense")):  # the row loader's layout, blocks span rows
             case = make_case(m, k, 16, 4, base_kind=base_kind)
             forward(case)
             kind = base_kind_of(case["base"])
             expected.append(plans.lora_forward_plan(m, 16, k, kind, torch.float32, 4, 0.0)[0])
     assert calls == expected  # each launch is its plan's head (off the GPU nothing is timed)
-    assert set(expected) == {plans.SPLITK, plans.LIBRARY, plans.FUSED}  # NF4: split-K then library; dense: fused
+    assert set(expected) == {plans.SPLITK, plans.LIBRARY_ADDMM, plans.ROWS, plans.LIBRARY, plans.FUSED}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -401,17 +404,23 @@ def test_dropout_mask_statistics_and_seeds():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    ("m", "rank", "bias", "p"),
-    [(37, 8, True, 0.3), (5, 80, False, 0.0), (130, 80, True, 0.3)],  # rank 80: two rank chunks of H
+    ("m", "n", "rank", "bias", "p"),
+    [
+        (37, 72, 8, True, 0.3),
+        (5, 72, 80, False, 0.0),  # rank 80: two rank chunks of H, H through memory
+        (130, 72, 80, True, 0.3),
+        (5, 520, 8, True, 0.3),  # several N tiles (not a tile multiple) for one row block
+        (37, 520, 80, True, 0.0),
+    ],
 )
-def test_library_forward_writes_c_then_accumulates(monkeypatch, m, rank, bias, p, dtype):
+def test_library_forward_writes_c_then_accumulates(monkeypatch, m, n, rank, bias, p, dtype):
     def poisoned_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(kernels, "_empty", poisoned_empty)
     monkeypatch.setenv("PEFT_FAST_FORCE", f"lora_forward={plans.LIBRARY}")
-    case = make_case(m, 128, 72, rank, dtype, "nf4_dq", bias=bias)
-    grad_y = torch.randn(m, 72, device=KERNEL_DEVICE)
+    case = make_case(m, 128, n, rank, dtype, "nf4_dq", bias=bias)
+    grad_y = torch.randn(m, n, device=KERNEL_DEVICE)
     y, h = forward(case, p)
     y64, h64, _, _ = formula64(case, grad_y, p)
     assert rel_err(y, y64) <= TOLERANCE[dtype]

@@ -56,6 +56,14 @@ SWITCH_POINTS = [
         plans.IA3_FORWARD_DEQUANT_MIN_M // 2,
         plans.IA3_FORWARD_DEQUANT_MIN_M,
     ),
+    ("ROWS_MIN_M", "qlora_forward", "nf4_rows", plans.ROWS_MIN_M // 2, plans.ROWS_MIN_M),
+    (
+        "LIBRARY_ACCUMULATE_MIN_M",
+        "qlora_forward",
+        "nf4_rows",
+        plans.LIBRARY_ACCUMULATE_MIN_M // 2,
+        plans.LIBRARY_ACCUMULATE_MIN_M,
+    ),
     ("DX_LIBRARY_MIN_M", "qlora_dx", "nf4_rows", plans.DX_LIBRARY_MIN_M // 2, plans.DX_LIBRARY_MIN_M),
     (
         "IA3_DX_DEQUANT_MIN_M",
@@ -131,7 +139,13 @@ def test_switch_points_are_where_the_predictions_cross(switch, op, kind, below, 
 
 def test_switch_points_are_powers_of_two():
     """A timed choice is kept per power-of-two M bucket (plans.choice_bucket): no bucket may straddle a switch."""
-    for name in ("SMALL_M_MAX", "DX_LIBRARY_MIN_M", "IA3_DX_DEQUANT_MIN_M", "IA3_FORWARD_DEQUANT_MIN_M"):
+    for name in (
+        "SMALL_M_MAX",
+        "LIBRARY_ACCUMULATE_MIN_M",
+        "DX_LIBRARY_MIN_M",
+        "IA3_DX_DEQUANT_MIN_M",
+        "IA3_FORWARD_DEQUANT_MIN_M",
+    ):
         value = getattr(plans, name)
         assert value & (value - 1) == 0, name
     n, k = SHAPE

@@ -125,7 +125,11 @@ def test_gradients_match_peft_and_only_listed_rows_move(builder, targets, indice
         model(**batch, labels=batch["input_ids"]).loss.backward()
     theirs_grads = {n: p.grad for n, p in adapter_params(theirs).items()}
     for name, param in adapter_params(ours).items():
-        torch.testing.assert_close(param.grad, theirs_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        # Relative to the tensor's norm (fp32: 1e-5): an element-wise rtol fails on entries that
+        # cancel to ~1e-3 of the tensor's scale, where summation order alone moves the last bits.
+        expected = theirs_grads[name]
+        error = (param.grad - expected).norm() / expected.norm().clamp_min(1e-30)
+        assert error < 1e-5, (name, error.item())
     assert any(DELTA in n and p.grad.abs().sum() > 0 for n, p in adapter_params(ours).items())
 
     embedding = ours.get_input_embeddings()

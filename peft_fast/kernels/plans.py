@@ -21,7 +21,10 @@ Candidates (stable names: they are what the choice cache stores):
   GEMM over the dense scratch (dequantizing inside the GEMM costs once per row tile of the output).
 * ``library``      our dequantization kernel (NF4), a cuBLAS GEMM (``torch.mm`` / ``addmm``), then the
   op's extra term as library calls or one small Triton kernel: what PEFT + bitsandbytes do, the
-  path the fused kernels must never lose to.
+  path the fused kernels must never lose to. For the LoRA forward it writes C = b + s·H·Bᵀ first
+  (with H, one Triton pass over X) and cuBLAS accumulates X·deq(W)ᵀ into C (beta = 1).
+* ``library_addmm``  the LoRA forward's literal library path: H by the down kernel, cuBLAS
+  ``addmm`` with the bias, then s·H·Bᵀ as one ``addmm_`` (Y moves three times; no serial pass).
 """
 
 from __future__ import annotations
@@ -37,7 +40,10 @@ __all__ = [
     "IA3_DX_DEQUANT_MIN_M",
     "IA3_FORWARD_DEQUANT_MIN_M",
     "LIBRARY",
+    "LIBRARY_ACCUMULATE_MIN_M",
+    "LIBRARY_ADDMM",
     "ROWS",
+    "ROWS_MIN_M",
     "SMALL_M_MAX",
     "SPLITK",
     "choice_bucket",
@@ -52,6 +58,7 @@ ROWS = "nf4_rows"
 FUSED = "fused_gemm"
 DEQUANT_FUSED = "dequant_fused_gemm"
 LIBRARY = "library"
+LIBRARY_ADDMM = "library_addmm"
 
 BASE_KINDS = ("dense", "nf4_rows", "nf4")  # see peft_fast.kernels.nf4_gemm.base_kind
 
@@ -64,11 +71,12 @@ BASE_KINDS = ("dense", "nf4_rows", "nf4")  # see peft_fast.kernels.nf4_gemm.base
 # the runtime choice (kernels/choice.py) times the candidates anyway.
 #
 # SMALL_M_MAX: the LoRA forward over a row-layout NF4 base leaves the split-K GEMV (its BLOCK_M is
-# tl.dot's minimum, 16) for the library path: M = 1 split-K 14.3 < library 26.1 < rows 26.8; M = 16
-# 14.4 < 26.2 < 26.8; M = 32 library 26.3 < rows 26.8 < dequant + fused 27.5. (The NF4 codes come
-# from a 16-entry table kept in shared memory by tl.gather: with the former 256-entry table of
-# pairs in global memory the split-K GEMV was 30.9 µs at M = 1, gather-bound.) Over a dense base
-# the split-K GEMV never leads (the fused GEMM streams dense W at HBM rate).
+# tl.dot's minimum, 16) for the literal library path: M = 1 split-K 14.3 < library_addmm 26.1 <
+# rows 26.8 < library 27.8; M = 16 14.4 < 26.2 < 26.8 < 27.8; M = 32 library_addmm 26.3 < rows 26.8
+# < dequant + fused 27.5 < library 27.8. (The NF4 codes come from a 16-entry table kept in shared
+# memory by tl.gather: with the former 256-entry table of pairs in global memory the split-K GEMV
+# was 30.9 µs at M = 1, gather-bound.) Over a dense base the split-K GEMV never leads (the fused
+# GEMM streams dense W at HBM rate).
 SMALL_M_MAX = 16
 # DX_LIBRARY_MIN_M (M's bucket): dX = dY·deq(W) + the LoRA term over NF4 leaves the fused GEMM
 # (the general loader, deq(W) once per row tile of dX) for the library path: M = 64 fused 19.0 <
@@ -84,11 +92,21 @@ IA3_DX_DEQUANT_MIN_M = 256
 # GEMM for dequantize + fused: M = 64 rows 15.0 < dequant + fused 22.1 < library 25.1; M = 128
 # 23.8 < library 26.6 < rows 27.9; M = 512 36.3 < rows 39.2 < 47.3; M = 4096 211.1 < 267.8 < 313.6.
 IA3_FORWARD_DEQUANT_MIN_M = 128
+# ROWS_MIN_M and LIBRARY_ACCUMULATE_MIN_M: the LoRA forward over a row-layout NF4 base, above
+# SMALL_M_MAX. The literal library path leads while the GEMMs are tiny (M = 64: library_addmm 26.5 <
+# rows 26.8 < dequant + fused 27.5 < library 28.0); the row-streaming GEMM, which never writes
+# deq(W), leads while X·deq(W)ᵀ is still cheaper than a dequantization pass (M = 128: rows 26.4 <
+# library_addmm 26.5 < library 28.2 < 29.0; M = 256: 27.0 < 29.9 < 30.8 < 35.8); from M = 512 the
+# GEMM dominates and the library path that writes C = b + s·H·Bᵀ first and lets cuBLAS accumulate
+# into it (beta = 1) leads, Y written once (M = 512: library 41.7 < library_addmm 41.9 < dequant +
+# fused 42.8 < rows 45.0; M = 4096: 202.5 < 208.7 < 225.9 < rows 323.1, shared-memory bound). Over
+# the general NF4 layout (no row loader) the literal library path leads below
+# LIBRARY_ACCUMULATE_MIN_M. ``library`` loses below M = 512 because its Triton pass, one CTA per
+# row block walking all of N, is latency-bound there (+1.5-1.7 µs over library_addmm at M <= 128).
+ROWS_MIN_M = 128
+LIBRARY_ACCUMULATE_MIN_M = 512
 #
 # No switch (one leader at every M the report costs):
-# - the LoRA forward over NF4 above SMALL_M_MAX: the library path (M = 512: 41.9 < dequant + fused
-#   42.8 < rows 45.0; M = 4096: 208.7 < 225.9 < rows 323.1, shared-memory bound). The row-streaming
-#   GEMM stays a candidate for the runtime choice.
 # - (IA)³'s output-scaling backward: the library path, the fused kernel reducing dl across its
 #   rows every N step.
 
@@ -127,10 +145,15 @@ def lora_forward_plan(
     """
     _check(m, base_kind)
     if base_kind == "dense":
-        return [FUSED, LIBRARY, *([SPLITK] if m <= SMALL_M_MAX else [])]
+        return [FUSED, LIBRARY, LIBRARY_ADDMM, *([SPLITK] if m <= SMALL_M_MAX else [])]
+    rows = [ROWS] if base_kind == "nf4_rows" else []
     if m <= SMALL_M_MAX:
-        return [SPLITK, LIBRARY, ROWS] if base_kind == "nf4_rows" else [SPLITK, LIBRARY]
-    return [LIBRARY, DEQUANT_FUSED, ROWS] if base_kind == "nf4_rows" else [LIBRARY, DEQUANT_FUSED]
+        return [SPLITK, LIBRARY_ADDMM, LIBRARY, *rows]
+    if _bucket(m) >= LIBRARY_ACCUMULATE_MIN_M:
+        return [LIBRARY, LIBRARY_ADDMM, DEQUANT_FUSED, *rows]
+    if rows and _bucket(m) >= ROWS_MIN_M:
+        return [ROWS, LIBRARY_ADDMM, LIBRARY, DEQUANT_FUSED]
+    return [LIBRARY_ADDMM, LIBRARY, DEQUANT_FUSED, *rows]
 
 
 def lora_dx_plan(m: int, n: int, k: int, base_kind: str, dtype: torch.dtype, rank: int, dropout_p: float) -> list[str]:

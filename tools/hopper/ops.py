@@ -462,7 +462,7 @@ def _candidate_cases() -> list[OpCase]:
     n, k = CANDIDATE_SHAPE
     bf16 = torch.bfloat16
     groups = [
-        ("qlora_forward", "lora_forward", (1, 16, 32, 512, 4096),
+        ("qlora_forward", "lora_forward", (1, 16, 32, 64, 128, 256, 512, 4096),
          lambda m: qlora_forward(m, k, n), lambda m: plans.lora_forward_plan(m, n, k, "nf4_rows", bf16, R, DROPOUT)),
         ("qlora_dx", "lora_dx", (64, 128, 512, 4096),
          lambda m: qlora_dx(m, k, n), lambda m: plans.lora_dx_plan(m, n, k, "nf4_rows", bf16, R, DROPOUT)),
