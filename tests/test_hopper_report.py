@@ -334,12 +334,16 @@ def test_capture_records_library_calls_on_fake_cuda_tensors():
         out.addmm_(a, b, beta=0, alpha=2.0)
         a.t()  # a view: no launch
         a.float().sum(0)
+        out.addmm_(a, b)  # beta = 1: C is read, then written
+        out.fill_(0.0)  # write only
 
     launches = launch_capture.record(call)
     assert seen == {"device": "cuda", "sms": 132}
-    assert [la.kernel for la in launches] == ["torch.addmm_", "torch._to_copy", "torch.sum"]
-    mm, cast, total = launches
+    kernels = ["torch.addmm_", "torch._to_copy", "torch.sum", "torch.addmm_", "torch.fill_"]
+    assert [la.kernel for la in launches] == kernels
+    mm, cast, total, accumulate, fill = launches
     assert mm.flops == 2 * 64 * 32 * 16 and mm.bytes == 2 * (64 * 32 + 32 * 16 + 64 * 16)
+    assert accumulate.bytes == mm.bytes + 2 * 64 * 16 and fill.bytes == 2 * 64 * 16
     assert cast.flops == 0 and cast.bytes == 64 * 32 * (2 + 4)
     assert total.bytes == 64 * 32 * 4 + 32 * 4
 

@@ -237,6 +237,22 @@ _NO_KERNEL = {
     "dim", "size", "stride", "numel", "is_contiguous", "result_type",
 }  # fmt: skip
 _MATMULS = {"mm", "bmm", "addmm", "baddbmm", "addbmm"}
+# In-place ops that only write their first argument; every other in-place op reads it too.
+_WRITE_ONLY_IN_PLACE = {"copy_", "fill_", "zero_", "normal_", "uniform_", "random_", "bernoulli_", "exponential_"}
+
+
+def _in_place_read_bytes(name: str, args: tuple, kwargs: dict) -> int:
+    """Bytes of the destination an in-place op reads before writing it (``addmm_`` with beta = 1: C).
+
+    The storage table counts each storage once, which is a write for the destination of an
+    in-place op; its read is this second pass (beta = 0 reads nothing).
+    """
+    if not name.endswith("_") or name in _WRITE_ONLY_IN_PLACE or not args or not isinstance(args[0], torch.Tensor):
+        return 0
+    if name in ("addmm_", "baddbmm_", "addbmm_") and kwargs.get("beta", 1) == 0:
+        return 0
+    destination = args[0]
+    return destination.numel() * destination.element_size() if destination.is_meta else 0
 
 
 def _flops(name: str, args: tuple, out: Any) -> float:
@@ -284,7 +300,7 @@ class _LibraryCallMode(TorchDispatchMode):
                     "library",
                     f"torch.{name}",
                     flops=_flops(name, args, out),
-                    bytes=sum(sizes.values()),
+                    bytes=sum(sizes.values()) + _in_place_read_bytes(name, args, kwargs),
                     shapes=[tuple(t.shape) for t in tensors_in],
                 )
             )
