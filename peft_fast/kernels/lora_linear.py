@@ -600,11 +600,11 @@ def lora_forward_dequantized(
     For a caller whose own pass over the NF4 codes wrote deq(W) (DoRA's dequant + norm kernel,
     :func:`peft_fast.kernels.dora.dora_dequant_norm_triton`): (Y = X·Wᵀ + s·H·Bᵀ, H = X·Aᵀ), the
     same kernels and library calls as :func:`lora_linear_forward`'s ``library`` candidate after
-    its dequantization. ``weight`` is dense, in x's dtype; M and N must be at least 1.
+    its dequantization (H and C = s·H·Bᵀ in one pass, then cuBLAS accumulates X·Wᵀ
+    into C). ``weight`` is dense, in x's dtype; M and N must be at least 1.
     """
     _check_inputs(x, weight, lora_a, lora_b, None, 0.0, 0)
     x, weight, lora_a, lora_b = map(_contiguous, (x, weight, lora_a, lora_b))
     if x.shape[0] == 0 or weight.shape[0] == 0:
         raise ValueError(f"lora_forward_dequantized needs M, N >= 1, got x {tuple(x.shape)}, W {tuple(weight.shape)}")
-    h = _lora_down(x, lora_a, 0.0, 0)
-    return _y_library(x, weight, h, lora_b, None, float(scale)), h
+    return _forward_library(x, weight, lora_a, lora_b, None, float(scale), 0.0, 0)
