@@ -107,7 +107,8 @@ def backend(request, monkeypatch) -> str:
 
 # -- 1. the weight-norm kernel ----------------------------------------------------------------
 
-DENSE_SHAPES = [(37, 53, 3), (64, 128, 8), (5, 200, 17), (1, 16, 1)]
+# r = 70 > 64 (the largest rank chunk): B·A summed over two rank chunks per tile.
+DENSE_SHAPES = [(37, 53, 3), (64, 128, 8), (5, 200, 17), (1, 16, 1), (24, 96, 70)]
 # Kernel vs reference: fp32 summation order; in half precision at most one ulp of the output (the
 # interpreter matches the reference bit for bit; a GPU's summation order may flip a last rounding).
 KERNEL_TOL = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
@@ -431,7 +432,8 @@ def test_scale_backward_kernel_is_one_pass_of_the_formula(dtype, kernel_device):
 
 # (N, K, r, blocksize, double quantization): odd N, several K slices (the interpreter's slice is
 # 4 x 64 columns), K not a multiple of the block (the general loader), blocks of 32.
-DEQUANT_NORM_SHAPES = [(37, 320, 3, 64, True), (20, 100, 2, 64, True), (16, 96, 5, 32, False), (70, 576, 17, 64, False)]
+DEQUANT_NORM_SHAPES = [(37, 320, 3, 64, True), (20, 100, 2, 64, True), (16, 96, 5, 32, False), (70, 576, 17, 64, False),
+                       (20, 128, 70, 64, True)]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

@@ -351,6 +351,12 @@ def _dora_dequant_norm_kernel(
     t: rounding to KIND, as :func:`_dora_norm_kernel`; ``out`` is bit for bit the dequantize
     kernel's. Each (row block, K slice) program writes its own partial row, so the sums are a
     fixed order (no atomics) and nothing needs zeroing.
+
+    B's [BLOCK_N, r] tile is loaded again at every K step, not once per program: holding it in
+    registers across the loop (tried, for r <= 64) made Triton convert it to the dot-operand
+    layout through shared memory at every step; the static report put this kernel at 15.6 µs
+    instead of 9.9 (K-loop 918 instructions instead of 60) and :func:`_dora_norm_kernel` at 14.7
+    instead of 4.7 (N = K = 4096, bf16, r = 16). The reloads hit L1/L2; the pass is HBM-bound.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
