@@ -507,10 +507,10 @@ def test_dora_forward_plan():
     assert plans.dora_forward_plan(4096, "dense") == ["separate"]
 
 
-def _qdora_operands(m, n, k, r, dtype, device, magnitude_zero: bool = False):
+def _qdora_operands(m, n, k, r, dtype, device, magnitude_zero: bool = False, blocksize: int = 64):
     generator = torch.Generator().manual_seed(m * n + k)
     x, w, a, b = (torch.randn(*shape, generator=generator) for shape in ((m, k), (n, k), (r, k), (n, r)))
-    nf4 = quantize_nf4(w, 64, True).to(device)
+    nf4 = quantize_nf4(w, blocksize, True).to(device)
     magnitude = torch.rand(n, generator=generator) + 0.5
     if magnitude_zero:
         magnitude[::3] = 0.0  # m ≈ 0: nothing divides by m / ‖·‖
@@ -527,14 +527,19 @@ def _qdora_float64(x, nf4, a, b, magnitude, bias, scale):
 
 
 @pytest.mark.parametrize("candidate", ["dequant_norm", "separate"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_qdora_op_candidates_match_float64_outputs_and_gradients(candidate, dtype, monkeypatch, kernel_device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+# K = 320, blocks of 64: the row-scaled NF4 loader, two K slices of the norm; K = 100, blocks of
+# 32: the general loader (a block straddles rows).
+@pytest.mark.parametrize(("k", "blocksize"), [(320, 64), (100, 32)], ids=["rows", "general"])
+def test_qdora_op_candidates_match_float64_outputs_and_gradients(candidate, dtype, k, blocksize, monkeypatch,
+                                                                 kernel_device):  # fmt: skip
     monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
     monkeypatch.setenv("PEFT_FAST_FORCE", f"dora_forward={candidate}")
     from peft_fast.ops import dora_linear
 
-    m, n, k, r, scale = 37, 40, 320, 5, 0.7  # M > 16 (both candidates), odd N, two K slices of the norm
-    x, nf4, a, b, magnitude, bias = _qdora_operands(m, n, k, r, dtype, kernel_device, magnitude_zero=True)
+    m, n, r, scale = 37, 40, 5, 0.7  # M > 16 (both candidates), odd M
+    x, nf4, a, b, magnitude, bias = _qdora_operands(m, n, k, r, dtype, kernel_device, magnitude_zero=True,
+                                                    blocksize=blocksize)  # fmt: skip
     leaves = [t.detach().clone().requires_grad_() for t in (x, a, b, magnitude, bias)]
     out = dora_linear(leaves[0].reshape(1, m, k), nf4, *leaves[1:3], leaves[3], leaves[4], scale)
     assert out.shape == (1, m, n) and out.dtype == dtype and torch.isfinite(out).all()
