@@ -29,7 +29,6 @@ from peft_fast.kernels.common import _DOT_PRECISION, _SUPPORTED_DTYPES, _block_r
 from peft_fast.kernels.lora_reference import lora_linear_reference_forward
 from peft_fast.kernels.nf4_dequant import _CAST_BF16_BY_BITS
 from peft_fast.kernels.nf4_gemm import base_kind
-from peft_fast.kernels.plans import DORA_DEQUANT_NORM, DORA_SEPARATE
 from peft_fast.kernels.nf4_tiles import (
     _base_args,
     _compile_options,
@@ -37,10 +36,12 @@ from peft_fast.kernels.nf4_tiles import (
     load_nf4_rows,
     rows_scaled,
 )
+from peft_fast.kernels.plans import DORA_DEQUANT_NORM, DORA_SEPARATE
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
 __all__ = [
     "FORWARD_CHOICE",
+    "dequant_norm_splits",
     "dora_dequant_norm_reference",
     "dora_dequant_norm_triton",
     "dora_forward_candidates",
@@ -49,7 +50,6 @@ __all__ = [
     "dora_norm_from_partials",
     "dora_scale_backward_triton",
     "dora_scale_partials_triton",
-    "dequant_norm_splits",
     "dora_scale_reference",
     "dora_scale_triton",
     "dora_weight_norm_reference",
@@ -458,7 +458,7 @@ def dora_dequant_norm_triton(
 
 
 def dora_norm_from_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The norm [N] in ``dtype`` from :func:`dora_dequant_norm_triton`'s partials, in torch (split by split, fixed order)."""
+    """The norm [N] in ``dtype`` from :func:`dora_dequant_norm_triton`'s partials, in torch (fixed split order)."""
     squares = torch.zeros(partials.shape[1], dtype=torch.float32, device=partials.device)
     for row in partials:
         squares += row

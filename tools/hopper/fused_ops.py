@@ -155,7 +155,8 @@ def dora_forward(m: int, n: int = HIDDEN, k: int = HIDDEN, r: int = 16, *, dtype
         dora_linear_forward(fake(m, k, dtype=t), fake_base(base, n, k, t, blocksize), fake(r, k, dtype=t),
                             fake(n, r, dtype=t), fake(n, dtype=torch.float32), None, 2.0)  # fmt: skip
 
-    nbytes = weight_bytes(base, n, k, dtype, blocksize) + element_size(dtype) * (m * k + m * n + 2 * r * (n + k)) + 4 * n
+    activations = element_size(dtype) * (m * k + m * n + 2 * r * (n + k))
+    nbytes = weight_bytes(base, n, k, dtype, blocksize) + activations + 4 * n
     flops = 2.0 * m * n * k + 2.0 * m * r * (n + k)
     return OpCase("dora_forward", m, n, k, r, base, 0.0, run, flops=flops, bytes=nbytes, dtype=dtype,
                   floor_flops=2.0 * m * n * k, note="DoRA layer, no dropout; compare with qlora_forward")  # fmt: skip
