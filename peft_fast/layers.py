@@ -410,17 +410,21 @@ class LoraLinear(LoraLayer):
             self._dora_norms.clear()  # training changes A and B: the eval cache would go stale
         return super().train(mode)
 
-    def _weight_norm(self, name: str, base, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    def _weight_norm(
+        self, name: str, base, lora_a: torch.Tensor, lora_b: torch.Tensor, cached_only: bool = False
+    ) -> torch.Tensor | None:
         """‖W + s·B·A‖ of DoRA adapter ``name`` (A, B in the compute dtype), cached in no-grad eval calls.
 
         The cache key holds the versions and storages of A, B and W (and the dtype), so an
         optimizer step, ``load_state_dict`` or a cast recomputes it, as PEFT's cache does not.
+        ``cached_only``: None where no cache applies (training, grad mode, compiling), so that
+        ``dora_linear`` computes the norm itself (over NF4, inside the pass dequantizing W).
         """
         from peft_fast.ops import dora_weight_norm
 
         scale = self.scaling[name]
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return dora_weight_norm(base, lora_a, lora_b, scale)
+            return None if cached_only else dora_weight_norm(base, lora_a, lora_b, scale)
         params = (self.lora_A[name].weight, self.lora_B[name].weight)
         stored = base.packed if isinstance(base, NF4Weight) else self.base_layer.weight
         key = (*((t._version, t.data_ptr()) for t in (*params, stored)), lora_a.dtype, lora_a.device)
@@ -474,7 +478,7 @@ class LoraLinear(LoraLayer):
         if len(active) == 1:  # the common case: one fused GEMM without dropout, as dora_linear explains
             (name,) = active
             lora_a, lora_b = weights(name)
-            norm = self._weight_norm(name, base, lora_a, lora_b)
+            norm = self._weight_norm(name, base, lora_a, lora_b, cached_only=True)
             magnitude = self.lora_magnitude_vector[name].weight
             return dora_linear(x, base, lora_a, lora_b, magnitude, bias, self.scaling[name], dropped(name), norm)
         y = base_linear(x, base, bias)

@@ -46,9 +46,10 @@ def tiny_llama() -> torch.nn.Module:
     return transformers.LlamaForCausalLM(config).float().eval()
 
 
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
+def batch(seq: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    return torch.randint(0, VOCAB, (2, 8), generator=generator), torch.randint(0, VOCAB, (2, 8), generator=generator)
+    return (torch.randint(0, VOCAB, (2, seq), generator=generator),
+            torch.randint(0, VOCAB, (2, seq), generator=generator))  # fmt: skip
 
 
 def loss_of(model, ids, labels) -> torch.Tensor:
@@ -106,7 +107,8 @@ def backend(request, monkeypatch) -> str:
 
 # -- 1. the weight-norm kernel ----------------------------------------------------------------
 
-DENSE_SHAPES = [(37, 53, 3), (64, 128, 8), (5, 200, 17), (1, 16, 1)]
+# r = 70 > 64 (the largest rank chunk): B·A summed over two rank chunks per tile.
+DENSE_SHAPES = [(37, 53, 3), (64, 128, 8), (5, 200, 17), (1, 16, 1), (24, 96, 70)]
 # Kernel vs reference: fp32 summation order; in half precision at most one ulp of the output (the
 # interpreter matches the reference bit for bit; a GPU's summation order may flip a last rounding).
 KERNEL_TOL = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
@@ -258,10 +260,22 @@ def _nf4_pair(tmp_path: Path, double_quant: bool):
 
 
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no_dq"])
-def test_qdora_matches_peft_bitsandbytes(tmp_path, backend, double_quant):
+@pytest.mark.parametrize("seq", [8, 12], ids=["16_rows", "24_rows"])
+def test_qdora_matches_peft_bitsandbytes(tmp_path, backend, double_quant, seq, monkeypatch):
+    """16 rows: the decode-size plan (the standalone norm); 24 rows: the norm inside the dequantization pass."""
+    from peft_fast.kernels import dora as kernels
+
     theirs, ours = _nf4_pair(tmp_path, double_quant)
-    ids, labels = batch()
+    ids, labels = batch(seq)
+    ran = []
+    for name, run in list(kernels._FORWARD_IMPLEMENTATIONS.items()):
+        monkeypatch.setitem(kernels._FORWARD_IMPLEMENTATIONS, name,
+                            lambda *args, name=name, run=run: ran.append(name) or run(*args))  # fmt: skip
     expected, actual = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
+    if backend == "triton":  # every DoRA layer took the candidate its plan leads with
+        assert set(ran) == {"separate" if seq == 8 else "dequant_norm"}
+    else:
+        assert not ran
     assert_close(actual, expected, NF4_TOL, "QDoRA logits")
     loss_theirs, loss_ours = loss_of(theirs, ids, labels), loss_of(ours, ids, labels)
     assert_close(loss_ours, loss_theirs, NF4_TOL, "QDoRA loss")
@@ -412,3 +426,160 @@ def test_scale_backward_kernel_is_one_pass_of_the_formula(dtype, kernel_device):
     assert sums.dtype == torch.float32 and float((sums.double() - exact).norm() / exact.norm()) < 1e-5
     again, sums_again = dora_scale_backward_triton(grad_out, y, magnitude, norm)
     assert torch.equal(sums, sums_again) and torch.equal(grad_y, again)  # a fixed reduction order
+
+
+# -- 5. the norm inside the dequantization pass (peft_fast::dora_linear over NF4) --------------------
+
+# (N, K, r, blocksize, double quantization): odd N, several K slices (the interpreter's slice is
+# 4 x 64 columns), K not a multiple of the block (the general loader), blocks of 32.
+DEQUANT_NORM_SHAPES = [(37, 320, 3, 64, True), (20, 100, 2, 64, True), (16, 96, 5, 32, False), (70, 576, 17, 64, False),
+                       (20, 128, 70, 64, True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("n", "k", "r", "blocksize", "double_quant"), DEQUANT_NORM_SHAPES)
+def test_dequant_norm_kernel_matches_dequant_reference_and_float64(n, k, r, blocksize, double_quant, dtype,
+                                                                   kernel_device):  # fmt: skip
+    from peft_fast.kernels import dora as kernels
+    from peft_fast.kernels.nf4_dequant import dequantize_nf4_triton
+
+    generator = torch.Generator().manual_seed(n + k + r)
+    w, a, b = (torch.randn(*shape, generator=generator) for shape in ((n, k), (r, k), (n, r)))
+    nf4 = quantize_nf4(w, blocksize, double_quant).to(kernel_device)
+    a, b = a.to(kernel_device, dtype), b.to(kernel_device, dtype)
+    splits = kernels.dequant_norm_splits(n, k, kernel_device)
+    assert splits == -(-k // 256) or kernel_device == "cuda"
+    out = torch.full((n, k), float("nan"), dtype=dtype, device=kernel_device)  # poisoned
+    partials = torch.full((splits, n), float("nan"), device=kernel_device)
+    weight, sums = kernels.dora_dequant_norm_triton(nf4, a, b, 0.7, out=out, partials=partials)
+    assert weight.data_ptr() == out.data_ptr() and sums.data_ptr() == partials.data_ptr()
+    assert not sums.isnan().any()
+    # deq(W) is the dequantize kernel's, bit for bit (and the torch reference's).
+    assert torch.equal(weight, dequantize_nf4_triton(nf4, dtype))
+    ref_weight, ref_norm = kernels.dora_dequant_norm_reference(nf4, a, b, 0.7)
+    assert torch.equal(weight, ref_weight)
+    norm = kernels.dora_norm_from_partials(sums, dtype)
+    assert_close(norm, ref_norm, KERNEL_TOL[dtype], "fused norm vs reference")
+    assert_close(norm, kernels.dora_weight_norm_triton(nf4, a, b, 0.7), KERNEL_TOL[dtype], "fused vs standalone")
+    exact = torch.linalg.vector_norm(peft_fast.dequantize_nf4(nf4, torch.float64) + 0.7 * (b.double() @ a.double()),
+                                     dim=1)  # fmt: skip
+    assert_close(norm, exact, 1e-6 if dtype == torch.float32 else 2e-2, "fused norm vs float64")
+
+
+def test_dequant_norm_kernel_refuses_bad_inputs():
+    from peft_fast.kernels import dora as kernels
+
+    nf4 = quantize_nf4(torch.randn(16, 64))
+    with pytest.raises(TypeError, match="needs an NF4Weight base"):
+        kernels.dora_dequant_norm_triton(torch.randn(16, 64), torch.randn(4, 64), torch.randn(16, 4), 1.0)
+    with pytest.raises(ValueError, match=r"lora_A \(4, 32\) and lora_B \(16, 4\) do not fit"):
+        kernels.dora_dequant_norm_triton(nf4, torch.randn(4, 32), torch.randn(16, 4), 1.0)
+    with pytest.raises(ValueError, match=r"partials must be a contiguous \[1, 16\] float32 tensor"):
+        kernels.dora_dequant_norm_triton(nf4, torch.randn(4, 64), torch.randn(16, 4), 1.0, partials=torch.empty(2, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("m", "n", "bias"), [(1, 40, True), (37, 130, False), (70, 96, True)])
+def test_scale_from_partials_finishes_the_norm_once(m, n, bias, dtype, kernel_device):
+    from peft_fast.kernels.dora import dora_norm_from_partials, dora_scale_partials_triton, dora_scale_reference
+
+    y = torch.randn(m, n, device=kernel_device).to(dtype)
+    magnitude = torch.rand(n, device=kernel_device) + 0.5
+    partials = torch.rand(3, n, device=kernel_device) * 10  # three K slices of squared sums
+    b = torch.randn(n, device=kernel_device).to(dtype) if bias else None
+    out, norm = dora_scale_partials_triton(y, magnitude, partials, b)
+    want_norm = dora_norm_from_partials(partials, dtype)
+    assert norm.dtype == dtype and torch.allclose(norm.float(), want_norm.float(), rtol=2**-20 if dtype ==
+                                                  torch.float32 else 2**-8)  # fmt: skip
+    assert torch.equal(out, dora_scale_reference(y, magnitude, norm, b))  # the norm it stored is the one it used
+    exact = torch.sqrt(partials.double().sum(0))
+    got = (y.double() * magnitude.double() / exact + (b.double() if bias else 0)).to(dtype)
+    assert float((out.double() - got.double()).norm() / got.double().norm()) < (1e-6 if dtype == torch.float32
+                                                                                 else 1e-2)  # fmt: skip
+
+
+def test_dora_forward_plan():
+    from peft_fast.kernels import plans
+
+    assert plans.dora_forward_plan(512, "nf4_rows") == ["dequant_norm", "separate"]
+    assert plans.dora_forward_plan(17, "nf4") == ["dequant_norm", "separate"]
+    assert plans.dora_forward_plan(16, "nf4_rows") == ["separate"]
+    assert plans.dora_forward_plan(4096, "dense") == ["separate"]
+
+
+def _qdora_operands(m, n, k, r, dtype, device, magnitude_zero: bool = False, blocksize: int = 64):
+    generator = torch.Generator().manual_seed(m * n + k)
+    x, w, a, b = (torch.randn(*shape, generator=generator) for shape in ((m, k), (n, k), (r, k), (n, r)))
+    nf4 = quantize_nf4(w, blocksize, True).to(device)
+    magnitude = torch.rand(n, generator=generator) + 0.5
+    if magnitude_zero:
+        magnitude[::3] = 0.0  # m ≈ 0: nothing divides by m / ‖·‖
+    bias = torch.randn(n, generator=generator)
+    x, a, b, bias = (t.to(device, dtype) for t in (x, a, b, bias))
+    return x, nf4, a, b, magnitude.to(device), bias
+
+
+def _qdora_float64(x, nf4, a, b, magnitude, bias, scale):
+    """PEFT's DoRA without dropout in float64: (m/‖W + s·B·A‖)·(x·Wᵀ + s·x·Aᵀ·Bᵀ) + b, the norm detached."""
+    w = peft_fast.dequantize_nf4(nf4, torch.float64)
+    norm = torch.linalg.vector_norm(w + scale * (b @ a), dim=1).detach()
+    return (magnitude / norm) * (x @ w.t() + scale * (x @ a.t()) @ b.t()) + bias
+
+
+@pytest.mark.parametrize("candidate", ["dequant_norm", "separate"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+# K = 320, blocks of 64: the row-scaled NF4 loader, two K slices of the norm; K = 100, blocks of
+# 32: the general loader (a block straddles rows).
+@pytest.mark.parametrize(("k", "blocksize"), [(320, 64), (100, 32)], ids=["rows", "general"])
+def test_qdora_op_candidates_match_float64_outputs_and_gradients(candidate, dtype, k, blocksize, monkeypatch,
+                                                                 kernel_device):  # fmt: skip
+    monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+    monkeypatch.setenv("PEFT_FAST_FORCE", f"dora_forward={candidate}")
+    from peft_fast.ops import dora_linear
+
+    m, n, r, scale = 37, 40, 5, 0.7  # M > 16 (both candidates), odd M
+    x, nf4, a, b, magnitude, bias = _qdora_operands(m, n, k, r, dtype, kernel_device, magnitude_zero=True,
+                                                    blocksize=blocksize)  # fmt: skip
+    leaves = [t.detach().clone().requires_grad_() for t in (x, a, b, magnitude, bias)]
+    out = dora_linear(leaves[0].reshape(1, m, k), nf4, *leaves[1:3], leaves[3], leaves[4], scale)
+    assert out.shape == (1, m, n) and out.dtype == dtype and torch.isfinite(out).all()
+    grad = torch.randn(1, m, n, generator=torch.Generator().manual_seed(3)).to(kernel_device, dtype)
+    out.backward(grad)
+    wide = [t.detach().double().requires_grad_() for t in (x, a, b, magnitude, bias)]
+    want = _qdora_float64(wide[0], nf4, *wide[1:3], wide[3], wide[4], scale)
+    want.backward(grad.double().reshape(m, n))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_close(out.reshape(m, n), want, tol, f"{candidate} output vs float64")
+    for name, got, ref in zip(("x", "A", "B", "m", "bias"), leaves, wide, strict=True):
+        assert got.grad is not None and torch.isfinite(got.grad).all(), name
+        assert got.grad.dtype == got.dtype, name
+        assert_close(got.grad, ref.grad, tol if name != "m" else 2 * tol, f"{candidate} d{name} vs float64")
+
+
+def test_qdora_op_candidates_agree_and_keep_no_dense_weight(monkeypatch, kernel_device):
+    monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+    from peft_fast.kernels import dora as kernels
+
+    x, nf4, a, b, magnitude, bias = _qdora_operands(33, 24, 128, 4, torch.bfloat16, kernel_device)
+    outputs = {}
+    for candidate in ("dequant_norm", "separate"):
+        monkeypatch.setenv("PEFT_FAST_FORCE", f"dora_forward={candidate}")
+        outputs[candidate] = kernels.dora_linear_forward(x, nf4, a, b, magnitude, bias, 0.7)
+    reference = kernels.dora_linear_reference_forward(x, nf4, a, b, magnitude, bias, 0.7)
+    for got, sep, ref, what in zip(outputs["dequant_norm"], outputs["separate"], reference, ("out", "norm", "Y0", "H"),
+                                   strict=True):  # fmt: skip
+        assert_close(got, sep, 2**-7, f"{what}: dequant_norm vs separate")
+        assert_close(got, ref, 2e-2, f"{what}: dequant_norm vs reference")
+    assert torch.equal(outputs["dequant_norm"][3], outputs["separate"][3])  # H: the same kernel
+    # Saved for the backward: X, H, Y0, the norm, the NF4 tensors, A, B, m; no [N, K] dense weight.
+    leaves = [t.detach().clone().requires_grad_() for t in (a, b)]
+    from peft_fast.ops import dora_linear
+
+    out = dora_linear(x, nf4, *leaves, magnitude.requires_grad_(), bias, 0.7)
+    node = out.grad_fn
+    while "dora_linear" not in type(node).__name__:  # past the reshape to the op's own node
+        node = node.next_functions[0][0]
+    saved = [tuple(t.shape) for t in node.saved_tensors if t is not None]
+    assert (24, 128) not in saved and (1536, 1) in saved  # the packed codes, not deq(W)
+    assert sorted(saved) == sorted([(33, 128), (33, 4), (33, 24), (24,), (1536, 1), (48,), (1,), (), (4, 128),
+                                    (24, 4), (24,)])  # fmt: skip

@@ -17,12 +17,18 @@ sum is fp32 (torch's norm accumulates in fp32 too). In fp32 every rounding is a 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from peft_fast.kernels import plans
+from peft_fast.kernels.choice import Candidate, Choice
 from peft_fast.kernels.common import _DOT_PRECISION, _SUPPORTED_DTYPES, _block_r, _dot, fitted_block, interpreted
+from peft_fast.kernels.lora_reference import lora_linear_reference_forward
 from peft_fast.kernels.nf4_dequant import _CAST_BF16_BY_BITS
+from peft_fast.kernels.nf4_gemm import base_kind
 from peft_fast.kernels.nf4_tiles import (
     _base_args,
     _compile_options,
@@ -30,10 +36,20 @@ from peft_fast.kernels.nf4_tiles import (
     load_nf4_rows,
     rows_scaled,
 )
+from peft_fast.kernels.plans import DORA_DEQUANT_NORM, DORA_SEPARATE
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 
 __all__ = [
+    "FORWARD_CHOICE",
+    "dequant_norm_splits",
+    "dora_dequant_norm_reference",
+    "dora_dequant_norm_triton",
+    "dora_forward_candidates",
+    "dora_linear_forward",
+    "dora_linear_reference_forward",
+    "dora_norm_from_partials",
     "dora_scale_backward_triton",
+    "dora_scale_partials_triton",
     "dora_scale_reference",
     "dora_scale_triton",
     "dora_weight_norm_reference",
@@ -43,7 +59,7 @@ __all__ = [
 # One program per BLOCK_N rows: N / 32 programs (128 at N = 4096, about one per H200 SM), each
 # streaming its rows once; BLOCK_K = 64 is no wider than any NF4 block of 64 or more, so the
 # row-scaled loader (one scale per tile row) applies to every aligned NF4 weight.
-_BLOCK_N, _BLOCK_K = 32, 64
+_BLOCK_N, _BLOCK_K, _NORM_WARPS = 32, 32, 4
 # The compute dtype as an int constexpr (the static report stores constexprs as plain values).
 _FP32, _FP16, _BF16 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -161,7 +177,7 @@ def dora_weight_norm_triton(
     _dora_norm_kernel[grid](
         *pointers, lora_a, lora_b, out, n, k, rank, float(scale),
         **meta, ROWS=rows, KIND=_KIND[dtype], DOT_PRECISION=_DOT_PRECISION[dtype],
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block_r(rank), num_warps=4, **_compile_options(base),
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block_r(rank), num_warps=_NORM_WARPS, **_compile_options(base),
     )  # fmt: skip
     return out
 
@@ -185,17 +201,32 @@ def dora_weight_norm_reference(
 
 @triton.jit
 def _dora_scale_kernel(
-    y_ptr, magnitude_ptr, norm_ptr, bias_ptr, out_ptr, M, N, stride_y, stride_out,
-    HAS_BIAS: tl.constexpr, KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    y_ptr, magnitude_ptr, norm_ptr, bias_ptr, out_ptr, norm_out_ptr, M, N, stride_y, stride_out, SPLITS,
+    HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """out = y · (m / ‖·‖) + b per column, the factor and the sum in fp32, rounded once to out's dtype."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """out = y · (m / ‖·‖) + b per column, the factor and the sum in fp32, rounded once to out's dtype.
+
+    PARTIALS: ``norm_ptr`` holds SPLITS rows of fp32 partial sums of squares [SPLITS, N] (from
+    :func:`_dora_dequant_norm_kernel`); each program finishes its columns' norms (a fixed order,
+    so every program gets the same bits) and the first row of programs stores them to ``norm_out_ptr``.
+    """
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     mask = (offs_m < M)[:, None] & n_mask[None, :]
-    factor = tl.load(magnitude_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) / tl.load(
-        norm_ptr + offs_n, mask=n_mask, other=1.0
-    ).to(tl.float32)
+    if PARTIALS:
+        squares = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for split in range(0, SPLITS):
+            squares += tl.load(norm_ptr + split * N + offs_n, mask=n_mask, other=0.0)
+        norm = _rounded(tl.sqrt(squares), KIND)  # the norm in the compute dtype, as the standalone kernel's
+        if pid_m == 0:
+            tl.store(norm_out_ptr + offs_n, norm.to(norm_out_ptr.dtype.element_ty), mask=n_mask)
+        norm = tl.where(n_mask, norm, 1.0)
+    else:
+        norm = tl.load(norm_ptr + offs_n, mask=n_mask, other=1.0).to(tl.float32)
+    factor = tl.load(magnitude_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) / norm
     rows = offs_m.to(tl.int64)[:, None]
     y = tl.load(y_ptr + rows * stride_y + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     out = y * factor[None, :]
@@ -229,9 +260,9 @@ def dora_scale_triton(
         block_m, block_n = fitted_block(block_m, m), fitted_block(block_n, n)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _dora_scale_kernel[grid](
-        y, magnitude.contiguous(), norm.contiguous(), bias if bias is not None else norm, out, m, n, y.stride(0),
-        out.stride(0), HAS_BIAS=bias is not None, KIND=_KIND[y.dtype], BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=4,
+        y, magnitude.contiguous(), norm.contiguous(), bias if bias is not None else norm, out, norm, m, n,
+        y.stride(0), out.stride(0), 1, HAS_BIAS=bias is not None, PARTIALS=False, KIND=_KIND[y.dtype],
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
     return out
 
@@ -296,3 +327,267 @@ def dora_scale_backward_triton(
         y.stride(0), grad_y.stride(0), KIND=_KIND[y.dtype], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
     return grad_y, partial.sum(0)
+
+
+# -- the norm inside the dequantization pass --------------------------------------------------------
+
+# Tiles of the dequant + norm pass: [BLOCK_N rows, BLOCK_K columns], BLOCK_K no wider than an NF4
+# block of 64 (the row-scaled loader), DEQUANT_NORM_TRIPS tiles along K per program. At N = K = 4096:
+# 64 x 16 = 1024 programs of 4 x 64 x 64 weights (the dequant kernel's 8192 weights per program
+# x 2), 16 fp32 partial rows (256 KB) for the scale pass to finish.
+_DQ_BLOCK_N, _DQ_BLOCK_K, _DQ_TRIPS, _DQ_WARPS = 64, 64, 4, 4
+
+
+@triton.jit
+def _dora_dequant_norm_kernel(
+    w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
+    a_ptr, b_ptr, out_ptr, partial_ptr, N, K, R, scale, K_SLICE,
+    DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCKS_IN_ROWS: tl.constexpr,
+    ROWS: tl.constexpr, KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """out[n, k] = t(deq(W)[n, k]) and partial[pid_k, n] = Σ_k t(t(deq W) + t(s·t(B·A)))² over the program's K slice.
+
+    t: rounding to KIND, as :func:`_dora_norm_kernel`; ``out`` is bit for bit the dequantize
+    kernel's. Each (row block, K slice) program writes its own partial row, so the sums are a
+    fixed order (no atomics) and nothing needs zeroing.
+
+    B's [BLOCK_N, r] tile is loaded again at every K step, not once per program: holding it in
+    registers across the loop (tried, for r <= 64) made Triton convert it to the dot-operand
+    layout through shared memory at every step; the static report put this kernel at 15.6 µs
+    instead of 9.9 (K-loop 918 instructions instead of 60) and :func:`_dora_norm_kernel` at 14.7
+    instead of 4.7 (N = K = 4096, bf16, r = 16). The reloads hit L1/L2; the pass is HBM-bound.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    k_start = pid_k * K_SLICE
+    k_end = tl.minimum(k_start + K_SLICE, K)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        if ROWS:  # K % BLOCKSIZE == 0, BLOCK_K <= BLOCKSIZE: one scale per tile row
+            w = load_nf4_rows(w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr, offs_n, k0,
+                              N, K, DOUBLE_QUANT, BLOCKSIZE, NESTED, BLOCK_K)  # fmt: skip
+        else:
+            w = _load_weight_tile(w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr,
+                                  offs_n[:, None], offs_k[None, :], k0, N, K,
+                                  True, DOUBLE_QUANT, BLOCKSIZE, NESTED, BLOCKS_IN_ROWS, BLOCK_K)  # fmt: skip
+        w = _rounded(w, KIND)
+        mask = n_mask[:, None] & k_mask[None, :]
+        tile = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+        tl.store(out_ptr + tile, w.to(out_ptr.dtype.element_ty), mask=mask)  # exact: rounded already
+        ba = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < R
+            b = tl.load(b_ptr + offs_n[:, None].to(tl.int64) * R + offs_r[None, :],
+                        mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # fmt: skip
+            a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :],
+                        mask=r_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+            ba = _dot(b, a, ba, DOT_PRECISION)
+        v = _rounded(w + _rounded(scale * _rounded(ba, KIND), KIND), KIND)
+        v = tl.where(mask, v, 0.0)  # rows >= N (the row loader's junk) and columns >= K do not count
+        acc += tl.sum(v * v, axis=1)
+    tl.store(partial_ptr + pid_k.to(tl.int64) * N + offs_n, acc, mask=n_mask)
+
+
+def _dequant_norm_policy(n: int, k: int, interpret: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, K elements per program) of the dequant + norm pass; the GPU's tiles everywhere,
+    shrunk under the interpreter only as far as a small weight needs."""
+    block_n, block_k = _DQ_BLOCK_N, _DQ_BLOCK_K
+    if interpret:
+        block_n, block_k = fitted_block(block_n, n), fitted_block(block_k, k)
+    return block_n, block_k, block_k * _DQ_TRIPS
+
+
+def dequant_norm_splits(n: int, k: int, device: torch.device | str) -> int:
+    """How many K slices (rows of partial sums) the dequant + norm pass uses for an [n, k] weight on ``device``."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1" or torch.device(device).type != "cuda"
+    return max(1, triton.cdiv(k, _dequant_norm_policy(n, k, interpret)[2]))
+
+
+def dora_dequant_norm_triton(
+    base: NF4Weight,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    partials: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """deq(W) [N, K] in lora_a's dtype and the fp32 partial sums [S, N] of ‖deq(W) + s·B·A‖², one pass over the codes.
+
+    ``deq(W)`` equals :func:`peft_fast.kernels.nf4_dequant.dequantize_nf4_triton`'s bit for bit;
+    the norm is :func:`dora_norm_from_partials` of the partials (or the column-scale pass's finish,
+    :func:`dora_scale_partials_triton`), with the roundings of :func:`dora_weight_norm_reference`.
+    ``out`` (optional, contiguous [N, K] in lora_a's dtype) receives deq(W) and ``partials``
+    (optional, contiguous fp32 [S, N], S = :func:`dequant_norm_splits`) the sums: tests poison both.
+    """
+    if not isinstance(base, NF4Weight):
+        raise TypeError(f"the dequant + norm pass needs an NF4Weight base, got {type(base).__name__}")
+    _check(base, lora_a, lora_b)
+    n, k = base.shape
+    dtype = lora_a.dtype
+    if out is None:
+        out = torch.empty((n, k), dtype=dtype, device=lora_a.device)
+    elif out.shape != (n, k) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{n}, {k}] {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
+    block_n, block_k, k_slice = _dequant_norm_policy(n, k, interpreted([lora_a]))
+    splits = max(1, triton.cdiv(k, k_slice))
+    if partials is None:
+        partials = torch.empty((splits, n), dtype=torch.float32, device=lora_a.device)
+    elif partials.shape != (splits, n) or partials.dtype != torch.float32 or not partials.is_contiguous():
+        raise ValueError(f"partials must be a contiguous [{splits}, {n}] float32 tensor, got "
+                         f"{tuple(partials.shape)} {partials.dtype}")  # fmt: skip
+    if n == 0:
+        return out, partials
+    if k == 0:
+        return out, partials.zero_()
+    pointers, meta = _base_args(base, lora_a)
+    meta.pop("IS_NF4")
+    _dora_dequant_norm_kernel[(triton.cdiv(n, block_n), splits)](
+        *pointers, lora_a, lora_b, out, partials, n, k, lora_a.shape[0], float(scale), k_slice,
+        **meta, ROWS=rows_scaled(base, block_k), KIND=_KIND[dtype], DOT_PRECISION=_DOT_PRECISION[dtype],
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block_r(lora_a.shape[0]), num_warps=_DQ_WARPS,
+        **_compile_options(base),
+    )  # fmt: skip
+    return out, partials
+
+
+def dora_norm_from_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The norm [N] in ``dtype`` from :func:`dora_dequant_norm_triton`'s partials, in torch (fixed split order)."""
+    squares = torch.zeros(partials.shape[1], dtype=torch.float32, device=partials.device)
+    for row in partials:
+        squares += row
+    return squares.sqrt().to(dtype)
+
+
+def dora_dequant_norm_reference(
+    base: NF4Weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference of the dequant + norm pass: (deq(W) in lora_a's dtype, the finished norm [N])."""
+    return dequantize_nf4(base, lora_a.dtype), dora_weight_norm_reference(base, lora_a, lora_b, scale)
+
+
+def dora_scale_partials_triton(
+    y: torch.Tensor, magnitude: torch.Tensor, partials: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y · (m / ‖·‖) + b, ‖·‖ in y's dtype), the norm finished from the dequant + norm pass's partials.
+
+    One pass over y as :func:`dora_scale_triton`; every program sums its columns' partials in the
+    same order (the norm has the same bits in all of them), the first row of programs stores it.
+    """
+    m, n = y.shape
+    if y.dtype not in _KIND:
+        raise TypeError(f"DoRA scale: y must be float32, float16 or bfloat16, got {y.dtype}")
+    if magnitude.shape != (n,) or partials.dim() != 2 or partials.shape[1] != n or partials.dtype != torch.float32:
+        raise ValueError(f"DoRA scale: magnitude [{n}] and fp32 partials [S, {n}] needed for y {tuple(y.shape)}, "
+                         f"got {tuple(magnitude.shape)} and {tuple(partials.shape)} {partials.dtype}")  # fmt: skip
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"DoRA scale: bias must be [{n}], got {tuple(bias.shape)}")
+    if y.stride(1) != 1:
+        y = y.contiguous()
+    out = torch.empty_like(y, memory_format=torch.contiguous_format)
+    norm = torch.empty(n, dtype=y.dtype, device=y.device)
+    if n == 0:
+        return out, norm
+    if m == 0:
+        return out, dora_norm_from_partials(partials, y.dtype)
+    block_m, block_n = 32, 128
+    if interpreted([y]):
+        block_m, block_n = fitted_block(block_m, m), fitted_block(block_n, n)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    partials = partials.contiguous()
+    _dora_scale_kernel[grid](
+        y, magnitude.contiguous(), partials, bias if bias is not None else norm, out, norm, m, n,
+        y.stride(0), out.stride(0), partials.shape[0], HAS_BIAS=bias is not None, PARTIALS=True,
+        KIND=_KIND[y.dtype], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+    return out, norm
+
+
+# -- DoRA's forward without dropout: the candidates and their choice --------------------------------
+
+
+def _forward_separate(x, base, lora_a, lora_b, magnitude, bias, scale):
+    """The standalone norm kernel, the LoRA forward (its own choice), then m/‖·‖ + b (candidate ``separate``)."""
+    from peft_fast.kernels.lora_linear import lora_linear_forward
+
+    norm = dora_weight_norm_triton(base, lora_a, lora_b, scale)
+    y0, h = lora_linear_forward(x, base, lora_a, lora_b, None, scale, 0.0, 0)
+    return dora_scale_triton(y0, magnitude, norm, bias), norm, y0, h
+
+
+def _forward_dequant_norm(x, base, lora_a, lora_b, magnitude, bias, scale):
+    """deq(W) and the norm's partials in one pass, cuBLAS + the LoRA term over deq(W), then m/‖·‖ + b
+    with the norm finished in that pass (candidate ``dequant_norm``). deq(W) lives for this call only."""
+    from peft_fast.kernels.lora_linear import lora_forward_dequantized
+
+    weight, partials = dora_dequant_norm_triton(base, lora_a, lora_b, scale)
+    y0, h = lora_forward_dequantized(x, weight, lora_a, lora_b, scale)
+    del weight
+    out, norm = dora_scale_partials_triton(y0, magnitude, partials, bias)
+    return out, norm, y0, h
+
+
+_FORWARD_IMPLEMENTATIONS = {DORA_SEPARATE: _forward_separate, DORA_DEQUANT_NORM: _forward_dequant_norm}
+
+
+def dora_forward_candidates(x, base, lora_a, lora_b, magnitude, bias, scale) -> list[Candidate]:
+    """DoRA's forward candidates for these operands, in :func:`peft_fast.kernels.plans.dora_forward_plan`'s order."""
+    names = plans.dora_forward_plan(x.shape[0], base_kind(base))
+    return [Candidate(name, _FORWARD_IMPLEMENTATIONS[name]) for name in names]
+
+
+def _forward_bucket(x, base, lora_a, lora_b, magnitude, bias, scale) -> tuple:
+    m, k = x.shape
+    n, rank = lora_b.shape
+    return plans.choice_bucket(m, n, k, x.dtype, rank, base_kind(base), bias is not None)
+
+
+FORWARD_CHOICE = Choice("dora_forward", _forward_bucket, dora_forward_candidates)
+
+
+def dora_linear_forward(
+    x: torch.Tensor,
+    base: torch.Tensor | NF4Weight,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DoRA without dropout: (out = (m/‖·‖)·Y0 + b, ‖W + s·B·A‖ [N], Y0 = X·deq(W)ᵀ + s·H·Bᵀ, H = X·Aᵀ).
+
+    x [M, K], the base, A, B and the bias in one dtype (the norm and Y0 too); m [N] any float
+    dtype. Y0 and H are what the backward needs (dm = Σ_rows dOut·Y0 / ‖·‖; never deq(W)). The
+    implementation is :data:`FORWARD_CHOICE`'s for the shape.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    _check(base, lora_a, lora_b)
+    n = base.shape[0]
+    if magnitude.shape != (n,):
+        raise ValueError(f"the DoRA magnitude must be [{n}], got {tuple(magnitude.shape)}")
+    scale = float(scale)
+    if x.shape[0] == 0 or n == 0:  # nothing to choose between: the general path handles the empty shapes
+        return _forward_separate(x, base, lora_a, lora_b, magnitude, bias, scale)
+    return FORWARD_CHOICE(x, base, lora_a, lora_b, magnitude, bias, scale)
+
+
+def dora_linear_reference_forward(
+    x: torch.Tensor,
+    base: torch.Tensor | NF4Weight,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch reference of :func:`dora_linear_forward` (float64 stays float64): the same four outputs."""
+    norm = dora_weight_norm_reference(base, lora_a, lora_b, scale)
+    y0, h = lora_linear_reference_forward(x, base, lora_a, lora_b, None, scale, None, 0.0)
+    return dora_scale_reference(y0, magnitude, norm, bias), norm, y0, h

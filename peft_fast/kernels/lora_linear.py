@@ -70,6 +70,7 @@ __all__ = [
     "dropout_mask",
     "dx_candidates",
     "forward_candidates",
+    "lora_forward_dequantized",
     "lora_linear_backward",
     "lora_linear_forward",
     "lora_linear_reference_backward",
@@ -602,3 +603,21 @@ def lora_linear_backward(
         dx = _empty((m, 0), x.dtype, x.device) if k == 0 else DX_CHOICE(grad_y, base, dh, lora_a, dropout_p, seed)
     da = _lora_da(dh, x, dropout_p, seed) if needs_da else None
     return dx, da, db
+
+
+def lora_forward_dequantized(
+    x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The NF4 forward's ``library`` candidate over a weight its caller dequantized already, no dropout, no bias.
+
+    For a caller whose own pass over the NF4 codes wrote deq(W) (DoRA's dequant + norm kernel,
+    :func:`peft_fast.kernels.dora.dora_dequant_norm_triton`): (Y = X·Wᵀ + s·H·Bᵀ, H = X·Aᵀ), the
+    same kernels and library calls as :func:`lora_linear_forward`'s ``library`` candidate after
+    its dequantization (H and C = s·H·Bᵀ in one pass, then cuBLAS accumulates X·Wᵀ
+    into C). ``weight`` is dense, in x's dtype; M and N must be at least 1.
+    """
+    _check_inputs(x, weight, lora_a, lora_b, None, 0.0, 0)
+    x, weight, lora_a, lora_b = map(_contiguous, (x, weight, lora_a, lora_b))
+    if x.shape[0] == 0 or weight.shape[0] == 0:
+        raise ValueError(f"lora_forward_dequantized needs M, N >= 1, got x {tuple(x.shape)}, W {tuple(weight.shape)}")
+    return _forward_library(x, weight, lora_a, lora_b, None, float(scale), 0.0, 0)

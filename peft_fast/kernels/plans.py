@@ -35,6 +35,8 @@ import triton
 __all__ = [
     "BASE_KINDS",
     "DEQUANT_FUSED",
+    "DORA_DEQUANT_NORM",
+    "DORA_SEPARATE",
     "DX_LIBRARY_MIN_M",
     "FUSED",
     "IA3_DX_DEQUANT_MIN_M",
@@ -47,6 +49,7 @@ __all__ = [
     "SMALL_M_MAX",
     "SPLITK",
     "choice_bucket",
+    "dora_forward_plan",
     "ia3_backward_plan",
     "ia3_forward_plan",
     "lora_dx_plan",
@@ -59,6 +62,13 @@ FUSED = "fused_gemm"
 DEQUANT_FUSED = "dequant_fused_gemm"
 LIBRARY = "library"
 LIBRARY_ADDMM = "library_addmm"
+# DoRA's forward without dropout (op "dora_forward", :mod:`peft_fast.kernels.dora`):
+# ``dequant_norm``: one pass over the NF4 codes writes deq(W) and the fp32 partial sums of
+# ‖deq(W) + s·B·A‖² per row (B·A per tile), then cuBLAS over deq(W) + the LoRA term, then m/‖·‖
+# with the norm finished from the partials in the same pass over Y; ``separate``: the standalone
+# norm kernel, the LoRA forward's own choice, then m/‖·‖.
+DORA_DEQUANT_NORM = "dequant_norm"
+DORA_SEPARATE = "separate"
 
 BASE_KINDS = ("dense", "nf4_rows", "nf4")  # see peft_fast.kernels.nf4_gemm.base_kind
 
@@ -188,3 +198,18 @@ def choice_bucket(m: int, *shape_and_kind: object) -> tuple:
     Every switch point is a power of two, so a plan is the same for every M of a bucket.
     """
     return (triton.next_power_of_2(max(m, 1)), *shape_and_kind)
+
+
+def dora_forward_plan(m: int, base_kind: str) -> list[str]:
+    """Candidates for DoRA's forward without dropout (the norm, Y0 = X·deq(W)ᵀ + s·H·Bᵀ, m/‖·‖ + b), static order.
+
+    Over NF4 above SMALL_M_MAX the LoRA forward dequantizes W anyway (the library path leads its
+    plan): emitting the norm from that pass saves the norm's own launch and NF4 read (report, H200,
+    N = K = 4096, bf16, r = 16, no dropout; see ``tools/hopper/fused_ops.py``'s dora_forward). At
+    decode sizes the LoRA forward streams the NF4 codes once without dequantizing, and a dense
+    base has no dequantization pass: there the standalone norm kernel runs.
+    """
+    _check(m, base_kind)
+    if base_kind != "dense" and m > SMALL_M_MAX:
+        return [DORA_DEQUANT_NORM, DORA_SEPARATE]
+    return [DORA_SEPARATE]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tools.hopper.cases import DTYPES, Goal, OpCase, OpEntry, element_size, fake, fake_base, weight_bytes
+from tools.hopper.cases import BLOCKSIZE, DTYPES, Goal, OpCase, OpEntry, element_size, fake, fake_base, weight_bytes
 
 TOKENS, HIDDEN, MLP, VOCAB = 4096, 4096, 14336, 128256
 BATCH, SEQ, HEADS, KV_HEADS, HEAD_DIM = 2, 2048, 32, 8, 128
@@ -137,28 +137,28 @@ def dora_weight_norm(
                   goal=COPY_GOAL, note=note, dtype=dtype, bandwidth="copy")  # fmt: skip
 
 
-def dora_forward(m: int, n: int = HIDDEN, k: int = HIDDEN, r: int = 16, *, dtype: str = "bf16") -> OpCase:
-    """DoRA's layer without dropout over NF4: the weight norm, the fused LoRA forward, m/‖·‖ per column.
+def dora_forward(m: int, n: int = HIDDEN, k: int = HIDDEN, r: int = 16, *, dtype: str = "bf16", base: str = "nf4dq",
+                 blocksize: int = BLOCKSIZE) -> OpCase:  # fmt: skip
+    """DoRA's layer without dropout over NF4: what ``peft_fast.ops.dora_linear`` launches (``peft_fast::dora_linear``).
 
-    What ``peft_fast.ops.dora_linear`` launches (no dropout: one fused forward, then the column
-    scale m/‖·‖ and the bias in one pass, ``dora_scale_triton``). The floor is the LoRA forward's (2·M·N·K at the bf16
-    rate); README compares its prediction with qlora_forward's at the same shape (issue goal:
-    DoRA ≤ 1.15 × our LoRA layer).
+    ``dora_linear_forward``, its choice's static head: above decode sizes one pass over the NF4
+    codes writes deq(W) and the norm's fp32 partials, then H = X·Aᵀ, cuBLAS over deq(W) and the
+    LoRA term, then m/‖·‖ and the bias in one pass over Y0 finishing the norm from the partials.
+    The floor is the LoRA forward's (2·M·N·K at the bf16 rate); README compares its prediction with
+    qlora_forward's at the same shape (issue goal: DoRA ≤ 1.15 × our LoRA layer).
     """
     t = DTYPES[dtype]
 
     def run() -> None:
-        from peft_fast.kernels.dora import dora_scale_triton, dora_weight_norm_triton
-        from peft_fast.kernels.lora_linear import lora_linear_forward
+        from peft_fast.kernels.dora import dora_linear_forward
 
-        base, lora_a, lora_b = fake_base("nf4dq", n, k, t), fake(r, k, dtype=t), fake(n, r, dtype=t)
-        norm = dora_weight_norm_triton(base, lora_a, lora_b, 2.0)
-        y, _ = lora_linear_forward(fake(m, k, dtype=t), base, lora_a, lora_b, None, 2.0, 0.0, 0)
-        dora_scale_triton(y, fake(n, dtype=torch.float32), norm)
+        dora_linear_forward(fake(m, k, dtype=t), fake_base(base, n, k, t, blocksize), fake(r, k, dtype=t),
+                            fake(n, r, dtype=t), fake(n, dtype=torch.float32), None, 2.0)  # fmt: skip
 
-    nbytes = weight_bytes("nf4dq", n, k, dtype) + element_size(dtype) * (m * k + m * n + 2 * r * (n + k)) + 4 * n
+    activations = element_size(dtype) * (m * k + m * n + 2 * r * (n + k))
+    nbytes = weight_bytes(base, n, k, dtype, blocksize) + activations + 4 * n
     flops = 2.0 * m * n * k + 2.0 * m * r * (n + k)
-    return OpCase("dora_forward", m, n, k, r, "nf4dq", 0.0, run, flops=flops, bytes=nbytes, dtype=dtype,
+    return OpCase("dora_forward", m, n, k, r, base, 0.0, run, flops=flops, bytes=nbytes, dtype=dtype,
                   floor_flops=2.0 * m * n * k, note="DoRA layer, no dropout; compare with qlora_forward")  # fmt: skip
 
 
@@ -209,10 +209,12 @@ ENTRIES: list[OpEntry] = [
     OpEntry("cross_entropy", lambda: [linear_cross_entropy()], lambda dtype: [linear_cross_entropy(dtype=dtype)]),
     OpEntry(
         "dora",
-        lambda: [dora_weight_norm(), dora_forward(512), dora_forward(4096), dora_backward(4096)],
+        lambda: [dora_weight_norm(), dora_forward(512), dora_forward(4096), dora_backward(512), dora_backward(4096)],
         lambda dtype: (
             [dora_weight_norm(dtype=dtype, base=b, r=r) for b in ("dense", "nf4", "nf4dq") for r in (16, 64)]
-            + [dora_forward(64, dtype=dtype)]
+            # decode: the standalone norm; mid: the dequant + norm pass, row-scaled and general NF4 loaders
+            + [dora_forward(m, dtype=dtype, base=b) for m in (13, 300) for b in ("nf4", "nf4dq")]
+            + [dora_forward(300, dtype=dtype, blocksize=32)]
         ),
     ),
 ]
