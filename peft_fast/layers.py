@@ -15,6 +15,21 @@ from torch import nn
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
 from peft_fast.ops.lora_mixed import AdapterStackCache
 
+__all__ = [
+    "BASE_ROWS",
+    "MIXED_PARAMETERS_REFUSED",
+    "NF4_FIELDS",
+    "PARAM_DTYPES",
+    "AdapterLayer",
+    "DoraMagnitude",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraParamWrapper",
+    "NF4Linear",
+    "check_mixed_batch",
+]
+
 # PEFT's mixed-adapter batches (``adapter_names``): the name of a sample without an adapter, and PEFT's refusals.
 BASE_ROWS = "__base__"
 MIXED_PARAMETERS_REFUSED = "lora.ParamWrapper does not support mixed adapter batches yet."
@@ -33,20 +48,6 @@ def check_mixed_batch(x: torch.Tensor, adapter_names: list[str]) -> None:
             f"{len(adapter_names)} and {len(x)} respectively."
         )
 
-__all__ = [
-    "BASE_ROWS",
-    "MIXED_PARAMETERS_REFUSED",
-    "NF4_FIELDS",
-    "PARAM_DTYPES",
-    "AdapterLayer",
-    "DoraMagnitude",
-    "LoraEmbedding",
-    "LoraLayer",
-    "LoraLinear",
-    "LoraParamWrapper",
-    "NF4Linear",
-    "check_mixed_batch",
-]
 
 # NF4Weight fields kept as (non-persistent) buffers so that .to(), .cuda() and friends move them.
 NF4_FIELDS = ("packed", "absmax", "nested_absmax", "nested_offset")

@@ -237,7 +237,9 @@ def _mixed_forward(layer, x, adapter_names: list[str]) -> torch.Tensor | None:
         weight = weight.to(cast) if isinstance(weight, torch.Tensor) else weight
     y = base_linear(x, weight, bias).contiguous()
     cache = layer.__dict__.setdefault(_STACK_ATTR, AdapterStackCache())
-    stack = cache.get([(name, a, b, layer.scaling[name], None) for name, (a, b) in zip(batch, factors)], x.dtype)
+    stack = cache.get(
+        [(name, a, b, layer.scaling[name], None) for name, (a, b) in zip(batch, factors, strict=True)], x.dtype
+    )
     slot = {name: i for i, name in enumerate(batch)}
     groups = group_rows([slot.get(name, -1) for name in adapter_names], y[0].numel() // y.shape[-1], y.device)
     y = lora_mixed_batch(y, x, stack, groups)

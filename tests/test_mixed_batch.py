@@ -17,6 +17,7 @@ import itertools
 
 import peft
 import pytest
+import tiny_models
 import torch
 import transformers
 
@@ -25,8 +26,6 @@ from peft_fast import peft_interop
 from peft_fast.kernels import lora_mixed as kernels
 from peft_fast.kernels.lora_mixed import group_rows, lora_mixed_forward, lora_mixed_reference_forward
 from peft_fast.ops import lora_mixed_batch, stack_adapters
-
-import tiny_models  # noqa: I001  (tests/ is on the path, as for the other test files)
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -248,8 +247,10 @@ def test_patched_bnb_4bit_model_equals_peft_row_by_row(tmp_path, mixed_calls):
     """Over bitsandbytes NF4: the reference is PEFT's single-adapter forward per sample in train mode
     (dropout 0; bitsandbytes' eval-mode CPU path would repack the weight and compute in bf16)."""
     tiny_models.build("llama").save_pretrained(tmp_path)
-    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    quant = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu",
                                                               dtype=torch.float32)  # fmt: skip
     pm = peft_adapters(model).train()

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from peft_fast.layers import BASE_ROWS, LoraLayer, LoraParamWrapper, MIXED_PARAMETERS_REFUSED
+from peft_fast.layers import BASE_ROWS, MIXED_PARAMETERS_REFUSED, LoraLayer, LoraParamWrapper
 from peft_fast.lora.tokens import token_wrappers
 
 __all__ = ["install", "mixed_batch", "uninstall"]
