@@ -13,8 +13,11 @@ import torch
 from torch import nn
 
 from peft_fast.nf4 import NF4Weight, dequantize_nf4
+from peft_fast.ops.lora_mixed import AdapterStackCache
 
 __all__ = [
+    "BASE_ROWS",
+    "MIXED_PARAMETERS_REFUSED",
     "NF4_FIELDS",
     "PARAM_DTYPES",
     "AdapterLayer",
@@ -24,7 +27,27 @@ __all__ = [
     "LoraLinear",
     "LoraParamWrapper",
     "NF4Linear",
+    "check_mixed_batch",
 ]
+
+# PEFT's mixed-adapter batches (``adapter_names``): the name of a sample without an adapter, and PEFT's refusals.
+BASE_ROWS = "__base__"
+MIXED_PARAMETERS_REFUSED = "lora.ParamWrapper does not support mixed adapter batches yet."
+
+
+def check_mixed_batch(x: torch.Tensor, adapter_names: list[str]) -> None:
+    """PEFT's check of ``adapter_names`` against the batch: one name per sample (x's first dimension)."""
+    if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"a mixed-adapter batch needs an input [batch, ..., features], got {shape}")
+    if len(x) != len(adapter_names):
+        raise ValueError(  # PEFT's message
+            "Length of `adapter_names` should be the same as the number of inputs, but got "
+            f"{len(adapter_names)} and {len(x)} respectively."
+        )
+
 
 # NF4Weight fields kept as (non-persistent) buffers so that .to(), .cuda() and friends move them.
 NF4_FIELDS = ("packed", "absmax", "nested_absmax", "nested_offset")
@@ -308,6 +331,7 @@ class LoraLinear(LoraLayer):
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only, PEFT's name
         self.use_dora: dict[str, bool] = {}
         self._dora_norms: dict[str, tuple[tuple, torch.Tensor]] = {}  # eval-mode cache, not state
+        self._mixed_stack = AdapterStackCache()  # mixed batches: the batch's adapters stacked, not state
 
     def update_layer(
         self,
@@ -408,6 +432,7 @@ class LoraLinear(LoraLayer):
     def train(self, mode: bool = True) -> LoraLinear:
         if mode:
             self._dora_norms.clear()  # training changes A and B: the eval cache would go stale
+            self._mixed_stack.clear()
         return super().train(mode)
 
     def _weight_norm(
@@ -435,9 +460,12 @@ class LoraLinear(LoraLayer):
         self._dora_norms[name] = (key, norm)
         return norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """The layer's output; with ``adapter_names`` (one per sample, ``"__base__"``: none) PEFT's mixed batch."""
         from peft_fast.ops import base_linear, lora_linear
 
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names)
         # Base, A and B all compute in one dtype (x's, or autocast's), as nn.Linear + PEFT.
         x, base, bias, dtype, out_dtype = self.compute_inputs(x)
         active = [] if self.disable_adapters else [a for a in self.active_adapters if a in self.lora_A]
@@ -462,6 +490,53 @@ class LoraLinear(LoraLayer):
                 lora = lora + self.lora_B[name].bias.to(dtype)
             y = y + self.scaling[name] * lora
         return y.to(out_dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """PEFT's mixed-adapter batch: sample i gets adapter ``adapter_names[i]`` (``"__base__"`` or one this
+        layer lacks: none), whatever the active adapters are.
+
+        The base GEMM runs once for the whole batch; then, without autograd, every row's LoRA term in
+        one gathered pass (``peft_fast::lora_mixed_batch``) over the batch's adapters stacked (cached on
+        the layer). Where autograd records, or LoRA dropout applies (a layer training), a
+        differentiable torch path computes the same, adapter by adapter as PEFT.
+        """
+        from peft_fast.ops import base_linear, group_rows, lora_mixed_batch
+
+        check_mixed_batch(x, adapter_names)
+        names = set(adapter_names) - {BASE_ROWS}
+        if any(self.use_dora.get(name, False) for name in names):
+            raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")  # PEFT's message
+        x, base, bias, dtype, out_dtype = self.compute_inputs(x)
+        y = base_linear(x, base, bias)
+        batch = [name for name in self.lora_A if name in names] if not self.disable_adapters else []
+        if not batch:
+            return y.to(out_dtype)
+        params = [p for name in batch for p in self.lora_A[name].parameters()]
+        params += [p for name in batch for p in self.lora_B[name].parameters()]
+        grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or any(p.requires_grad for p in params))
+        dropout = self.training and any(self.lora_dropout_p[name] > 0 for name in batch)
+        if grad or dropout:
+            return self._mixed_batch_torch(x, y, adapter_names, batch, dtype).to(out_dtype)
+        stack = self._mixed_stack.get(
+            [(name, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self.lora_B[name].bias)
+             for name in batch],
+            dtype,
+        )  # fmt: skip
+        slot = {name: i for i, name in enumerate(batch)}
+        groups = group_rows([slot.get(name, -1) for name in adapter_names], y[0].numel() // y.shape[-1], y.device)
+        return lora_mixed_batch(y.contiguous(), x, stack, groups).to(out_dtype)
+
+    def _mixed_batch_torch(self, x, y, adapter_names: list[str], batch: list[str], dtype) -> torch.Tensor:
+        """The mixed batch with autograd (or dropout): PEFT's loop over the batch's adapters, out of place."""
+        for name in batch:
+            index = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
+            sub = nn.functional.dropout(x.index_select(0, index), self.lora_dropout_p[name], self.training)
+            lora_b = self.lora_B[name]
+            term = sub @ self.lora_A[name].weight.to(dtype).t() @ lora_b.weight.to(dtype).t()
+            if lora_b.bias is not None:
+                term = term + lora_b.bias.to(dtype)
+            y = y.index_add(0, index, term * self.scaling[name])
+        return y
 
     def _dora_forward(self, x, base, bias, dtype: torch.dtype, active: list[str]) -> torch.Tensor:
         """The active adapters, at least one of them DoRA, as PEFT's forward runs them (in order)."""
@@ -583,20 +658,32 @@ class LoraEmbedding(LoraLayer):
         return nn.functional.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type,
                                        base.scale_grad_by_freq, base.sparse)  # fmt: skip
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """The embedding; with ``adapter_names`` (one per sample) PEFT's mixed batch, each sample its own adapter."""
+        if adapter_names is not None:
+            check_mixed_batch(x, adapter_names)
         result = self.base_layer(x)
         if self.disable_adapters:
             return result
+        if adapter_names is None:
+            groups = [(name, None) for name in self.active_adapters if name in self.lora_embedding_A]
+        else:  # plain torch, adapter by adapter as PEFT (a row gather: nothing for a kernel to win)
+            groups = [
+                (name, torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device))
+                for name in self.lora_embedding_A
+                if name in adapter_names
+            ]
         embed_scale = getattr(self.base_layer, "embed_scale", None)
-        for name in [a for a in self.active_adapters if a in self.lora_embedding_A]:
+        for name, index in groups:
             lora_a = self.lora_embedding_A[name].to(result.dtype)
             lora_b = self.lora_embedding_B[name].to(result.dtype)
-            update = (self._embed(x, lora_a.t()) @ lora_b.t()) * self.scaling[name]
+            ids = x if index is None else x.index_select(0, index)
+            update = (self._embed(ids, lora_a.t()) @ lora_b.t()) * self.scaling[name]
             if isinstance(embed_scale, torch.Tensor):
                 update = update * embed_scale.to(update.dtype)
             elif isinstance(embed_scale, (float, int)):
                 update = update * embed_scale
-            result = result + update
+            result = result + update if index is None else result.index_add(0, index, update)
         return result
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -746,6 +833,8 @@ class LoraParamWrapper(LoraLayer):
         return param + delta
 
     def forward(self, *args, **kwargs):
+        if kwargs.pop("adapter_names", None):
+            raise ValueError(MIXED_PARAMETERS_REFUSED)
         active = [] if self.disable_adapters else [a for a in self.active_adapters if a in self.lora_A]
         if not active:
             return self.base_layer(*args, **kwargs)

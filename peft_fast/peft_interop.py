@@ -52,7 +52,15 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from peft_fast.nf4 import NESTED_BLOCKSIZE, NF4Weight, dynamic_map, nf4_code
-from peft_fast.ops import autocast_dtype, dora_linear, lora_linear
+from peft_fast.ops import (
+    AdapterStackCache,
+    autocast_dtype,
+    base_linear,
+    dora_linear,
+    group_rows,
+    lora_linear,
+    lora_mixed_batch,
+)
 
 __all__ = ["fast_layers", "is_peft_model", "patch_peft_model", "unpatch_peft_model"]
 
@@ -66,6 +74,7 @@ except ImportError:  # pragma: no cover
     _PeftLinear8bit = None
 
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_STACK_ATTR = "_peft_fast_mixed_stack"  # a layer's AdapterStackCache for mixed batches (not state)
 # LoRA layer kinds that stay on PEFT's forward (correct, just not fused).
 _LEFT_ON_PEFT = tuple(
     getattr(_lora_layer, kind)
@@ -85,6 +94,11 @@ class _FusedForward:
     def forward(self, x, *args, **kwargs):
         if not args and not kwargs:
             y = _fused_forward(self, x)
+            if y is not None:
+                return y
+        elif not args and kwargs.keys() == {"adapter_names"} and kwargs["adapter_names"] is not None:
+            self._check_forward_args(x, **kwargs)  # PEFT's refusals, with its messages
+            y = _mixed_forward(self, x, kwargs["adapter_names"])
             if y is not None:
                 return y
         return super().forward(x, *args, **kwargs)
@@ -164,18 +178,81 @@ def _fused_forward(layer, x) -> torch.Tensor | None:
             _warn_fallback(layer, f"{len(active)} active adapters (one is fused)")
         return None
     name = active[0]
-    lora_a, lora_b, base = layer.lora_A[name], layer.lora_B[name], layer.base_layer
-    dora = layer.use_dora.get(name, False)
-    variant = getattr(layer, "lora_variant", {}).get(name)
-    if (
-        variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant")
-    ) or lora_b.bias is not None:
-        return None  # a variant other than plain DoRA, or lora_bias (B's bias), added after patch
+    if not _plain_adapter(layer, name, dora_ok=True):
+        return None
     dropout = _dropout_of(layer, name)
     if dropout is None:
         _warn_fallback(layer, f"dropout module {type(layer.lora_dropout[name]).__name__}")
         return None
-    if _hooked(base) or _hooked(lora_a) or _hooked(lora_b):
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    base_args = _base_args(layer, x, [lora_a.weight, lora_b.weight])
+    if base_args is None:
+        return None
+    weight, bias, cast, out_dtype = base_args
+    if layer.use_dora.get(name, False):
+        y = _dora_forward(layer, name, x, weight, bias, cast)
+    else:
+        p, training = dropout
+        y = lora_linear(x, weight, lora_a.weight, lora_b.weight, bias, scale=layer.scaling[name], dropout_p=p,
+                        training=training)  # fmt: skip
+    return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _plain_adapter(layer, name: str, dora_ok: bool) -> bool:
+    """Whether adapter ``name`` is plain LoRA (or, with ``dora_ok``, DoRA) with unhooked factors: what we fuse."""
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    dora = layer.use_dora.get(name, False)
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if variant is not None and not (dora_ok and dora and type(variant).__name__ == "DoraLinearVariant"):
+        return False  # a variant other than plain DoRA (added after patch)
+    return lora_b.bias is None and not _hooked(lora_a) and not _hooked(lora_b)  # lora_bias: added after patch
+
+
+def _mixed_forward(layer, x, adapter_names: list[str]) -> torch.Tensor | None:
+    """PEFT's ``_mixed_batch_forward`` as the base GEMM once plus ``peft_fast::lora_mixed_batch``, or None for PEFT's.
+
+    PEFT's own loop runs where autograd records (the op has no backward), where LoRA dropout
+    applies (a layer in training mode), and wherever the single-adapter fused path would fall back.
+    """
+    if not isinstance(x, torch.Tensor) or x.numel() == 0 or x.dim() < 2 or layer.disable_adapters:
+        return None
+    wanted = set(adapter_names)
+    batch = [name for name in layer.lora_A if name in wanted]  # "__base__" and unknown names: no LoRA term
+    if not batch or not all(_plain_adapter(layer, name, dora_ok=False) for name in batch):
+        return None
+    for name in batch:
+        dropout = _dropout_of(layer, name)
+        if dropout is None or (dropout[1] and dropout[0] > 0):
+            return None
+    factors = [(layer.lora_A[name].weight, layer.lora_B[name].weight) for name in batch]
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for pair in factors for t in pair)):
+        return None
+    base_args = _base_args(layer, x, [t for pair in factors for t in pair])
+    if base_args is None:
+        return None
+    weight, bias, cast, out_dtype = base_args
+    if cast is not None:
+        x = x.to(cast)
+        bias = None if bias is None else bias.to(cast)
+        weight = weight.to(cast) if isinstance(weight, torch.Tensor) else weight
+    y = base_linear(x, weight, bias).contiguous()
+    cache = layer.__dict__.setdefault(_STACK_ATTR, AdapterStackCache())
+    stack = cache.get(
+        [(name, a, b, layer.scaling[name], None) for name, (a, b) in zip(batch, factors, strict=True)], x.dtype
+    )
+    slot = {name: i for i, name in enumerate(batch)}
+    groups = group_rows([slot.get(name, -1) for name in adapter_names], y[0].numel() // y.shape[-1], y.device)
+    y = lora_mixed_batch(y, x, stack, groups)
+    return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _base_args(layer, x, lora_tensors: list[torch.Tensor]):
+    """(weight, bias, autocast dtype, output dtype) of the layer's base for the op, or None for PEFT's forward.
+
+    ``lora_tensors``: the adapter factors the call computes with (their dtypes are checked).
+    """
+    base = layer.base_layer
+    if _hooked(base):
         return None
     quantized = type(layer) is not PeftFastLinear
     cast = autocast_dtype(x)
@@ -204,7 +281,7 @@ def _fused_forward(layer, x) -> torch.Tensor | None:
             _warn_fallback(layer, "the base weight requires grad (the op gives it none)")
             return None
         compute = weight.dtype
-    floats = [x, lora_a.weight, lora_b.weight] + ([] if quantized else [weight]) + ([] if bias is None else [bias])
+    floats = [x, *lora_tensors] + ([] if quantized else [weight]) + ([] if bias is None else [bias])
     if cast is None:
         if any(t.dtype != compute for t in floats):
             dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in floats}))
@@ -215,13 +292,7 @@ def _fused_forward(layer, x) -> torch.Tensor | None:
             return None
     elif any(t.dtype not in _AUTOCAST_DTYPES for t in floats):
         return None
-    if dora:
-        y = _dora_forward(layer, name, x, weight, bias, cast)
-    else:
-        p, training = dropout
-        y = lora_linear(x, weight, lora_a.weight, lora_b.weight, bias, scale=layer.scaling[name], dropout_p=p,
-                        training=training)  # fmt: skip
-    return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+    return weight, bias, cast, out_dtype
 
 
 def _dora_forward(layer, name: str, x, weight, bias, cast) -> torch.Tensor:
@@ -416,4 +487,5 @@ def unpatch_peft_model(model: nn.Module) -> nn.Module:
         raise ValueError("no layer of this model runs peft_fast's forward (call peft_fast.patch(peft_model) first)")
     for module in layers:
         module.__class__ = module._peft_fast_original
+        module.__dict__.pop(_STACK_ATTR, None)
     return model

@@ -30,6 +30,7 @@ from peft_fast.host import (
     untie,
 )
 from peft_fast.layers import LoraEmbedding, LoraLayer, LoraLinear, LoraParamWrapper, NF4Linear
+from peft_fast.lora import mixed
 from peft_fast.lora.init import is_base_init
 from peft_fast.lora.parameters import find_parameter_targets, unwrap_parameters, wrap_parameters
 from peft_fast.lora.tokens import token_targets, token_wrappers, wrap_tokens
@@ -312,6 +313,7 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
         _new_adapter(wrapper, _param_key(target), config, adapter_name)
     _mark_trainable(model, config, adapter_name, state)
     setattr(model, STATE_ATTR, state)
+    mixed.install(model)
     return model
 
 
@@ -445,6 +447,7 @@ def unpatch_lora(model: nn.Module) -> nn.Module:
     for name, wrapper in token_wrappers(model):
         set_submodule(model, name, wrapper.base_layer)
     delattr(model, STATE_ATTR)
+    mixed.uninstall(model)
     return model
 
 
@@ -493,4 +496,5 @@ def merge_lora_layers(model: nn.Module, dtype: torch.dtype | None = None) -> nn.
             set_submodule(model, name, restore_base(layer, name in state.conv1d_names, dtype, merged))
     unwrap_parameters(model, merge=True)  # W + Σ s·ΔW into each targeted parameter, in its own dtype
     delattr(model, STATE_ATTR)
+    mixed.uninstall(model)
     return model

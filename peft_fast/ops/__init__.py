@@ -19,11 +19,14 @@ from peft_fast.ops.dora import dora_linear, dora_scale, dora_weight_norm
 from peft_fast.ops.glu import glu, glu_packed
 from peft_fast.ops.ia3 import ia3_linear
 from peft_fast.ops.lora_linear import lora_linear, merge_lora
+from peft_fast.ops.lora_mixed import AdapterStack, AdapterStackCache, group_rows, lora_mixed_batch, stack_adapters
 from peft_fast.ops.nf4 import base_linear
 from peft_fast.ops.rms_norm import rms_norm
 from peft_fast.ops.rope import apply_rope
 
 __all__ = [
+    "AdapterStack",
+    "AdapterStackCache",
     "apply_rope",
     "autocast_dtype",
     "autocast_inputs",
@@ -37,10 +40,13 @@ __all__ = [
     "dropout_mask",
     "glu",
     "glu_packed",
+    "group_rows",
     "ia3_linear",
     "linear_cross_entropy",
     "lora_linear",
+    "lora_mixed_batch",
     "merge_lora",
     "no_autocast",
     "rms_norm",
+    "stack_adapters",
 ]
