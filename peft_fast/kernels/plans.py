@@ -31,6 +31,8 @@ import triton
 
 __all__ = [
     "BASE_KINDS",
+    "DECODE",
+    "DECODE_MAX_RANK",
     "DEQUANT_FUSED",
     "DX_LIBRARY_MIN_M",
     "FUSED",
@@ -47,6 +49,7 @@ __all__ = [
     "lora_forward_plan",
 ]
 
+DECODE = "decode_fused"
 SPLITK = "splitk_gemv"
 ROWS = "nf4_rows"
 FUSED = "fused_gemm"
@@ -70,6 +73,8 @@ BASE_KINDS = ("dense", "nf4_rows", "nf4")  # see peft_fast.kernels.nf4_gemm.base
 # pairs in global memory the split-K GEMV was 30.9 µs at M = 1, gather-bound.) Over a dense base
 # the split-K GEMV never leads (the fused GEMM streams dense W at HBM rate).
 SMALL_M_MAX = 16
+# DECODE_MAX_RANK: the one-launch decode kernel holds H in one rank chunk of at most 64 columns.
+DECODE_MAX_RANK = 64
 # DX_LIBRARY_MIN_M (M's bucket): dX = dY·deq(W) + the LoRA term over NF4 leaves the fused GEMM
 # (the general loader, deq(W) once per row tile of dX) for the library path: M = 64 fused 19.0 <
 # dequant + fused 22.4 < library 24.0; M = 128 library 24.3 < fused 24.9 < dequant + fused 25.6;
@@ -129,7 +134,9 @@ def lora_forward_plan(
     if base_kind == "dense":
         return [FUSED, LIBRARY, *([SPLITK] if m <= SMALL_M_MAX else [])]
     if m <= SMALL_M_MAX:
-        return [SPLITK, LIBRARY, ROWS] if base_kind == "nf4_rows" else [SPLITK, LIBRARY]
+        if base_kind != "nf4_rows":
+            return [SPLITK, LIBRARY]
+        return [*([DECODE] if rank <= DECODE_MAX_RANK else []), SPLITK, LIBRARY, ROWS]
     return [LIBRARY, DEQUANT_FUSED, ROWS] if base_kind == "nf4_rows" else [LIBRARY, DEQUANT_FUSED]
 
 
