@@ -43,6 +43,7 @@ from peft_fast.kernels.common import (
     interpreted,
 )
 from peft_fast.kernels.dropout import check_dropout_args, dropout_mask, dropout_threshold, dropout_tiled
+from peft_fast.kernels.lora_decode import lora_decode_forward
 from peft_fast.kernels.lora_gemms import (
     _DA_CONFIGS,
     _LORA_DOWN_CONFIGS,
@@ -318,6 +319,7 @@ _FORWARD_IMPLEMENTATIONS = {
     plans.DEQUANT_FUSED: _with_down(_y_dequant_fused),
     plans.LIBRARY: _forward_library,
     plans.LIBRARY_ADDMM: _with_down(_y_library_addmm),
+    plans.DECODE: lora_decode_forward,
 }
 
 

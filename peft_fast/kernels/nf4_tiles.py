@@ -72,13 +72,14 @@ def _load_weight_tile(
 
 
 @triton.jit
-def load_nf4_rows(
+def load_nf4_rows_codes(
     w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr, offs_n, k0, N, K,
     DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """fp32 W[offs_n, k0:k0+BLOCK_K] as [BLOCK_N, BLOCK_K]; needs K % BLOCKSIZE == 0, BLOCK_K <= BLOCKSIZE.
+    """(fp32 codes [BLOCK_N, BLOCK_K], fp32 scale [BLOCK_N]) of W[offs_n, k0:k0+BLOCK_K], unscaled.
 
-    Rows n >= N hold junk (finite); callers never store them. k0 is a multiple of BLOCK_K.
+    W's tile is ``codes * scale[:, None]`` (:func:`load_nf4_rows`); a GEMV can apply the row scale
+    once to its dot product instead of to every element. Same layout needs as load_nf4_rows.
     """
     n_mask = offs_n < N
     byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
@@ -100,6 +101,22 @@ def load_nf4_rows(
     code = tl.join(even, odd).reshape(rows_n, BLOCK_K)
     block = (offs_n.to(tl.int64) * K + k0) // BLOCKSIZE
     absmax = _nf4_block_scale(block, n_mask, absmax_ptr, nested_absmax_ptr, offset_ptr, code2_ptr, DOUBLE_QUANT, NESTED)
+    return code, absmax
+
+
+@triton.jit
+def load_nf4_rows(
+    w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr, offs_n, k0, N, K,
+    DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """fp32 W[offs_n, k0:k0+BLOCK_K] as [BLOCK_N, BLOCK_K]; needs K % BLOCKSIZE == 0, BLOCK_K <= BLOCKSIZE.
+
+    Rows n >= N hold junk (finite); callers never store them. k0 is a multiple of BLOCK_K.
+    """
+    code, absmax = load_nf4_rows_codes(
+        w_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, code2_ptr, offs_n, k0, N, K,
+        DOUBLE_QUANT, BLOCKSIZE, NESTED, BLOCK_K,
+    )  # fmt: skip
     return code * absmax[:, None]
 
 

@@ -34,6 +34,8 @@ import triton
 
 __all__ = [
     "BASE_KINDS",
+    "DECODE",
+    "DECODE_MAX_RANK",
     "DEQUANT_FUSED",
     "DORA_DEQUANT_NORM",
     "DORA_SEPARATE",
@@ -56,6 +58,7 @@ __all__ = [
     "lora_forward_plan",
 ]
 
+DECODE = "decode_fused"
 SPLITK = "splitk_gemv"
 ROWS = "nf4_rows"
 FUSED = "fused_gemm"
@@ -88,6 +91,8 @@ BASE_KINDS = ("dense", "nf4_rows", "nf4")  # see peft_fast.kernels.nf4_gemm.base
 # was 30.9 µs at M = 1, gather-bound.) Over a dense base the split-K GEMV never leads (the fused
 # GEMM streams dense W at HBM rate).
 SMALL_M_MAX = 16
+# DECODE_MAX_RANK: the one-launch decode kernel holds H in one rank chunk of at most 64 columns.
+DECODE_MAX_RANK = 64
 # DX_LIBRARY_MIN_M (M's bucket): dX = dY·deq(W) + the LoRA term over NF4 leaves the fused GEMM
 # (the general loader, deq(W) once per row tile of dX) for the library path: M = 64 fused 19.0 <
 # dequant + fused 22.4 < library 24.0; M = 128 library 24.3 < fused 24.9 < dequant + fused 25.6;
@@ -158,7 +163,8 @@ def lora_forward_plan(
         return [FUSED, LIBRARY, LIBRARY_ADDMM, *([SPLITK] if m <= SMALL_M_MAX else [])]
     rows = [ROWS] if base_kind == "nf4_rows" else []
     if m <= SMALL_M_MAX:
-        return [SPLITK, LIBRARY_ADDMM, LIBRARY, *rows]
+        decode = [DECODE] if rows and rank <= DECODE_MAX_RANK else []
+        return [*decode, SPLITK, LIBRARY_ADDMM, LIBRARY, *rows]
     if _bucket(m) >= LIBRARY_ACCUMULATE_MIN_M:
         return [LIBRARY, LIBRARY_ADDMM, DEQUANT_FUSED, *rows]
     if rows and _bucket(m) >= ROWS_MIN_M:
