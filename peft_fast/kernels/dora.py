@@ -59,7 +59,7 @@ __all__ = [
 # One program per BLOCK_N rows: N / 32 programs (128 at N = 4096, about one per H200 SM), each
 # streaming its rows once; BLOCK_K = 64 is no wider than any NF4 block of 64 or more, so the
 # row-scaled loader (one scale per tile row) applies to every aligned NF4 weight.
-_BLOCK_N, _BLOCK_K, _NORM_WARPS = 32, 32, 4
+_BLOCK_N, _BLOCK_K, _NORM_WARPS = 32, 64, 4
 # The compute dtype as an int constexpr (the static report stores constexprs as plain values).
 _FP32, _FP16, _BF16 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
