@@ -212,6 +212,41 @@ def test_ttir_finds_the_pair_table_gather_and_the_loads_per_trip():
     assert ttir.gather_wavefronts(gather, 64) == 128  # a 16-entry fp32 code table: one line
 
 
+_ROW_GATHER_TTIR = """
+module {
+  tt.func public @k(%x_ptr: !tt.ptr<bf16> loc("x_ptr"(#loc)), %rows_ptr: !tt.ptr<i32> loc("rows_ptr"(#loc)), %K: i32) {
+    %r = tt.splat %rows_ptr : !tt.ptr<i32> -> tensor<64x!tt.ptr<i32>> loc(#loc1)
+    %rows = tt.load %r : tensor<64x!tt.ptr<i32>> loc(#loc1)
+    %rows_2 = tt.expand_dims %rows {axis = 1 : i32} : tensor<64xi32> -> tensor<64x1xi32> loc(#loc2)
+    %rows_3 = arith.muli %rows_2, %K_s : tensor<64x1xi32> loc(#loc2)
+    %rows_4 = tt.broadcast %rows_3 : tensor<64x1xi32> -> tensor<64x128xi32> loc(#loc2)
+    %acc_5 = scf.for %k0 = %c0_i32 to %K step %c128_i32 iter_args(%acc = %cst) -> (tensor<64x16xf32>)  : i32 {
+      %o = arith.addi %rows_4, %offs_k : tensor<64x128xi32> loc(#loc3)
+      %p = tt.splat %x_ptr : !tt.ptr<bf16> -> tensor<64x128x!tt.ptr<bf16>> loc(#loc3)
+      %p_1 = tt.addptr %p, %o : tensor<64x128x!tt.ptr<bf16>>, tensor<64x128xi32> loc(#loc3)
+      %x = tt.load %p_1 : tensor<64x128x!tt.ptr<bf16>> loc(#loc3)
+      %q = tt.addptr %p, %x2 : tensor<64x128x!tt.ptr<bf16>>, tensor<64x128xi32> loc(#loc4)
+      %x2 = arith.fptosi %x : tensor<64x128xbf16> to tensor<64x128xi32> loc(#loc4)
+      %y = tt.load %q : tensor<64x128x!tt.ptr<bf16>> loc(#loc4)
+      %acc_2 = tt.dot %x, %a, %acc, inputPrecision = tf32 : tensor<64x128xbf16> * tensor<128x16xbf16> -> tensor<64x16xf32> loc(#loc5)
+      scf.yield %acc_2 : tensor<64x16xf32> loc(#loc5)
+    } loc(#loc6)
+    tt.return loc(#loc7)
+  } loc(#loc)
+} loc(#loc)
+"""  # noqa: E501
+
+
+def test_ttir_row_gathers_are_loads_and_element_gathers_are_not():
+    summary = ttir.summarize(_ROW_GATHER_TTIR)
+    # x[rows[:, None] * K + offs_k]: the index is per row ([64] for a [64, 128] tile), so each row is
+    # a contiguous run: its bytes count as a load per trip; the [64] index load itself counts once.
+    # y's offsets come from x's own [64, 128] values: one address per element, a gather.
+    assert summary.kloop_load_bytes == 64 * 128 * 2
+    assert summary.other_load_bytes == 64 * 4
+    (gather,) = summary.gathers
+    assert gather == ttir.Gather("x_ptr", 64 * 128, 2, True)
+
 def test_smem_bound_shares_the_sm_and_gathers_add_to_it():
     base = _cost(kloop_smem_bytes=0)
     heavy = _cost(kloop_smem_bytes=2000 * 128)  # 2,000 cycles a trip against 1,387 MMA cycles

@@ -1,4 +1,4 @@
-"""Report and sweep entries: the fused training-step ops (RMSNorm, RoPE, GLU, cross-entropy), DoRA's weight norm.
+"""Report and sweep entries: the fused training-step ops (RMSNorm, RoPE, GLU, cross-entropy), DoRA, mixed batches.
 
 Shapes are Llama-3-8B's at two sequences of 2048 tokens (M = 4096 rows, hidden 4096, 32 query and
 8 key/value heads of 128, MLP 14336, vocabulary 128,256), bf16. RMSNorm, RoPE and the GLU are
@@ -16,6 +16,7 @@ TOKENS, HIDDEN, MLP, VOCAB = 4096, 4096, 14336, 128256
 BATCH, SEQ, HEADS, KV_HEADS, HEAD_DIM = 2, 2048, 32, 8, 128
 COPY_GOAL = Goal("copy_fraction_min", 0.85)
 BANDWIDTH_NOTE = "bandwidth-bound: floor = the fewest bytes at the HBM rate"
+MIXED_ADAPTERS = (8, 64, 512)  # distinct adapters in a mixed batch (issue 27)
 
 
 def _bandwidth_case(op: str, m: int, n: int, k: int, run, nbytes: float, dtype: str, note: str = "",
@@ -190,6 +191,66 @@ def dora_backward(m: int, n: int = HIDDEN, k: int = HIDDEN, r: int = 16, *, dtyp
                   floor_flops=2.0 * m * n * k, note=note)  # fmt: skip
 
 
+
+def _mixed_stacks(adapters: int, n: int, k: int, r: int, t: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The batch's adapters stacked as ``peft_fast.ops.lora_mixed`` stacks them: A [L, r, K], B [L, N, r], s [L]."""
+    return fake(adapters, r, k, dtype=t), fake(adapters, n, r, dtype=t), fake(adapters, dtype=torch.float32)
+
+
+def _mixed_case(op: str, m: int, adapters: int, n: int, k: int, r: int, dtype: str, run, note: str) -> OpCase:
+    # The LoRA term alone (the base GEMM runs once for the whole batch, whichever method): X read,
+    # Y read and written (the term is added in place), every adapter's A and B read once.
+    elem = element_size(dtype)
+    nbytes = elem * (m * k + 2 * m * n + adapters * r * (n + k))
+    return OpCase(op, m, n, k, r, "dense", 0.0, run, flops=2.0 * m * r * (n + k), bytes=nbytes, note=note,
+                  dtype=dtype, bandwidth="hbm")  # fmt: skip
+
+
+def lora_mixed_forward(
+    adapters: int, m: int = 512, n: int = HIDDEN, k: int = HIDDEN, r: int = 16, *, dtype: str = "bf16"
+) -> OpCase:
+    """A mixed-adapter batch's LoRA term (``adapter_names=[...]``): ``lora_mixed_forward``'s two gathered kernels.
+
+    M rows (one decode token per sequence) spread evenly over ``adapters`` adapters; the op's name
+    carries the adapter count (a case's id is its op and M, N, K). Compare with ``peft_mixed_loop``.
+    """
+    t = DTYPES[dtype]
+
+    def run() -> None:
+        from peft_fast.kernels.lora_mixed import group_rows, lora_mixed_forward as launch
+
+        slots = [row * adapters // m for row in range(m)]  # sorted, even segments
+        launch(fake(m, n, dtype=t), fake(m, k, dtype=t), *_mixed_stacks(adapters, n, k, r, t), None,
+               group_rows(slots, 1, "cuda"))  # fmt: skip
+
+    note = f"{adapters} adapters x {m // adapters} rows; the LoRA term only, floor = its fewest bytes at the HBM rate"
+    return _mixed_case(f"lora_mixed_forward_{adapters}", m, adapters, n, k, r, dtype, run, note)
+
+
+def peft_mixed_loop(
+    adapters: int, m: int = 512, n: int = HIDDEN, k: int = HIDDEN, r: int = 16, *, dtype: str = "bf16"
+) -> OpCase:
+    """PEFT's ``_mixed_batch_forward`` at the same shapes: per adapter, gather its rows, lora_A, lora_B, scale, add back.
+
+    The torch ops PEFT's LoRA layer runs per adapter (``x[idx]``, two ``F.linear``, ``* scaling``,
+    ``result[idx] += ...``), costed by the report's library-call rules and launch gaps: the baseline
+    for :func:`lora_mixed_forward`, as tools/hopper/peft_bnb.py is for the single-adapter layer.
+    """
+    t = DTYPES[dtype]
+
+    def run() -> None:
+        result, x = fake(m, n, dtype=t), fake(m, k, dtype=t)
+        rows = m // adapters
+        for i in range(adapters):
+            index = torch.arange(i * rows, (i + 1) * rows, device="cuda")
+            sub = x[index]
+            out = torch.nn.functional.linear(torch.nn.functional.linear(sub, fake(r, k, dtype=t)), fake(n, r, dtype=t))
+            result[index] += out * 2.0
+
+    note = f"{adapters} adapters x {m // adapters} rows: PEFT's loop over adapters (its launches at roofline + gaps)"
+    return _mixed_case(f"peft_mixed_loop_{adapters}", m, adapters, n, k, r, dtype, run, note)
+
+
 ENTRIES: list[OpEntry] = [
     OpEntry(
         "rms_norm",
@@ -216,5 +277,12 @@ ENTRIES: list[OpEntry] = [
             + [dora_forward(m, dtype=dtype, base=b) for m in (13, 300) for b in ("nf4", "nf4dq")]
             + [dora_forward(300, dtype=dtype, blocksize=32)]
         ),
+    ),
+    OpEntry(
+        "lora_mixed",
+        # issue 27: the mixed-adapter batch at 8, 64 and 512 distinct adapters, ours and PEFT's loop
+        lambda: [case(a) for a in MIXED_ADAPTERS for case in (lora_mixed_forward, peft_mixed_loop)],
+        # one row per adapter, a few rows each, and a long segment (BLOCK_M 16 ... 64), every dtype
+        lambda dtype: [lora_mixed_forward(a, m=m, dtype=dtype) for a, m in ((13, 13), (4, 100), (2, 300))],
     ),
 ]

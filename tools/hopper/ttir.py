@@ -15,6 +15,10 @@ Triton 3.6 and 3.9 name SSA values and arguments after the source's variables.
   (followed back through ``tt.addptr`` / ``tt.splat`` / ``tt.broadcast`` / ``tt.expand_dims``);
   the launch knows that tensor's size. Gathers are not counted as L2 traffic: a table small enough
   to gather from stays in L1 (the cost model charges its wavefronts instead).
+* **Row gathers** are loads: a [d0, …, dn] tile whose load-dependent offsets all come from
+  [d0, …, dn-1] loads (``x_ptr + rows[:, None] * K + offs_k[None, :]``, the mixed-adapter batch's
+  gathered rows) reads whole runs along its last dimension, coalesced as any tile, from memory
+  (not from an L1 table): its bytes count as loads, with no gather wavefronts.
 
 Detected from the IR rather than annotated per kernel, so a new kernel's gathers are found without
 an entry anywhere; the handmade-IR tests pin the rule.
@@ -127,9 +131,9 @@ def kloop_id(ops: list[Op]) -> int | None:
     return max(inner, key=lambda loop: counts[loop]) if inner else None
 
 
-def _depends_on_load(value: str, defs: dict[str, Op], limit: int = 200) -> bool:
-    """Whether ``value`` is computed (through any ops) from a tensor ``tt.load``'s result."""
-    seen, todo = set(), [value]
+def _dependent_loads(value: str, defs: dict[str, Op], limit: int = 200) -> list[Op]:
+    """The tensor ``tt.load`` ops whose results ``value`` is computed from (through any ops, not past a load)."""
+    seen, todo, found = set(), [value], []
     while todo and len(seen) < limit:
         current = todo.pop()
         if current in seen or current not in defs:
@@ -137,22 +141,42 @@ def _depends_on_load(value: str, defs: dict[str, Op], limit: int = 200) -> bool:
         seen.add(current)
         op = defs[current]
         if op.opcode == "tt.load":
-            return _load_shape(op)[0] > 1
+            if _load_shape(op)[0] > 1:
+                found.append(op)
+            continue
         todo += op.operands
-    return False
+    return found
 
 
-def _pointer_origin(value: str, defs: dict[str, Op], args: set[str]) -> tuple[str | None, bool]:
-    """(argument the pointer ``value`` starts from, whether any of its offsets depends on a load)."""
-    dependent = False
+def _load_dims(op: Op) -> tuple[int, ...]:
+    """A tensor ``tt.load``'s tile shape (() for a scalar load)."""
+    match = _PTR_TYPE.search(op.text)
+    if not match or match.group(2) is None:
+        return ()
+    return tuple(int(d) for d in match.group(1).split("x") if d)
+
+
+def _pointer_origin(value: str, defs: dict[str, Op], args: set[str]) -> tuple[str | None, list[Op]]:
+    """(argument the pointer ``value`` starts from, the tensor loads any of its offsets depends on)."""
+    index_loads: list[Op] = []
     while value not in args:
         op = defs.get(value)
         if op is None or op.opcode not in _POINTER_OPS or not op.operands:
-            return None, dependent
+            return None, index_loads
         if op.opcode == "tt.addptr" and len(op.operands) > 1:
-            dependent |= _depends_on_load(op.operands[1], defs)
+            index_loads += _dependent_loads(op.operands[1], defs)
         value = op.operands[0]
-    return value.lstrip("%"), dependent
+    return value.lstrip("%"), index_loads
+
+
+def _is_row_gather(load: Op, index_loads: list[Op]) -> bool:
+    """Whether a [d0, …, dn] tile's data-dependent offsets are all per row: every index load is [d0, …, dn-1].
+
+    Then each row of the tile is a run along the last (contiguous) dimension from an index (a
+    gathered activation row, Punica-style), which loads as coalesced as any tile: no table lookup.
+    """
+    dims = _load_dims(load)
+    return len(dims) >= 2 and all(_load_dims(index) == dims[:-1] for index in index_loads)
 
 
 def summarize(text: str) -> LoadSummary:
@@ -166,8 +190,8 @@ def summarize(text: str) -> LoadSummary:
             continue
         elements, size = _load_shape(op)
         in_kloop = kloop is not None and kloop in op.loops
-        table, dependent = _pointer_origin(op.operands[0], defs, args)
-        if dependent and elements > 1:
+        table, index_loads = _pointer_origin(op.operands[0], defs, args)
+        if index_loads and elements > 1 and not _is_row_gather(op, index_loads):
             out.gathers.append(Gather(table, elements, size, in_kloop))
         elif in_kloop:
             out.kloop_load_bytes += elements * size
