@@ -247,6 +247,7 @@ def test_ttir_row_gathers_are_loads_and_element_gathers_are_not():
     (gather,) = summary.gathers
     assert gather == ttir.Gather("x_ptr", 64 * 128, 2, True)
 
+
 def test_smem_bound_shares_the_sm_and_gathers_add_to_it():
     base = _cost(kloop_smem_bytes=0)
     heavy = _cost(kloop_smem_bytes=2000 * 128)  # 2,000 cycles a trip against 1,387 MMA cycles

@@ -76,6 +76,7 @@ def check(case, p):
     args = (case["x"], case["base"], case["lora_a"], case["lora_b"], case["bias"], case["scale"], keep, p)
     y_ref, h_ref = lora_decode_reference(*args)
     assert rel_err(y, y_ref) <= TOLERANCE[dtype], "y vs the decode reference"
+    assert rel_err(h, h_ref) <= TOLERANCE[dtype], "h vs the decode reference"
     y_lib, _ = lora_linear_reference_forward(*args)
     assert rel_err(y, y_lib) <= 2 * TOLERANCE[dtype] + (2e-2 if dtype != torch.float32 else 0), "y vs the library ref"
     # The H every other candidate computes (and whose dropout mask the backward regenerates).

@@ -191,7 +191,6 @@ def dora_backward(m: int, n: int = HIDDEN, k: int = HIDDEN, r: int = 16, *, dtyp
                   floor_flops=2.0 * m * n * k, note=note)  # fmt: skip
 
 
-
 def _mixed_stacks(adapters: int, n: int, k: int, r: int, t: torch.dtype) -> tuple[torch.Tensor, ...]:
     """The batch's adapters stacked as ``peft_fast.ops.lora_mixed`` stacks them: A [L, r, K], B [L, N, r], s [L]."""
     return fake(adapters, r, k, dtype=t), fake(adapters, n, r, dtype=t), fake(adapters, dtype=torch.float32)
@@ -217,7 +216,8 @@ def lora_mixed_forward(
     t = DTYPES[dtype]
 
     def run() -> None:
-        from peft_fast.kernels.lora_mixed import group_rows, lora_mixed_forward as launch
+        from peft_fast.kernels.lora_mixed import group_rows
+        from peft_fast.kernels.lora_mixed import lora_mixed_forward as launch
 
         slots = [row * adapters // m for row in range(m)]  # sorted, even segments
         launch(fake(m, n, dtype=t), fake(m, k, dtype=t), *_mixed_stacks(adapters, n, k, r, t), None,
@@ -230,7 +230,7 @@ def lora_mixed_forward(
 def peft_mixed_loop(
     adapters: int, m: int = 512, n: int = HIDDEN, k: int = HIDDEN, r: int = 16, *, dtype: str = "bf16"
 ) -> OpCase:
-    """PEFT's ``_mixed_batch_forward`` at the same shapes: per adapter, gather its rows, lora_A, lora_B, scale, add back.
+    """PEFT's ``_mixed_batch_forward`` at the same shapes: per adapter, gather rows, lora_A, lora_B, scale, add.
 
     The torch ops PEFT's LoRA layer runs per adapter (``x[idx]``, two ``F.linear``, ``* scaling``,
     ``result[idx] += ...``), costed by the report's library-call rules and launch gaps: the baseline
