@@ -35,14 +35,13 @@ from peft_fast.kernels import plans
 from peft_fast.kernels.choice import Candidate, Choice
 from peft_fast.kernels.common import (
     _DOT_PRECISION,
-    _INTERPRET,
-    _SUPPORTED_DTYPES,
     _block_r,
     _m_bucket,
     fitted_block,
     interpreted,
 )
-from peft_fast.kernels.dropout import check_dropout_args, dropout_mask, dropout_threshold, dropout_tiled
+from peft_fast.kernels.dropout import dropout_mask, dropout_threshold, dropout_tiled
+from peft_fast.kernels.lora_checks import check_lora_inputs, check_same_dtype
 from peft_fast.kernels.lora_decode import lora_decode_forward
 from peft_fast.kernels.lora_gemms import (
     _DA_CONFIGS,
@@ -442,66 +441,6 @@ def _lora_da(dh, x, dropout_p: float, seed: int) -> torch.Tensor:
     return da
 
 
-# -- input checks -----------------------------------------------------------------------------
-
-
-def _check_dtype(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must have the dtype of x ({dtype}), got {t.dtype}")
-
-
-def _check_inputs(x, base, lora_a, lora_b, bias, dropout_p, seed) -> None:
-    """Raise ValueError/TypeError naming the first problem with the operands of the op."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if isinstance(base, NF4Weight):
-        base_shape, base_tensors = tuple(base.shape), [base.packed, base.absmax]
-        if base.double_quant:
-            base_tensors += [base.nested_absmax, base.nested_offset]
-    elif isinstance(base, torch.Tensor):
-        base_shape, base_tensors = tuple(base.shape), [base]
-        _check_dtype(base, "base weight", x.dtype)
-    else:
-        raise TypeError(f"base must be a torch.Tensor or an NF4Weight, got {type(base).__name__}")
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-        _check_dtype(t, name, x.dtype)
-    if len(base_shape) != 2:
-        raise ValueError(f"base weight must be 2-D [N, K], got shape {base_shape}")
-    n, k = base_shape
-    if x.shape[1] != k:
-        raise ValueError(f"x has K={x.shape[1]} features but the base weight {base_shape} expects K={k}")
-    rank = lora_a.shape[0]
-    if rank == 0:
-        raise ValueError("lora_a has rank 0")
-    if lora_a.shape[1] != k:
-        raise ValueError(f"lora_a {tuple(lora_a.shape)} must be [r, K] with K={k}")
-    if lora_b.shape[1] != rank:
-        raise ValueError(f"lora_b {tuple(lora_b.shape)} must have r={rank} columns, the rank of lora_a")
-    if lora_b.shape[0] != n:
-        raise ValueError(f"lora_b {tuple(lora_b.shape)} must have N={n} rows, the out-features of the base")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.dim() != 1 or bias.shape[0] != n:
-            raise ValueError(f"bias must be 1-D with N={n} entries, got shape {tuple(bias.shape)}")
-        _check_dtype(bias, "bias", x.dtype)
-    tensors = [x, *base_tensors, lora_a, lora_b] + ([] if bias is None else [bias])
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(f"all operands must be on one device, got {sorted(str(d) for d in devices)}")
-    if x.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 at import), got {x.device}")
-    check_dropout_args(dropout_p, seed)
-
-
 def _contiguous(t):
     return t.contiguous() if isinstance(t, torch.Tensor) else t
 
@@ -532,7 +471,7 @@ def lora_linear_forward(
     ``h`` is what the backward needs besides x. The implementation is :data:`FORWARD_CHOICE`'s
     for the shape (:func:`peft_fast.kernels.plans.lora_forward_plan`).
     """
-    _check_inputs(x, base, lora_a, lora_b, bias, dropout_p, seed)
+    check_lora_inputs(x, base, lora_a, lora_b, bias, dropout_p, seed)
     x, base, lora_a, lora_b, bias = map(_contiguous, (x, base, lora_a, lora_b, bias))
     scale, dropout_p = float(scale), float(dropout_p)
     m = x.shape[0]
@@ -578,7 +517,7 @@ def lora_linear_backward(
     the mask regenerated from ``seed`` (pass the forward's seed and ``h``); dX is
     :data:`DX_CHOICE`'s implementation for the shape (:func:`peft_fast.kernels.plans.lora_dx_plan`).
     """
-    _check_inputs(x, base, lora_a, lora_b, None, dropout_p, seed)
+    check_lora_inputs(x, base, lora_a, lora_b, None, dropout_p, seed)
     m, k = x.shape
     n, rank = lora_b.shape
     for name, t, shape in (("grad_y", grad_y, (m, n)), ("h", h, (m, rank))):
@@ -586,7 +525,7 @@ def lora_linear_backward(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        _check_dtype(t, name, x.dtype)
+        check_same_dtype(t, name, x.dtype)
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     grad_y, x, h, base, lora_a, lora_b = map(_contiguous, (grad_y, x, h, base, lora_a, lora_b))
@@ -618,7 +557,7 @@ def lora_forward_dequantized(
     its dequantization (H and C = s·H·Bᵀ in one pass, then cuBLAS accumulates X·Wᵀ
     into C). ``weight`` is dense, in x's dtype; M and N must be at least 1.
     """
-    _check_inputs(x, weight, lora_a, lora_b, None, 0.0, 0)
+    check_lora_inputs(x, weight, lora_a, lora_b, None, 0.0, 0)
     x, weight, lora_a, lora_b = map(_contiguous, (x, weight, lora_a, lora_b))
     if x.shape[0] == 0 or weight.shape[0] == 0:
         raise ValueError(f"lora_forward_dequantized needs M, N >= 1, got x {tuple(x.shape)}, W {tuple(weight.shape)}")
