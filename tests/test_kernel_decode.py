@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from peft_fast.kernels import lora_decode, plans
+from peft_fast.kernels import common, lora_decode, plans
 from peft_fast.kernels import lora_linear as kernels
 from peft_fast.kernels.lora_decode import decode_applies, lora_decode_forward, lora_decode_reference
 from peft_fast.kernels.lora_linear import dropout_mask, lora_linear_forward, lora_linear_reference_forward
@@ -134,7 +134,7 @@ def test_odd_shapes_ranks_and_layouts(m, k, n, rank, bias, double_quant, blocksi
 def test_counters_left_zero_and_a_second_call_is_correct():
     case = make_case(3, 256, 150, 8, torch.float32)
     first_y, first_h = check(case, 0.2)
-    counters = lora_decode._COUNTERS[lora_decode._stream_key(case["x"].device)]
+    counters = common._COUNTERS[common._stream_key(case["x"].device)]
     assert (counters == 0).all()
     second_y, second_h = run(case, 0.2)
     assert torch.equal(first_y, second_y) and torch.equal(first_h, second_h)  # deterministic

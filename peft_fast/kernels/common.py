@@ -173,3 +173,30 @@ def _add_bias_and_lora_up(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+# -- arrival counters (a last-arriving program reduces the partials) ------------------------------
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _stream_key(device: torch.device) -> tuple:
+    if device.type == "cuda" and torch.cuda.is_initialized():
+        return (str(device), torch.cuda.current_stream(device).stream_id)
+    return (str(device), 0)
+
+
+def arrival_counters(count: int, device: torch.device) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``count`` arrival counters for this device and stream.
+
+    For kernels whose last-arriving program reduces the others' partials (the decode kernel, dA):
+    launches on one stream never overlap, so they share it.
+
+    Each launch leaves its counters zero again, so the buffer is zeroed once, when it is made.
+    """
+    key = _stream_key(device)
+    buffer = _COUNTERS.get(key)
+    if buffer is None or buffer.numel() < count:
+        buffer = torch.zeros(max(count, 256), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buffer
+    return buffer

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from peft_fast.kernels.common import _DOT_PRECISION, _block_r, _cfg, _dot, _m_bucket, autotune
+from peft_fast.kernels.common import _DOT_PRECISION, _block_r, _cfg, _dot, _m_bucket, arrival_counters, autotune
 from peft_fast.kernels.dropout import dropout_keep_block, dropout_threshold, dropout_tiled
 from peft_fast.kernels.nf4_tiles import (
     _compile_options,
@@ -192,28 +192,6 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
-def _stream_key(device: torch.device) -> tuple:
-    if device.type == "cuda" and torch.cuda.is_initialized():
-        return (str(device), torch.cuda.current_stream(device).stream_id)
-    return (str(device), 0)
-
-
-def _counters(count: int, device: torch.device) -> torch.Tensor:
-    """A zeroed int32 buffer of at least ``count`` arrival counters for this device and stream.
-
-    Each launch leaves its counters zero again, so the buffer is zeroed once, when it is made.
-    """
-    key = _stream_key(device)
-    buffer = _COUNTERS.get(key)
-    if buffer is None or buffer.numel() < count:
-        buffer = torch.zeros(max(count, 256), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buffer
-    return buffer
-
-
 def _sms(device: torch.device) -> int:
     """Streaming multiprocessors to fill: the GPU's; 4 on a CPU (the interpreter), as lora_linear's model."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -269,7 +247,7 @@ def lora_decode_forward(
     tiles = triton.cdiv(n, _MIN_BLOCK_N)  # the most N tiles any config makes
     y_part = _empty((n_splits, m, n), torch.float32, device)
     h_part = _empty((tiles, n_splits, m, block_r), torch.float32, device)
-    counters = _counters(tiles, device)
+    counters = arrival_counters(tiles, device)
     gemv = m == 1
     base_ptrs, base_meta = rows_base_args(base, x)
     # Grid: (N tiles, K slices); every program streams its [BLOCK_N, k_slice] piece of W once.

@@ -284,22 +284,24 @@ def _lora_linear_dx_kernel(
 @autotune(_DA_CONFIGS, key=["m_bucket", "R", "K"], dims=_MK_DIMS)
 @triton.jit
 def _lora_da_kernel(
-    dh_ptr, x_ptr, da_ptr, M, K, R, seed, threshold, inv_keep, m_bucket, m_per_split,
+    dh_ptr, x_ptr, da_ptr, part_ptr, count_ptr, M, K, R, seed, threshold, inv_keep, m_bucket, m_per_split,
     HAS_DROPOUT: tl.constexpr, DROPOUT_TILED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dA[j, k] = Σ_m dH[m, j]·drop(X)[m, k], the dropout mask regenerated per X tile.
 
-    Program (r tile, k tile, split) sums rows [split·m_per_split, (split+1)·m_per_split) into
-    ``da_ptr`` + split·R·K: dA itself with one split, else an fp32 partial the launcher reduces.
-    ``m_per_split`` is a multiple of every BLOCK_M, so splits never share a row tile.
+    Program (r tile, k tile, split) sums rows [split·m_per_split, (split+1)·m_per_split);
+    ``m_per_split`` is a multiple of every BLOCK_M, so splits never share a row tile. One split
+    stores dA. SPLIT: each program stores its fp32 partial at ``part_ptr`` + split·R·K and arrives
+    on its tile's counter; the last to arrive sums the tile's partials in split order (a fixed
+    order: deterministic, no float atomics), stores dA and leaves the counter zero. That spares the
+    two launches (a sum and a cast) and their gaps that a host-side reduction costs.
     """
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     split = tl.program_id(2)
     m_start = split * m_per_split
     m_end = tl.minimum(M, m_start + m_per_split)
-    da_ptr += split.to(tl.int64) * R * K
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -316,7 +318,23 @@ def _lora_da_kernel(
     if HAS_DROPOUT:
         acc = acc * inv_keep
     da_mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
-    tl.store(da_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :], acc.to(da_ptr.dtype.element_ty), mask=da_mask)
+    offsets = offs_r[:, None].to(tl.int64) * K + offs_k[None, :]
+    if SPLIT:
+        tl.store(part_ptr + split.to(tl.int64) * R * K + offsets, acc, mask=da_mask)
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        splits = tl.num_programs(2)
+        # Every thread's partial stores happen before the (one-thread) release of the arrival.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == splits - 1:
+            # The last: every split's partial is visible (acquire); read them from L2 (.cg).
+            total = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+            for s in range(0, splits):
+                total += tl.load(part_ptr + s * R * K + offsets, mask=da_mask, other=0.0, cache_modifier=".cg")
+            tl.store(da_ptr + offsets, total.to(da_ptr.dtype.element_ty), mask=da_mask)
+            tl.atomic_xchg(count_ptr + tile, 0)  # nobody else touches it in this launch
+    else:
+        tl.store(da_ptr + offsets, acc.to(da_ptr.dtype.element_ty), mask=da_mask)
 
 
 # Not autotuned: it updates dX in place (a timed trial would add the term twice), and it is
@@ -328,9 +346,13 @@ DX_TERM_LAUNCH = {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2
 def _add_dropped_lora_term_kernel(
     dx_ptr, dh_ptr, a_ptr, M, K, R, seed, threshold, inv_keep,
     HAS_DROPOUT: tl.constexpr, DROPOUT_TILED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
-    """dX tile += (dH·A) ⊙ mask/(1-p) in place, the mask regenerated from the seed (the library dX path)."""
+    """dX tile (+)= (dH·A) ⊙ mask/(1-p), the mask regenerated from the seed (the library dX path).
+
+    ACCUMULATE: add into dX in place (a read-modify-write); else write the term alone, for cuBLAS to
+    add dY·deq(W) into afterwards (beta = 1), which spares this pass the read of dX.
+    """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rows = offs_m[:, None].to(tl.int64)
@@ -346,5 +368,6 @@ def _add_dropped_lora_term_kernel(
         lora = tl.where(keep, lora * inv_keep, 0.0)
     dx_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     dx_ptrs = dx_ptr + rows * K + offs_k[None, :]
-    dx = tl.load(dx_ptrs, mask=dx_mask, other=0.0).to(tl.float32) + lora
-    tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+    if ACCUMULATE:
+        lora += tl.load(dx_ptrs, mask=dx_mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptrs, lora.to(dx_ptr.dtype.element_ty), mask=dx_mask)
