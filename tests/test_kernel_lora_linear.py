@@ -255,7 +255,8 @@ def test_forward_follows_the_plan(monkeypatch):
     for name, run in list(kernels._FORWARD_IMPLEMENTATIONS.items()):
         spy = lambda *a, _name=name, _run=run: calls.append(_name) or _run(*a)
         monkeypatch.setitem(kernels._FORWARD_IMPLEMENTATIONS, name, spy)
-    # Every NF4 regime at interpreter sizes: split-K, literal library, rows, library accumulating into C.
+    # Every NF4 regime at interpreter sizes: one-launch decode (row layout) and split-K (general
+    # layout), literal library, rows, library accumulating into C.
     monkeypatch.setattr(plans, "ROWS_MIN_M", 32)
     monkeypatch.setattr(plans, "LIBRARY_ACCUMULATE_MIN_M", 64)
     expected = []
@@ -266,7 +267,7 @@ def test_forward_follows_the_plan(monkeypatch):
             kind = base_kind_of(case["base"])
             expected.append(plans.lora_forward_plan(m, 16, k, kind, torch.float32, 4, 0.0)[0])
     assert calls == expected  # each launch is its plan's head (off the GPU nothing is timed)
-    assert set(expected) == {plans.SPLITK, plans.LIBRARY_ADDMM, plans.ROWS, plans.LIBRARY, plans.FUSED}
+    assert set(expected) == {plans.DECODE, plans.SPLITK, plans.LIBRARY_ADDMM, plans.ROWS, plans.LIBRARY, plans.FUSED}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -40,6 +40,7 @@ PLAN_OF = {
     "lora_forward": lambda m, n, k, kind: plans.lora_forward_plan(m, n, k, kind, torch.bfloat16, RANK, DROPOUT),
     "qlora_dx": lambda m, n, k, kind: plans.lora_dx_plan(m, n, k, kind, torch.bfloat16, RANK, DROPOUT),
     "lora_dx": lambda m, n, k, kind: plans.lora_dx_plan(m, n, k, kind, torch.bfloat16, RANK, DROPOUT),
+    "qlora_backward": lambda m, n, k, kind: plans.lora_dh_db_plan(m, n, torch.bfloat16, RANK),
     "ia3_forward_out": lambda m, n, k, kind: plans.ia3_forward_plan(m, n, k, kind, torch.bfloat16, False),
     "ia3_forward_in": lambda m, n, k, kind: plans.ia3_forward_plan(m, n, k, kind, torch.bfloat16, True),
     "ia3_backward_out": lambda m, n, k, kind: plans.ia3_backward_plan(m, n, k, kind, torch.bfloat16, False),
@@ -64,6 +65,7 @@ SWITCH_POINTS = [
         plans.LIBRARY_ACCUMULATE_MIN_M // 2,
         plans.LIBRARY_ACCUMULATE_MIN_M,
     ),
+    ("DH_DB_FUSED_MIN_M", "qlora_backward", "nf4_rows", plans.DH_DB_FUSED_MIN_M // 2, plans.DH_DB_FUSED_MIN_M),
     ("DX_LIBRARY_MIN_M", "qlora_dx", "nf4_rows", plans.DX_LIBRARY_MIN_M // 2, plans.DX_LIBRARY_MIN_M),
     (
         "IA3_DX_DEQUANT_MIN_M",
@@ -141,7 +143,9 @@ def test_switch_points_are_powers_of_two():
     """A timed choice is kept per power-of-two M bucket (plans.choice_bucket): no bucket may straddle a switch."""
     for name in (
         "SMALL_M_MAX",
+        "ROWS_MIN_M",
         "LIBRARY_ACCUMULATE_MIN_M",
+        "DH_DB_FUSED_MIN_M",
         "DX_LIBRARY_MIN_M",
         "IA3_DX_DEQUANT_MIN_M",
         "IA3_FORWARD_DEQUANT_MIN_M",

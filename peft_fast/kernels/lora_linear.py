@@ -44,6 +44,7 @@ from peft_fast.kernels.common import (
 from peft_fast.kernels.dropout import dropout_mask, dropout_threshold, dropout_tiled
 from peft_fast.kernels.lora_checks import check_lora_inputs, check_same_dtype
 from peft_fast.kernels.lora_decode import lora_decode_forward
+from peft_fast.kernels.lora_dh_db import DH_DB_CHOICE, scaled_mm
 from peft_fast.kernels.lora_gemms import (
     _DA_CONFIGS,
     _LORA_DOWN_CONFIGS,
@@ -493,20 +494,6 @@ def lora_linear_forward(
     return FORWARD_CHOICE(x, base, lora_a, lora_b, bias, scale, dropout_p, seed)
 
 
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale·(a·b) in a's dtype: one library GEMM, fp32 accumulation, alpha applied before the one rounding.
-
-    No fp32 copies of the operands: dY is M x N, so casting it would move more bytes than the
-    thin GEMMs themselves.
-    """
-    if scale == 0.0:
-        # addmm with alpha = 0 skips the product, so a NaN / Inf operand would give exact zeros;
-        # the reference (and float64) give 0·NaN = NaN. Rare (a zero LoRA scale): keep the NaN.
-        return torch.mm(a, b).mul_(0.0)
-    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
-    return out.addmm_(a, b, beta=0, alpha=scale)
-
-
 def lora_linear_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -523,8 +510,9 @@ def lora_linear_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`lora_linear_forward`: (dx [M,K], da [r,K], db [N,r]) in x.dtype, None where not needed.
 
-    ``dH = s·dY·B``; ``dB = s·dYᵀ·H``; ``dA = dHᵀ·drop(X)``; ``dX = dY·deq(W) + (dH·A) ⊙ mask/(1−p)``,
-    the mask regenerated from ``seed`` (pass the forward's seed and ``h``); dX is
+    ``dH = s·dY·B`` and ``dB = s·dYᵀ·H`` (``DH_DB_CHOICE``, :mod:`peft_fast.kernels.lora_dh_db`);
+    ``dA = dHᵀ·drop(X)``; ``dX = dY·deq(W) + (dH·A) ⊙ mask/(1−p)``, the mask regenerated from
+    ``seed`` (pass the forward's seed and ``h``); dX is
     :data:`DX_CHOICE`'s implementation for the shape (:func:`peft_fast.kernels.plans.lora_dx_plan`).
     """
     check_lora_inputs(x, base, lora_a, lora_b, None, dropout_p, seed)
@@ -545,10 +533,12 @@ def lora_linear_backward(
         da = torch.zeros((rank, k), dtype=x.dtype, device=x.device) if needs_da else None
         db = torch.zeros((n, rank), dtype=x.dtype, device=x.device) if needs_db else None
         return dx, da, db
-    db = _scaled_mm(grad_y.t(), h, scale) if needs_db else None
     if not (needs_dx or needs_da):
-        return None, None, db
-    dh = _scaled_mm(grad_y, lora_b, scale)
+        return None, None, scaled_mm(grad_y.t(), h, scale) if needs_db else None
+    if needs_db and n > 0:
+        dh, db = DH_DB_CHOICE(grad_y, h, lora_b, scale)  # dY read once for both
+    else:
+        dh, db = scaled_mm(grad_y, lora_b, scale), scaled_mm(grad_y.t(), h, scale) if needs_db else None
     dx = None
     if needs_dx:
         dx = _empty((m, 0), x.dtype, x.device) if k == 0 else DX_CHOICE(grad_y, base, dh, lora_a, dropout_p, seed)

@@ -37,6 +37,8 @@ __all__ = [
     "DECODE",
     "DECODE_MAX_RANK",
     "DEQUANT_FUSED",
+    "DH_DB_FUSED_MIN_M",
+    "DH_DB_MAX_RANK",
     "DORA_DEQUANT_NORM",
     "DORA_SEPARATE",
     "DX_LIBRARY_MIN_M",
@@ -54,6 +56,7 @@ __all__ = [
     "dora_forward_plan",
     "ia3_backward_plan",
     "ia3_forward_plan",
+    "lora_dh_db_plan",
     "lora_dx_plan",
     "lora_forward_plan",
 ]
@@ -91,6 +94,14 @@ BASE_KINDS = ("dense", "nf4_rows", "nf4")  # see peft_fast.kernels.nf4_gemm.base
 # was 30.9 µs at M = 1, gather-bound.) Over a dense base the split-K GEMV never leads (the fused
 # GEMM streams dense W at HBM rate).
 SMALL_M_MAX = 16
+# DH_DB_FUSED_MIN_M (M's bucket): the backward's dH = s·dY·B and dB = s·dYᵀ·H leave the two
+# library GEMMs (dY read twice) for the fused pass (dY read once, fp32 partials, one reduction
+# launch); whole backward, N = K = 4096: M = 1024 library 72.0 < fused 74.2; M = 2048 fused 123.2
+# < library 123.9; M = 4096 fused 225.6 < library 230.5 (below 2048 the partials and the extra
+# launch cost more than the second read of a small dY).
+DH_DB_FUSED_MIN_M = 2048
+# DH_DB_MAX_RANK: the fused dH / dB pass keeps the whole rank in one tile (accumulators [BLOCK_M, r]).
+DH_DB_MAX_RANK = 64
 # DECODE_MAX_RANK: the one-launch decode kernel holds H in one rank chunk of at most 64 columns.
 DECODE_MAX_RANK = 64
 # DX_LIBRARY_MIN_M (M's bucket): dX = dY·deq(W) + the LoRA term over NF4 leaves the fused GEMM
@@ -219,3 +230,15 @@ def dora_forward_plan(m: int, base_kind: str) -> list[str]:
     if base_kind != "dense" and m > SMALL_M_MAX:
         return [DORA_DEQUANT_NORM, DORA_SEPARATE]
     return [DORA_SEPARATE]
+
+
+def lora_dh_db_plan(m: int, n: int, dtype: torch.dtype, rank: int) -> list[str]:
+    """Candidates for the backward's dH = s·dY·B and dB = s·dYᵀ·H (op "lora_dh_db"), static order.
+
+    ``fused_gemm`` reads dY once for both (:mod:`peft_fast.kernels.lora_dh_db`), ``library`` is two
+    cuBLAS GEMMs reading it twice. DH_DB_FUSED_MIN_M (M's bucket): where the fused pass leads.
+    """
+    _check(m, "dense")
+    if rank > DH_DB_MAX_RANK:
+        return [LIBRARY]  # the fused pass holds dH's and dB's rows in one rank tile
+    return [FUSED, LIBRARY] if _bucket(m) >= DH_DB_FUSED_MIN_M else [LIBRARY, FUSED]

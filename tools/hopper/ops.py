@@ -466,6 +466,8 @@ def _candidate_cases() -> list[OpCase]:
          lambda m: qlora_forward(m, k, n), lambda m: plans.lora_forward_plan(m, n, k, "nf4_rows", bf16, R, DROPOUT)),
         ("qlora_dx", "lora_dx", (64, 128, 512, 4096),
          lambda m: qlora_dx(m, k, n), lambda m: plans.lora_dx_plan(m, n, k, "nf4_rows", bf16, R, DROPOUT)),
+        ("qlora_backward", "lora_dh_db", (512, 1024, 2048, 4096),
+         lambda m: dataclasses.replace(qlora_backward(m), goal=None), lambda m: plans.lora_dh_db_plan(m, n, bf16, R)),
         ("ia3_forward_out", "ia3_forward", (16, 32, 64, 128, 256, 512, 4096),
          lambda m: dataclasses.replace(ia3_forward(m, k, n), op="ia3_forward_out"),
          lambda m: plans.ia3_forward_plan(m, n, k, "nf4_rows", bf16, False)),
