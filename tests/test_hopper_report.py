@@ -465,7 +465,7 @@ def test_two_pass_kernels_cost_every_mma_loop_with_its_trips():
 def test_registry_keeps_the_report_ops_and_their_order():
     """The baselines key ops by id: the registry must give the report the same ops, in the same order."""
     ids = [case.id for case in all_ops()]
-    assert ids[:15] == [
+    assert ids[:17] == [
         "dense_tutorial_gemm M=4096 N=4096 K=4096",
         "qlora_forward M=512 N=4096 K=4096",
         "qlora_forward M=4096 N=4096 K=4096",
@@ -475,12 +475,14 @@ def test_registry_keeps_the_report_ops_and_their_order():
         "dequant_then_cublas M=4096 N=4096 K=4096",
         "dequant_then_cublas M=4096 N=14336 K=4096",
         "dequant_then_cublas M=4096 N=4096 K=14336",
+        "qlora_backward M=512 N=4096 K=4096",
         "qlora_backward M=4096 N=4096 K=4096",
         "qlora_decode M=1 N=4096 K=4096",
         "qlora_decode M=16 N=4096 K=4096",
         "nf4_dequantize M=0 N=4096 K=4096",
         "ia3_forward M=4096 N=4096 K=4096",
         "adapter_forward M=4096 N=4096 K=4096",
+        "rms_norm_forward M=4096 N=4096 K=4096",
     ]
     assert len(set(ids)) == len(ids) and len({e.name for e in REGISTRY}) == len(REGISTRY)
     # Every sweep case of every dtype is an op the registry builds (no launcher runs here).
@@ -599,7 +601,7 @@ def test_sweep_jobs_are_the_launches_every_autotune_config():
 import importlib, json
 from tools.hopper import sweep as compile_sweep
 from tools.hopper.ops import qlora_forward
-jobs, failures = compile_sweep.build_jobs([qlora_forward(13, 256, 256, dtype="fp32", base="nf4dq", bias=True)])
+jobs, failures = compile_sweep.build_jobs([qlora_forward(13, 200, 256, dtype="fp32", base="nf4dq", bias=True)])
 configs, listed = {}, {}
 for job in jobs:
     configs.setdefault(job.kernel, []).append(job.config)
@@ -612,11 +614,12 @@ print(json.dumps({"failures": len(failures), "dtypes": sorted({j.dtype for j in 
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["failures"] == 0 and result["dtypes"] == ["fp32"]
-    # M = 13: the split-K path over NF4 rows: H (split over K), the partial GEMV and its epilogue.
+    # M = 13 over the general NF4 layout (K = 200: blocks span rows, so no one-launch decode): the
+    # split-K path, H (split over K), the partial GEMV and its epilogue.
     configs = result["configs"]
-    assert set(configs) == {"_lora_down_kernel", "_nf4_rows_splitk_kernel", "_splitk_epilogue_kernel"}
+    assert set(configs) == {"_lora_down_kernel", "_splitk_partial_kernel", "_splitk_epilogue_kernel"}
     assert configs["_splitk_epilogue_kernel"] == [None]  # a fixed launch: one binary
-    for kernel in ("_lora_down_kernel", "_nf4_rows_splitk_kernel"):  # every config the autotuner would time
+    for kernel in ("_lora_down_kernel", "_splitk_partial_kernel"):  # every config the autotuner would time
         assert 1 < len(configs[kernel]) <= result["listed"][kernel], kernel
         assert len({json.dumps(c, sort_keys=True) for c in configs[kernel]}) == len(configs[kernel])
 
@@ -637,14 +640,16 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(not _cuobjdump().exists(), reason="Triton's cuobjdump is missing: cannot read SASS")
 def test_decode_down_projection_report_equals_a_direct_recompile(tmp_path):
-    """Issue #24: the report's K-loop count of the decode down-projection (M = 16) is what a direct
-    ``triton.compile`` of its stored spec gives, in a fresh process that never captured a launch."""
-    out = _python("-m", "tools.hopper.report", "--out", str(tmp_path), "--ops", "qlora_decode M=16", "--jobs", "1",
-                  "--no-sass")  # fmt: skip
+    """Issue #24: the report's K-loop count of the decode down-projection (M = 16, the split-K
+    candidate's) is what a direct ``triton.compile`` of its stored spec gives, in a fresh process
+    that never captured a launch; so are the one-launch decode kernel's (qlora_decode M=16)."""
+    out = _python("-m", "tools.hopper.report", "--out", str(tmp_path), "--ops",
+                  "qlora_forward:splitk_gemv M=16,qlora_decode M=16", "--jobs", "1", "--no-sass")  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     direct = _python("-c", _DIRECT_RECOMPILE, str(tmp_path / "hopper-report.json"))
     assert direct.returncode == 0, direct.stdout + direct.stderr
     counts = json.loads(direct.stdout.strip().splitlines()[-1])
     (down,) = [v for k, v in counts.items() if k.endswith(":_lora_down_kernel")]
     assert down[0] == down[1] and down[2] == down[3], counts
+    assert any(k.endswith(":_lora_decode_kernel") for k in counts), counts
     assert all(v[0] == v[1] for v in counts.values()), counts

@@ -167,6 +167,8 @@ def _lora_decode_kernel(
             # 1/(1-p) once on the fp32 sum, as _lora_down_kernel does.
             h = h * inv_keep
         h = h.to(y_ptr.dtype.element_ty)  # H in x's dtype, as returned and as the other candidates use it
+        # Rank lanes past R hold 0·x, NaN where x has an Inf: zero them, as a masked reload of H would.
+        h = tl.where((offs_r < R)[:, None], h, 0.0)
         b_mask = n_mask[:, None] & (offs_r[None, :] < R)
         lora_b = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * R + offs_r[None, :], mask=b_mask, other=0.0)
         if GEMV:

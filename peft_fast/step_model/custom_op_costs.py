@@ -4,15 +4,19 @@ Under fake tensors these ops run their ``register_fake`` implementations; what a
 launch is rebuilt here from the launchers' code:
 
 ``peft_fast::lora_linear`` (``peft_fast/kernels/lora_linear.py``), x [M, K], W [N, K], A [r, K], B [N, r]:
-  H = drop(X)·Aᵀ, one thin GEMM split over K by ``_balanced_trips`` (fp32 partials, then their sum
-  and a cast: two more kernels); then Y by the first candidate of ``kernels.plans.lora_forward_plan``
-  (the static choice; a GPU may time another): the split-K GEMV (partials + epilogue kernel), the
-  row-streaming NF4 GEMM (packed W streamed, 0.5 B/weight), a scratch dequantization of W then the
-  dense fused GEMM, or the library path (scratch dequantization, cuBLAS, the LoRA term as an addmm
-  over Y). A scratch deq(W) is live only during the op.
-``peft_fast::lora_linear_backward``: dB = s·dYᵀ·H and dH = s·dY·B (library GEMMs), dX = dY·deq(W) +
-  (dH·A)⊙mask by ``kernels.plans.lora_dx_plan``'s first candidate (the NF4 loader in the GEMM, or a
-  scratch dequantization first), dA = dHᵀ·drop(X) split over M by ``_da_splits`` (partials, sum, cast).
+  by the first candidate of ``kernels.plans.lora_forward_plan`` (the static choice; a GPU may time
+  another): the one-launch decode kernel (W streamed once, fp32 partials of Y and H reduced by each
+  tile's last program); or H = drop(X)·Aᵀ, one thin GEMM split over K by ``_balanced_trips`` (fp32
+  partials, then their sum and a cast: two more kernels), then Y by the split-K GEMV (partials +
+  epilogue kernel), the row-streaming NF4 GEMM (packed W streamed, 0.5 B/weight), a scratch
+  dequantization of W then the dense fused GEMM, or cuBLAS then the LoRA term as an addmm over Y
+  (``library_addmm``); or ``library``: H and C = b + s·H·Bᵀ in one pass over X, the scratch
+  dequantization, cuBLAS accumulating X·deq(W)ᵀ into C. A scratch deq(W) is live only during the op.
+``peft_fast::lora_linear_backward``: dB = s·dYᵀ·H and dH = s·dY·B by ``kernels.plans.lora_dh_db_plan``
+  (two library GEMMs, or one pass over dY writing fp32 partials and one reduction kernel), dX =
+  dY·deq(W) + (dH·A)⊙mask by ``kernels.plans.lora_dx_plan``'s first candidate (the NF4 loader in
+  the GEMM, or a scratch dequantization, the dropped term written, then cuBLAS accumulating into
+  it), dA = dHᵀ·drop(X) split over M by ``_da_splits`` (fp32 partials reduced in the same launch).
 ``peft_fast::nf4_matmul``: the dequantization kernel, then a library GEMM.
 ``bitsandbytes::gemm_4bit`` (``backends/cuda/ops.py``): on sm90 its fused kernel only where
   ``_gemm_4bit_use_custom_cuda`` picks it (small M); else ``_dequant_linear_fallback``: nested
@@ -40,6 +44,8 @@ _ROWS_BLOCK_K = 64  # peft_fast.kernels.nf4_gemm.ROWS_BLOCK_K: the row loader's 
 _LORA_DOWN_BLOCK_M, _LORA_DOWN_GRANULE = 64, 128  # policy block M; the largest _LORA_DOWN_CONFIGS BLOCK_K
 _SPLITK_GRANULE, _SPLITK_BLOCK_N = 64, 128
 _DA_MIN_SPLIT_ROWS, _DA_MIN_BLOCK_K = 128 * 4, 64
+_DECODE_BLOCK_K, _DECODE_BLOCK_N = 64, 128  # kernels/lora_decode.py: DECODE_BLOCK_K, _POLICY_BLOCK_N
+_DH_DB_BLOCK_M, _DH_DB_BLOCK_N = 256, 64  # kernels/lora_dh_db.py: DH_DB_LAUNCH
 _NESTED_BLOCKSIZE = 256
 
 
@@ -73,6 +79,20 @@ def decode_splits(m: int, n: int, k: int) -> int:
     steps = _cdiv(k, _SPLITK_GRANULE)
     trips = _balanced_trips(_cdiv(n, _SPLITK_BLOCK_N), steps, _SPLITK_BLOCK_N * _SPLITK_GRANULE // 2, m * n * 8)
     return _cdiv(max(k, 1), trips * _SPLITK_GRANULE)
+
+
+def one_launch_decode_splits(n: int, k: int) -> int:
+    """``kernels.lora_decode._k_slice``'s K slices on 132 SMs."""
+    steps = _cdiv(k, _DECODE_BLOCK_K)
+    return max(1, min(steps, H200_SMS // _cdiv(n, _DECODE_BLOCK_N)))
+
+
+def dh_db_partials(m: int, n: int) -> tuple[int, int]:
+    """(dH's N slices, dB's row blocks) of ``kernels.lora_dh_db``'s fused pass on 132 SMs."""
+    row_blocks = _cdiv(m, _DH_DB_BLOCK_M)
+    slices = max(1, min(_cdiv(n, _DH_DB_BLOCK_N), _cdiv(H200_SMS, row_blocks)))
+    n_slice = _cdiv(_cdiv(n, slices), _DH_DB_BLOCK_N) * _DH_DB_BLOCK_N
+    return _cdiv(n, n_slice), row_blocks
 
 
 def da_splits(m: int, k: int, rank: int) -> int:
@@ -122,6 +142,22 @@ def _lora_linear(call: OpCall):
     m, k = x.shape
     n, rank = lora_b.shape
     act = x.element_size()
+    epilogue = 2.0 * m * n * rank
+    io = m * rank * act + n * rank * act + _nbytes(bias) + m * n * act
+    plan = plans.lora_forward_plan(m, n, k, _base_kind(k, blocksize), x.dtype, rank, 0.0)[0]
+    if plan == plans.DECODE:  # one launch: W once, X and A per slice, fp32 partials of Y and H
+        splits = one_launch_decode_splits(n, k)
+        partials = splits * m * (n + _cdiv(n, _DECODE_BLOCK_N) * _block_r(rank)) * 4
+        w_bytes = _nf4_bytes(n, k, absmax, nested, offset)
+        flops = 2.0 * m * n * k + 2.0 * m * k * rank + epilogue
+        return [Kernel("decode: Y and H in one launch", flops, w_bytes + m * k * act + rank * k * act + io
+                       + 2 * partials)], partials  # fmt: skip
+    before, w_bytes, deq_scratch = _base_pass("Y", plan, n, k, act, absmax, nested, offset, blocksize)
+    if plan == plans.LIBRARY:  # H and C = b + s·H·Bᵀ in one pass, then cuBLAS adds X·deq(W)ᵀ into C
+        down_up = Kernel("H = drop(X)·Aᵀ, C = b + s·H·Bᵀ", 2.0 * m * k * rank + epilogue,
+                         m * k * act + rank * k * act + io)  # fmt: skip
+        gemm = Kernel("cuBLAS Y = C + X·deq(W)ᵀ", 2.0 * m * n * k, m * k * act + w_bytes + 2 * m * n * act)
+        return [down_up, *before, gemm], deq_scratch
     splits = lora_down_splits(m, k, rank, act)
     kernels = [
         Kernel(
@@ -132,17 +168,13 @@ def _lora_linear(call: OpCall):
     ]
     kernels += _partials("H", splits, m, rank, act)
     scratch = splits * m * rank * 4 if splits > 1 else 0
-    epilogue = 2.0 * m * n * rank
-    io = m * rank * act + n * rank * act + _nbytes(bias) + m * n * act
-    plan = plans.lora_forward_plan(m, n, k, _base_kind(k, blocksize), x.dtype, rank, 0.0)[0]
     if plan == plans.SPLITK:
         k_splits = decode_splits(m, n, k)
         w_bytes = _nf4_bytes(n, k, absmax, nested, offset) if blocksize else n * k * act
         kernels += [Kernel("split-K GEMV partials", 2.0 * m * n * k, m * k * act + w_bytes + k_splits * m * n * 4),
                     Kernel("split-K epilogue (+ s·H·Bᵀ)", epilogue, k_splits * m * n * 4 + io)]  # fmt: skip
         return kernels, scratch + k_splits * m * n * 4
-    before, w_bytes, deq_scratch = _base_pass("Y", plan, n, k, act, absmax, nested, offset, blocksize)
-    if plan == plans.LIBRARY:  # cuBLAS writes Y, then the LoRA term is an addmm reading and writing it again
+    if plan == plans.LIBRARY_ADDMM:  # cuBLAS writes Y, then the LoRA term is an addmm reading and writing it again
         kernels += [*before, Kernel("cuBLAS Y = X·deq(W)ᵀ + b", 2.0 * m * n * k, m * k * act + w_bytes + m * n * act),
                     Kernel("Y += s·H·Bᵀ (addmm)", epilogue, io + m * n * act)]  # fmt: skip
         return kernels, scratch + deq_scratch
@@ -162,28 +194,37 @@ def _lora_linear_backward(call: OpCall):
     dy, small = m * n * act, m * rank * act
     kernels: list[Kernel] = []
     scratch = 0
-    if needs_db:
-        kernels.append(Kernel("dB = s·dYᵀ·H", 2.0 * n * m * rank, dy + small + n * rank * act))
-    if needs_dx or needs_da:
-        kernels.append(Kernel("dH = s·dY·B", 2.0 * m * n * rank, dy + n * rank * act + small))
-        scratch += small
+    fused_dh_db = needs_db and (needs_dx or needs_da) and plans.lora_dh_db_plan(m, n, x.dtype, rank)[0] == plans.FUSED
+    if fused_dh_db:  # one pass over dY: fp32 partials of dH (per N slice) and dB (per row block), one reduction
+        slices, row_blocks = dh_db_partials(m, n)
+        partials = (slices * m + row_blocks * n) * rank * 4
+        kernels += [Kernel("dH, dB partials (one pass over dY)", 4.0 * m * n * rank,
+                           dy + small + n * rank * act + partials),
+                    Kernel("dH, dB: sum of partials", 0.0, partials + (m + n) * rank * act)]  # fmt: skip
+        scratch += small + partials
+    else:
+        if needs_db:
+            kernels.append(Kernel("dB = s·dYᵀ·H", 2.0 * n * m * rank, dy + small + n * rank * act))
+        if needs_dx or needs_da:
+            kernels.append(Kernel("dH = s·dY·B", 2.0 * m * n * rank, dy + n * rank * act + small))
+            scratch += small
     if needs_dx:
         plan = plans.lora_dx_plan(m, n, k, _base_kind(k, blocksize), x.dtype, rank, 0.0)[0]
         before, w_bytes, deq_scratch = _base_pass("dX", plan, n, k, act, absmax, nested, offset, blocksize)
-        if plan == plans.LIBRARY:  # a cuBLAS GEMM, then one kernel adds the LoRA term (and its dropout mask)
-            kernels += [*before, Kernel("dX = dY·deq(W) (cuBLAS)", 2.0 * m * k * n, dy + w_bytes + m * k * act),
-                        Kernel("dX += (dH·A)⊙mask", 2.0 * m * k * rank,
-                               2 * m * k * act + small + rank * k * act)]  # fmt: skip
+        if plan == plans.LIBRARY:  # the dropped LoRA term written, then cuBLAS accumulates dY·deq(W) into it
+            term = Kernel("dX = (dH·A)⊙mask", 2.0 * m * k * rank, m * k * act + small + rank * k * act)
+            gemm = Kernel("dX += dY·deq(W) (cuBLAS)", 2.0 * m * k * n, dy + w_bytes + 2 * m * k * act)
+            kernels += [*before, term, gemm]
         else:
             kernels += [*before, Kernel("dX = dY·deq(W) + (dH·A)⊙mask", 2.0 * m * k * n + 2.0 * m * k * rank,
                                         dy + w_bytes + small + rank * k * act + m * k * act)]  # fmt: skip
         scratch += deq_scratch
     if needs_da:
         splits = da_splits(m, k, rank)
-        out = splits * rank * k * 4 if splits > 1 else rank * k * act
-        kernels.append(Kernel("dA = dHᵀ·drop(X)", 2.0 * rank * k * m, small + m * k * act + out))
-        kernels += _partials("dA", splits, rank, k, act)
-        scratch = max(scratch, small + (out if splits > 1 else 0))
+        # Split over M: fp32 partials written, then read back by each tile's last program (same launch).
+        partials = 2 * splits * rank * k * 4 if splits > 1 else 0
+        kernels.append(Kernel("dA = dHᵀ·drop(X)", 2.0 * rank * k * m, small + m * k * act + rank * k * act + partials))
+        scratch = max(scratch, small + partials // 2)
     return kernels, scratch
 
 
